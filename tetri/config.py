@@ -1,0 +1,73 @@
+"""One frozen dataclass per subsystem, validated in __post_init__; no I/O here.
+
+Each component receives its own sub-config, never the whole `Config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+ROLES = ("prefill", "decode", "mixed")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """Hugging Face directory (config.json + *.safetensors); None: the embedded default model."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)."""
+    max_model_len: int | None = None
+    """Prompt + output cap in tokens; None: the checkpoint's max_position_embeddings."""
+    device: str = "cpu"
+    seed: int = 0
+    """Seed for unseeded random sampling."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.device.split(":")[0] in ("cpu", "cuda"), f"unknown device {self.device!r}")
+        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_gb: float | None = None
+    """KV pool size on CPU (default: 1 GiB, capped so every request of max_model_len fits twice)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of GPU memory a CUDA worker may use for weights + KV (divided among workers on a GPU)."""
+    num_blocks: int | None = None
+    """Exact pool size in blocks (overrides the memory budget; tests use it)."""
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size must be a power of 2 <= 256")
+        _require(self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb must be > 0")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
+        _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineSchedConfig:
+    """Per-worker (instance-level) scheduling knobs."""
+
+    chunk_size: int = 512
+    """Prefill chunk: exactly this many prompt tokens per forward pass (TetriInfer's ChunkSize)."""
+    max_num_seqs: int = 256
+    """Most requests decoding at once on one worker."""
+    decode_policy: str = "greedy"
+
+    def __post_init__(self) -> None:
+        _require(self.chunk_size >= 1, "chunk_size must be >= 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sched: EngineSchedConfig = field(default_factory=EngineSchedConfig)

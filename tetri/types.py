@@ -1,0 +1,104 @@
+"""Core in-process types shared by every layer: sampling parameters and request outputs.
+
+This is a leaf module: it imports nothing from the subpackages. `SamplingParams` is a
+msgspec Struct so it can ride inside `tetri.protocol` messages unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id, or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # client went away or an operator aborted it
+    ERROR = "error"  # a worker failed while holding the request
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What to sample and when to stop. Defaults follow vLLM's offline `SamplingParams`."""
+
+    n: int = 1
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k cut
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives to return per token (0: only the sampled one)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field when a value is out of range."""
+        checks = (
+            ("n", self.n >= 1, "must be >= 1"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "must be -1, 0 or a positive integer"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative"),
+        )
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
+    """Log-probability of the sampled token and of the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
+class CompletionOutput(msgspec.Struct, kw_only=True):
+    """One choice of a finished request (the offline API's result)."""
+
+    index: int
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    """The offline API's result for one prompt: `outs[0].token_ids`, `.text`, `.finish_reason`
+    refer to the first choice; `.outputs` holds all n."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
