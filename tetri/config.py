@@ -71,3 +71,24 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sched: EngineSchedConfig = field(default_factory=EngineSchedConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    """Name clients send as `model`; None: the model directory's base name."""
+    api_key: str | None = None
+    """When set, every route but /health needs `Authorization: Bearer <key>`."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    max_tokens_cap: int | None = None
+    """Upper bound on a request's max_tokens (None: only max_model_len bounds it)."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _require(self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024")
+        _require(self.max_n >= 1, "max_n must be >= 1")

@@ -155,8 +155,9 @@ class EngineClient(Protocol):
         """Admit a request or raise Overloaded / Unavailable. Never blocks."""
         ...
 
-    def abort(self, req_id: str) -> None:
-        """Abort every choice of the request on every worker holding it; unknown ids are ignored."""
+    def abort(self, req_id: str, index: int | None = None) -> None:
+        """Abort the request (or only its choice `index`, e.g. after a stop string) on every
+        worker holding it; unknown ids are ignored."""
         ...
 
     def healthy(self) -> bool:
