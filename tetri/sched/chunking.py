@@ -82,6 +82,15 @@ class ChunkPacker:
                     return True
         return False
 
+    def push_front(self, piece: ChunkPiece) -> None:
+        """Return a packed piece that could not run to the head of the queue (it runs next)."""
+        head = self._scheduled[0] if self._scheduled else None
+        if head is not None and head.req_id == piece.req_id:
+            head.cursor = piece.start
+        else:
+            self._scheduled.appendleft(_Pending(piece.req_id, piece.start + piece.num_tokens, piece.start))
+        self._queued_tokens += piece.num_tokens
+
     def _refill(self) -> None:
         group = [self._raw.popleft() for _ in range(min(self.sched_batch, len(self._raw)))]
         if self.policy == "sjf":

@@ -1,0 +1,182 @@
+"""The `mixed` role: chunked prefill and decode in one engine (the colocated baseline, and the
+offline `LLM`'s engine).
+
+Each step (one forward pass):
+  1. every running sequence gets one decode token (growing its blocks; when the pool is
+     short, the newest sequences are preempted: blocks freed, re-prefilled later);
+  2. the chunk packer adds one chunk of exactly `chunk_size` queued prompt tokens (fewer
+     only when the queue runs dry or blocks are short), possibly pieces of several prompts;
+  3. one sample per decode and per prompt whose last piece ran; a prompt with n choices
+     samples n first tokens from its one prefill and forks its blocks to the other choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tetri.config import EngineSchedConfig
+from tetri.sched.chunking import ChunkPacker
+from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.types import FinishReason, SamplingParams
+from tetri.workers.executor import Executor, SampledToken
+from tetri.workers.model_runner import Segment
+from tetri.workers.seq import Seq
+
+
+@dataclass
+class Request:
+    req_id: str
+    seqs: list[Seq]
+    arrival_s: float = 0.0
+    done: set[int] = field(default_factory=set)
+
+
+class MixedCore:
+    def __init__(self, executor: Executor, sched: EngineSchedConfig) -> None:
+        self.ex = executor
+        self.sched = sched
+        self.packer = ChunkPacker(sched.chunk_size)
+        self.requests: dict[str, Request] = {}
+        self.prefilling: dict[str, Seq] = {}  # packer key -> seq being (re)prefilled
+        self.running: list[Seq] = []
+
+    # ---- admission -------------------------------------------------------------
+    def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0) -> None:
+        if req_id in self.requests:
+            raise ValueError(f"duplicate request id {req_id!r}")
+        if not prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_ids) >= self.ex.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len {self.ex.max_model_len}")
+        if blocks_for_tokens(len(prompt_ids) + 1, self.ex.block_size) * params.n > self.ex.blocks.num_blocks:
+            raise ValueError("prompt does not fit in the KV cache")
+        seqs = [Seq(req_id, c, prompt_ids, params, arrival_s=arrival_s) for c in range(params.n)]
+        self.requests[req_id] = Request(req_id, seqs, arrival_s)
+        self.prefilling[seqs[0].key] = seqs[0]
+        self.packer.add(seqs[0].key, len(prompt_ids))
+
+    def abort(self, req_id: str) -> list[Seq]:
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return []
+        for seq in req.seqs:
+            self.packer.remove(seq.key)
+            self.prefilling.pop(seq.key, None)
+            self.ex.free(seq)
+        self.running = [s for s in self.running if s.req_id != req_id]
+        return req.seqs
+
+    def abort_choice(self, req_id: str, choice: int) -> None:
+        req = self.requests.get(req_id)
+        if req is None or choice in req.done:
+            return
+        seq = req.seqs[choice]
+        seq.finish_reason = FinishReason.ABORT
+        if seq in self.running:
+            self.running.remove(seq)
+        if choice == 0 and seq.key in self.prefilling:
+            return  # its prefill still feeds the other choices; it samples nothing itself
+        self.ex.free(seq)
+        self._finish(req, seq)
+
+    def has_work(self) -> bool:
+        return bool(self.running or len(self.packer))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.packer)
+
+    # ---- one step ----------------------------------------------------------------
+    def step(self) -> list[SampledToken]:
+        decodes = self._grow_decodes()
+        pieces = self._pack_prefill()
+        segments = [self.ex.decode_segment(s) for s in decodes]
+        samplers: list[list[Seq]] = [[s] for s in decodes]
+        for seq, piece in pieces:
+            seg = Segment(seq.tokens(piece.start, piece.start + piece.num_tokens), piece.start,
+                          self.ex.blocks.blocks_of(seq.key), piece.is_last and not seq.recompute)
+            segments.append(seg)
+            if seg.sample:
+                samplers.append(self._choices(seq))
+        if not segments:
+            return []
+        for s in decodes:
+            s.num_computed += 1
+        for seq, piece in pieces:
+            seq.num_computed += piece.num_tokens
+        sampled = self.ex.run(segments, samplers)
+        self._after_prefill(pieces)
+        self._retire(sampled)
+        return sampled
+
+    def _grow_decodes(self) -> list[Seq]:
+        run = self.running[: self.sched.max_num_seqs]
+        while run:
+            need = [s for s in run if s.num_tokens > len(self.ex.blocks.blocks_of(s.key)) * self.ex.block_size]
+            if len(need) <= self.ex.blocks.num_free:
+                for s in need:
+                    self.ex.blocks.ensure_capacity(s.key, s.num_tokens)
+                return run
+            self._preempt(run.pop())
+        return run
+
+    def _preempt(self, seq: Seq) -> None:
+        """Recompute preemption: free the blocks, re-prefill prompt + outputs later."""
+        self.running.remove(seq)
+        self.ex.free(seq)
+        seq.num_computed = 0
+        seq.recompute = True
+        self.prefilling[seq.key] = seq
+        self.packer.add(seq.key, seq.num_tokens - 1)
+
+    def _pack_prefill(self) -> list[tuple[Seq, object]]:
+        bs = self.ex.block_size
+        budget = min(self.sched.chunk_size, self.ex.blocks.num_free * bs)
+        out = []
+        pieces = self.packer.next_chunk(budget)
+        for i, piece in enumerate(pieces):
+            seq = self.prefilling[piece.req_id]
+            new_blocks = blocks_for_tokens(piece.start + piece.num_tokens, bs) - len(self.ex.blocks.blocks_of(seq.key))
+            if new_blocks > self.ex.blocks.num_free:  # block-boundary slack: the rest runs later, in order
+                for later in reversed(pieces[i:]):
+                    self.packer.push_front(later)
+                break
+            self.ex.blocks.ensure_capacity(seq.key, piece.start + piece.num_tokens)
+            out.append((seq, piece))
+        return out
+
+    def _choices(self, seq: Seq) -> list[Seq]:
+        if seq.choice == 0 and not seq.output_ids:
+            return [s for s in self.requests[seq.req_id].seqs if s.finish_reason is None]
+        return [seq]
+
+    def _after_prefill(self, pieces) -> None:
+        for seq, piece in pieces:
+            if not piece.is_last:
+                continue
+            self.prefilling.pop(seq.key, None)
+            if seq.recompute:
+                seq.recompute = False
+                self.running.append(seq)
+                continue
+            req = self.requests[seq.req_id]
+            for other in req.seqs[1:]:
+                if other.finish_reason is None:
+                    self.ex.fork(seq, other)
+            self.running.extend(s for s in req.seqs if s.finish_reason is None)
+            if seq.finish_reason is FinishReason.ABORT:
+                self.ex.free(seq)
+                self._finish(req, seq)
+
+    def _retire(self, sampled: list[SampledToken]) -> None:
+        for st in sampled:
+            if st.finished:
+                if st.seq in self.running:
+                    self.running.remove(st.seq)
+                self.ex.free(st.seq)
+                self._finish(self.requests[st.seq.req_id], st.seq)
+
+    def _finish(self, req: Request, seq: Seq) -> None:
+        req.done.add(seq.choice)
+        if len(req.done) == len(req.seqs):
+            self.requests.pop(req.req_id, None)

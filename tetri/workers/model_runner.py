@@ -1,0 +1,96 @@
+"""Runs one forward pass over a step's segments and returns the logits of sampling rows.
+
+A `Segment` is a run of consecutive tokens of one sequence: a prefill piece (many tokens,
+maybe starting past cached KV) or a decode token (one). The runner flattens all segments
+into one token batch, computes each token's KV slot from the sequence's block table, and
+asks the model for the final hidden state of the rows that sample (a prompt's last piece,
+every decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tetri.workers.attention import AttnBatch, PrefillPiece, make_attention
+from tetri.workers.kv_pool import KVPool
+from tetri.workers.models.loader import LoadedModel
+
+
+@dataclass
+class Segment:
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    """The sequence's whole block table; covers start_pos + len(token_ids) tokens."""
+    sample: bool
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, pool: KVPool, device: str, attention: str = "auto") -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.pool = pool
+        self.device = device
+        self.block_size = pool.layout.block_size
+        self.attn = make_attention(pool, loaded.spec.head_dim ** -0.5, device, attention)
+        self.last_hidden: torch.Tensor | None = None
+        """Final hidden state of each sampling row of the last step (the length predictor's probe)."""
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def build(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, AttnBatch, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        prefill: list[PrefillPiece] = []
+        decode_rows: list[int] = []
+        decode_segs: list[Segment] = []
+        sample_rows: list[int] = []
+        for seg in segments:
+            n = len(seg.token_ids)
+            begin = len(ids)
+            ids.extend(seg.token_ids)
+            for pos in range(seg.start_pos, seg.start_pos + n):
+                positions.append(pos)
+                slot_blocks.append(seg.block_ids[pos // bs])
+                slot_offsets.append(pos % bs)
+            if n == 1:
+                decode_rows.append(begin)
+                decode_segs.append(seg)
+            else:
+                used = -(-(seg.start_pos + n) // bs)
+                prefill.append(PrefillPiece(begin, begin + n, seg.start_pos, self._tensor(seg.block_ids[:used])))
+            if seg.sample:
+                sample_rows.append(begin + n - 1)
+        batch = AttnBatch(self._tensor(slot_blocks), self._tensor(slot_offsets), prefill)
+        if decode_segs:
+            self._add_decodes(batch, decode_rows, decode_segs)
+        return self._tensor(ids), self._tensor(positions), batch, sample_rows
+
+    def _add_decodes(self, batch: AttnBatch, rows: list[int], segs: list[Segment]) -> None:
+        bs = self.block_size
+        ctx = [s.start_pos + 1 for s in segs]
+        max_blocks = -(-max(ctx) // bs)
+        tables = [s.block_ids[: -(-c // bs)] + [0] * (max_blocks - (-(-c // bs))) for s, c in zip(segs, ctx)]
+        batch.decode_rows = self._tensor(rows)
+        batch.decode_tables = self._tensor(tables)
+        ctx_t = self._tensor(ctx)
+        keys = torch.arange(max_blocks * bs, device=self.device)
+        batch.decode_mask = (keys[None, :] < ctx_t[:, None])[:, None, None, :]
+        batch.decode_context_lens = ctx_t.to(torch.int32)
+
+    @torch.inference_mode()
+    def run(self, segments: list[Segment]) -> torch.Tensor:
+        """Logits `[num_sampling_rows, vocab]` (float32), rows in segment order."""
+        ids, positions, batch, sample_rows = self.build(segments)
+        self.attn.batch = batch
+        hidden = self.model(ids, positions, self.attn)
+        self.attn.batch = None
+        picked = hidden[self._tensor(sample_rows)] if sample_rows else hidden[:0]
+        self.last_hidden = picked
+        return self.model.compute_logits(picked)

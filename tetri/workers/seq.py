@@ -1,0 +1,58 @@
+"""Per-sequence state inside a worker, and the stop rules.
+
+A request with n choices becomes n `Seq`s that share one prefill: choice 0 runs the prompt,
+then the others fork its KV blocks. A sequence's block owner key is `Seq.key`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tetri.types import FinishReason, SamplingParams, TokenLogprob
+
+
+def seq_key(req_id: str, choice: int) -> str:
+    return f"{req_id}/{choice}"
+
+
+@dataclass
+class Seq:
+    req_id: str
+    choice: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens whose KV is in this worker's pool."""
+    finish_reason: FinishReason | None = None
+    arrival_s: float = 0.0
+    recompute: bool = False
+    """Preempted: re-prefilling prompt + outputs before decoding resumes."""
+
+    @property
+    def key(self) -> str:
+        return seq_key(self.req_id, self.choice)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:stop] if stop > len(self.prompt_ids) else self.prompt_ids[start:stop]
+
+
+def check_stop(seq: Seq, token: int, eos_ids: tuple[int, ...], max_model_len: int) -> FinishReason | None:
+    """Finish reason after `token` was appended to `seq.output_ids`, or None to go on."""
+    p = seq.params
+    n_out = len(seq.output_ids)
+    if n_out >= p.min_tokens:
+        if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
+            return FinishReason.STOP
+    if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
