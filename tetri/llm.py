@@ -39,9 +39,15 @@ class LLM:
 
     @property
     def tokenizer(self):
+        """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
         if self._tokenizer is None:
+            from pathlib import Path
+
             from transformers import AutoTokenizer
 
+            d = Path(self.model_dir)
+            if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+                return None
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
 
@@ -51,6 +57,8 @@ class LLM:
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_dir} has no tokenizer: pass prompts as token id lists")
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
@@ -83,7 +91,8 @@ class LLM:
     def _output(self, req_id: str, seqs) -> RequestOutput:
         outs = []
         for s in seqs:
-            text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True) if self.model_dir else ""
+            tok = self.tokenizer
+            text = tok.decode(s.output_ids, skip_special_tokens=True) if tok is not None else ""
             reason = s.finish_reason.value if s.finish_reason is not None else None
             outs.append(CompletionOutput(index=s.choice, token_ids=list(s.output_ids), text=text,
                                          finish_reason=reason, logprobs=s.logprobs or None))

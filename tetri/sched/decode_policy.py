@@ -7,6 +7,22 @@ A decode worker's core calls, every step:
      ids to preempt). Preempted requests release their device blocks (swapped to host or
      dropped for recompute by the worker) and come back through `admit` later.
 Policies are pure: callers pass `now`; no clock reads, no I/O.
+
+Requests in `running` that are in neither returned list stay resident (they keep their
+blocks) but do not run this step. Stateful policies (MLFQ) also need two hooks, which every
+policy here offers (as no-ops where stateless), so the worker may call them unconditionally:
+  3. `on_step(run_ids, now)` after each decode step that ran `run_ids`;
+  4. `forget(req_id)` when a request finishes or is aborted (not when it is preempted).
+
+Policies (`make_decode_policy(name, **kwargs)`):
+  greedy           vLLM: admit while the next token's blocks are free now.
+  reserve-static   TetriInfer: admit while context + predicted remaining output (low end of
+                   the bucket) fits in the blocks free now.
+  reserve-dynamic  TetriInfer: admit while memory still suffices when the running job with
+                   the shortest predicted remaining output finishes.
+  mlfq             FastServe skip-join MLFQ with token-level preemption (`tetri.sched.mlfq`).
+Invariant for all: the blocks the admitted requests need right now (context + 1 token, less
+what they hold) never sum to more than `free_blocks`.
 """
 
 from __future__ import annotations
@@ -65,3 +81,96 @@ class GreedyDecodePolicy:
             preempt.append(victim.req_id)
             free_blocks += victim.held_blocks
         return [r.req_id for r in run], preempt
+
+    def on_step(self, run_ids: list[str], now: float) -> None:
+        """No state to update (present so a worker can call it on any policy)."""
+
+    def forget(self, req_id: str) -> None:
+        """No state to drop."""
+
+
+def admit_need_blocks(req: DecodeReqView, block_size: int) -> int:
+    """Blocks a request needs right now to be admitted and decode one step."""
+    return max(0, blocks_for_tokens(req.context_tokens + 1, block_size) - req.held_blocks)
+
+
+def predicted_remaining_tokens(req: DecodeReqView) -> int:
+    """Tokens still to generate per the prediction's low end, at least 1 (the next token)
+    and at most what max_tokens allows. Without a prediction: 1, i.e. greedy's view."""
+    cap = max(1, req.max_tokens - req.generated_tokens)
+    if req.predicted_output_tokens is None:
+        return 1
+    return max(1, min(cap, req.predicted_output_tokens - req.generated_tokens))
+
+
+class ReserveStaticPolicy(GreedyDecodePolicy):
+    """TetriInfer reserve-static: admit in arrival order while the request's predicted
+    footprint, blocks_for_tokens(context + predicted remaining low end), fits in the blocks
+    free now (less what earlier admissions in this call reserved); stop at the first that
+    does not fit (no overtaking, so a large request is not starved). Without a prediction it
+    behaves as greedy. Batch selection and preemption are greedy's."""
+
+    name = "reserve-static"
+
+    def admit(self, waiting, running, free_blocks, block_size, now):
+        admitted = []
+        for req in waiting:
+            reserve = blocks_for_tokens(req.context_tokens + predicted_remaining_tokens(req), block_size)
+            need = max(admit_need_blocks(req, block_size), reserve - req.held_blocks)
+            if need > free_blocks:
+                break
+            free_blocks -= need
+            admitted.append(req.req_id)
+        return admitted
+
+
+def blocks_at_step(reqs: list[DecodeReqView], steps: int, block_size: int) -> int:
+    """Blocks `reqs` hold after `steps` more decode steps (none finishing before then)."""
+    return sum(max(r.held_blocks, blocks_for_tokens(r.context_tokens + steps, block_size)) for r in reqs)
+
+
+class ReserveDynamicPolicy(GreedyDecodePolicy):
+    """TetriInfer reserve-dynamic: admit a waiting request (arrival order, stop at the first
+    refusal) when memory still suffices at the moment the shortest job finishes.
+
+    With S = running + already admitted + the candidate, and T = min over S of the predicted
+    remaining tokens (the step at which the shortest job finishes and frees its blocks), every
+    job in S grows one token per step until T, so the blocks needed then are
+    sum_S max(held, blocks_for_tokens(context + T)). Admit when that, less the blocks S holds
+    now, is <= free_blocks. T >= 1, so the candidate's immediate need is covered too."""
+
+    name = "reserve-dynamic"
+
+    def admit(self, waiting, running, free_blocks, block_size, now):
+        batch = list(running)
+        held_now = sum(r.held_blocks for r in batch)
+        admitted = []
+        for req in waiting:
+            trial = batch + [req]
+            horizon_steps = min(predicted_remaining_tokens(r) for r in trial)
+            extra = blocks_at_step(trial, horizon_steps, block_size) - held_now - req.held_blocks
+            if extra > free_blocks:
+                break
+            batch = trial
+            held_now += req.held_blocks
+            admitted.append(req.req_id)
+        return admitted
+
+
+DECODE_POLICIES = ("greedy", "reserve-static", "reserve-dynamic", "mlfq")
+
+
+def make_decode_policy(name: str, **kwargs) -> DecodePolicy:
+    """Build a decode policy by name; kwargs go to the policy (only mlfq takes any:
+    see `tetri.sched.mlfq.MLFQDecodePolicy`)."""
+    if name == "mlfq":
+        from tetri.sched.mlfq import MLFQDecodePolicy
+
+        return MLFQDecodePolicy(**kwargs)
+    simple = {"greedy": GreedyDecodePolicy, "reserve-static": ReserveStaticPolicy,
+              "reserve-dynamic": ReserveDynamicPolicy}
+    if name not in simple:
+        raise ValueError(f"decode policy must be one of {DECODE_POLICIES}, got {name!r}")
+    if kwargs:
+        raise TypeError(f"decode policy {name!r} takes no options, got {sorted(kwargs)}")
+    return simple[name]()

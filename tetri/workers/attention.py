@@ -30,15 +30,20 @@ class PrefillPiece:
     end: int
     start_pos: int  # position of row `begin` in its sequence
     block_table: torch.Tensor  # [num_blocks] int64, covers start_pos + (end - begin) tokens
+    block_base: torch.Tensor | None = None  # block_table * layers * 2 (rows of `KVPool.block_rows`)
 
 
 @dataclass
 class AttnBatch:
+    """Decode rows come first in the flat batch: rows [0, num_decodes) are one-token decodes."""
+
     slot_blocks: torch.Tensor  # [T] block id of each new token
     slot_offsets: torch.Tensor  # [T] offset inside the block
+    slot_base: torch.Tensor  # [T] row of the token's layer-0 K in `KVPool.token_rows`
     prefill: list[PrefillPiece]
-    decode_rows: torch.Tensor | None = None  # [D] rows of the flat batch that are decodes
+    num_decodes: int = 0
     decode_tables: torch.Tensor | None = None  # [D, max_blocks] (padded with block 0)
+    decode_block_base: torch.Tensor | None = None  # [D * max_blocks] decode_tables * layers * 2
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
 
@@ -50,20 +55,43 @@ class TorchAttention:
         self.pool = pool
         self.scale = scale
         self.batch: AttnBatch | None = None
+        self._tokens = pool.token_rows()
+        self._blocks = pool.block_rows()
+        lay = pool.layout
+        self._kv_shape = (lay.num_kv_heads, lay.head_dim)
+        self._bs = lay.block_size
+        # Gathered K/V land in one reused buffer: a fresh multi-MB tensor per call costs more
+        # in page faults than the copy itself.
+        self._scratch = torch.empty(0, self._blocks.shape[1], dtype=self._blocks.dtype, device=self._blocks.device)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.batch
-        kv = self.pool.layer(layer)
-        kv[b.slot_blocks, 0, b.slot_offsets] = k
-        kv[b.slot_blocks, 1, b.slot_offsets] = v
+        t = q.shape[0]
+        k_rows = b.slot_base + 2 * layer * self._bs
+        self._tokens.index_copy_(0, k_rows, k.reshape(t, -1))
+        self._tokens.index_copy_(0, k_rows + self._bs, v.reshape(t, -1))
+        d = b.num_decodes
+        if d == t:
+            return self._decode(layer, q, b)
         out = torch.empty_like(q)
+        if d:
+            out[:d] = self._decode(layer, q[:d], b)
         for piece in b.prefill:
-            out[piece.begin:piece.end] = self._prefill(kv, piece, q, k, v)
-        if b.decode_rows is not None:
-            out[b.decode_rows] = self._decode(kv, q[b.decode_rows], b)
+            out[piece.begin:piece.end] = self._prefill(layer, piece, q, k, v)
         return out
 
-    def _prefill(self, kv, piece: PrefillPiece, q, k, v) -> torch.Tensor:
+    def _gather(self, base: torch.Tensor, layer: int, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the listed blocks as `[num, blocks_each * block_size, kv_heads, head_dim]`."""
+        rows = base + 2 * layer
+        n = rows.shape[0]
+        if self._scratch.shape[0] < 2 * n:
+            self._scratch = torch.empty(2 * n, self._blocks.shape[1], dtype=self._blocks.dtype, device=self._blocks.device)
+        k_buf, v_buf = self._scratch[:n], self._scratch[n:2 * n]
+        torch.index_select(self._blocks, 0, rows, out=k_buf)
+        torch.index_select(self._blocks, 0, rows + 1, out=v_buf)
+        return k_buf.view(num, -1, *self._kv_shape), v_buf.view(num, -1, *self._kv_shape)
+
+    def _prefill(self, layer: int, piece: PrefillPiece, q, k, v) -> torch.Tensor:
         qs = q[piece.begin:piece.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if piece.start_pos == 0:
             ks = k[piece.begin:piece.end].transpose(0, 1).unsqueeze(0)
@@ -72,23 +100,18 @@ class TorchAttention:
             return o[0].transpose(0, 1)
         n = piece.end - piece.begin
         ctx = piece.start_pos + n
-        g = kv.index_select(0, piece.block_table)  # [nb, 2, bs, kvh, d]
-        ks = g[:, 0].reshape(-1, *g.shape[-2:])[:ctx].transpose(0, 1).unsqueeze(0)
-        vs = g[:, 1].reshape(-1, *g.shape[-2:])[:ctx].transpose(0, 1).unsqueeze(0)
+        ks, vs = self._gather(piece.block_base, layer, 1)
+        ks = ks[:, :ctx].transpose(1, 2)
+        vs = vs[:, :ctx].transpose(1, 2)
         q_pos = torch.arange(piece.start_pos, ctx, device=q.device)
         mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)
 
-    def _decode(self, kv, q: torch.Tensor, b: AttnBatch) -> torch.Tensor:
-        num, max_blocks = b.decode_tables.shape
-        g = kv.index_select(0, b.decode_tables.reshape(-1))  # [D*MB, 2, bs, kvh, d]
-        g = g.view(num, max_blocks, *g.shape[1:])
-        kvh, d = g.shape[-2:]
-        ks = g[:, :, 0].reshape(num, -1, kvh, d).transpose(1, 2)  # [D, kvh, L, d]
-        vs = g[:, :, 1].reshape(num, -1, kvh, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask,
-                                           scale=self.scale, enable_gqa=True)
+    def _decode(self, layer: int, q: torch.Tensor, b: AttnBatch) -> torch.Tensor:
+        ks, vs = self._gather(b.decode_block_base, layer, b.num_decodes)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                           attn_mask=b.decode_mask, scale=self.scale, enable_gqa=True)
         return o.squeeze(2)
 
 
@@ -108,18 +131,20 @@ class FlashAttention(TorchAttention):
 
     name = "flash"
 
-    def _prefill(self, kv, piece, q, k, v):
+    def _prefill(self, layer, piece, q, k, v):
         from flash_attn import flash_attn_with_kvcache
 
+        kv = self.pool.layer(layer)
         qs = q[piece.begin:piece.end].unsqueeze(0)
         ctx = torch.tensor([piece.start_pos + piece.end - piece.begin], dtype=torch.int32, device=q.device)
         return flash_attn_with_kvcache(qs, kv[:, 0], kv[:, 1], cache_seqlens=ctx,
                                        block_table=piece.block_table[None].int(), softmax_scale=self.scale,
                                        causal=True)[0]
 
-    def _decode(self, kv, q, b):
+    def _decode(self, layer, q, b):
         from flash_attn import flash_attn_with_kvcache
 
+        kv = self.pool.layer(layer)
         o = flash_attn_with_kvcache(q.unsqueeze(1), kv[:, 0], kv[:, 1], cache_seqlens=b.decode_context_lens,
                                     block_table=b.decode_tables.int(), softmax_scale=self.scale, causal=True)
         return o.squeeze(1)

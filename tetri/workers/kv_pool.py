@@ -93,6 +93,17 @@ class KVPool:
         """A peer's pool received as a tensor (CUDA IPC through torch.multiprocessing)."""
         return cls(layout, data, None, owner=False)
 
+    def token_rows(self) -> torch.Tensor:
+        """`[num_blocks * layers * 2 * block_size, kv_heads * head_dim]`: one row per token's K or
+        V of one layer. Row of (block b, layer l, k|v c, offset o) = ((b*L + l)*2 + c)*bs + o."""
+        return self.data.view(-1, self.layout.num_kv_heads * self.layout.head_dim)
+
+    def block_rows(self) -> torch.Tensor:
+        """`[num_blocks * layers * 2, block_size * kv_heads * head_dim]`: one row per block's K or
+        V of one layer. Row of (block b, layer l, k|v c) = (b*L + l)*2 + c."""
+        lay = self.layout
+        return self.data.view(-1, lay.block_size * lay.num_kv_heads * lay.head_dim)
+
     def layer(self, layer_idx: int) -> torch.Tensor:
         """`[num_blocks, 2, block_size, kv_heads, head_dim]` view of one layer."""
         return self.data[:, layer_idx]

@@ -34,6 +34,7 @@ class ModelRunner:
         self.pool = pool
         self.device = device
         self.block_size = pool.layout.block_size
+        self.num_layers = pool.layout.num_layers
         self.attn = make_attention(pool, loaded.spec.head_dim ** -0.5, device, attention)
         self.last_hidden: torch.Tensor | None = None
         """Final hidden state of each sampling row of the last step (the length predictor's probe)."""
@@ -42,16 +43,19 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def build(self, segments: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, AttnBatch, list[int]]:
+        """Flatten segments (decodes first), computing KV slots and the rows that sample."""
         bs = self.block_size
+        rows_per_block = 2 * self.num_layers
+        decodes = [i for i, seg in enumerate(segments) if len(seg.token_ids) == 1]
+        order = decodes + [i for i, seg in enumerate(segments) if len(seg.token_ids) != 1]
         ids: list[int] = []
         positions: list[int] = []
         slot_blocks: list[int] = []
         slot_offsets: list[int] = []
         prefill: list[PrefillPiece] = []
-        decode_rows: list[int] = []
-        decode_segs: list[Segment] = []
-        sample_rows: list[int] = []
-        for seg in segments:
+        last_row = [0] * len(segments)
+        for i in order:
+            seg = segments[i]
             n = len(seg.token_ids)
             begin = len(ids)
             ids.extend(seg.token_ids)
@@ -59,26 +63,26 @@ class ModelRunner:
                 positions.append(pos)
                 slot_blocks.append(seg.block_ids[pos // bs])
                 slot_offsets.append(pos % bs)
-            if n == 1:
-                decode_rows.append(begin)
-                decode_segs.append(seg)
-            else:
+            if n > 1:
                 used = -(-(seg.start_pos + n) // bs)
-                prefill.append(PrefillPiece(begin, begin + n, seg.start_pos, self._tensor(seg.block_ids[:used])))
-            if seg.sample:
-                sample_rows.append(begin + n - 1)
-        batch = AttnBatch(self._tensor(slot_blocks), self._tensor(slot_offsets), prefill)
-        if decode_segs:
-            self._add_decodes(batch, decode_rows, decode_segs)
+                table = self._tensor(seg.block_ids[:used])
+                prefill.append(PrefillPiece(begin, begin + n, seg.start_pos, table, table * rows_per_block))
+            last_row[i] = begin + n - 1
+        blocks_t, offsets_t = self._tensor(slot_blocks), self._tensor(slot_offsets)
+        batch = AttnBatch(blocks_t, offsets_t, blocks_t * (rows_per_block * bs) + offsets_t, prefill)
+        if decodes:
+            self._add_decodes(batch, [segments[i] for i in decodes])
+        sample_rows = [last_row[i] for i, seg in enumerate(segments) if seg.sample]
         return self._tensor(ids), self._tensor(positions), batch, sample_rows
 
-    def _add_decodes(self, batch: AttnBatch, rows: list[int], segs: list[Segment]) -> None:
+    def _add_decodes(self, batch: AttnBatch, segs: list[Segment]) -> None:
         bs = self.block_size
         ctx = [s.start_pos + 1 for s in segs]
         max_blocks = -(-max(ctx) // bs)
         tables = [s.block_ids[: -(-c // bs)] + [0] * (max_blocks - (-(-c // bs))) for s, c in zip(segs, ctx)]
-        batch.decode_rows = self._tensor(rows)
+        batch.num_decodes = len(segs)
         batch.decode_tables = self._tensor(tables)
+        batch.decode_block_base = batch.decode_tables.reshape(-1) * (2 * self.num_layers)
         ctx_t = self._tensor(ctx)
         keys = torch.arange(max_blocks * bs, device=self.device)
         batch.decode_mask = (keys[None, :] < ctx_t[:, None])[:, None, None, :]

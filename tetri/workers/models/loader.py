@@ -107,9 +107,10 @@ def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _fuse(spec: ArchSpec, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map HF names onto ours, concatenating q/k/v and gate/up for fewer, larger matmuls."""
-    out: dict[str, torch.Tensor] = {"embed_tokens.weight": raw["model.embed_tokens.weight"], "norm.weight": raw["model.norm.weight"]}
-    if not spec.tie_word_embeddings:
-        out["lm_head.weight"] = raw.get("lm_head.weight", raw["model.embed_tokens.weight"])
+    embed = raw["model.embed_tokens.weight"]
+    head = embed if spec.tie_word_embeddings else raw.get("lm_head.weight", embed)
+    out: dict[str, torch.Tensor] = {"embed_tokens.weight": embed, "norm.weight": raw["model.norm.weight"],
+                                    "lm_head.weight": head}
     for i in range(spec.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
@@ -125,7 +126,10 @@ def _fuse(spec: ArchSpec, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         out[ours + "down_proj.weight"] = raw[mlp + "down_proj.weight"]
         out[ours + "input_layernorm.weight"] = raw[hf + "input_layernorm.weight"]
         out[ours + "post_attention_layernorm.weight"] = raw[hf + "post_attention_layernorm.weight"]
-    return out
+    # Linear weights are stored transposed ([in, out]); see `llama.Linear`.
+    return {(k[: -len("weight")] + "weight_t" if k.endswith("proj.weight") or k == "lm_head.weight" else k):
+            (v.t().contiguous() if k.endswith("proj.weight") or k == "lm_head.weight" else v)
+            for k, v in out.items()}
 
 
 def load_model(model_dir: str, dtype: str = "auto", device: str = "cpu", max_positions: int | None = None) -> LoadedModel:

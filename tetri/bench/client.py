@@ -1,0 +1,292 @@
+"""Async streaming client for OpenAI-compatible servers, and the open/closed-loop request drivers.
+
+Completions (default): `POST {base}/v1/completions` with `prompt` = a list of exactly
+`prompt_tokens` token ids (deterministic pseudo-random ids in [PROMPT_ID_LOW, vocab_size)),
+`max_tokens = min_tokens = output_tokens`, `ignore_eos`, `stream` and
+`stream_options.include_usage`. Chat: `POST {base}/v1/chat/completions` with a text prompt of
+about `prompt_tokens` words.
+
+Timing (perf_counter, from just before the POST): TTFT = first chunk carrying text (or token
+ids); ITL = gaps between successive such chunks; E2E = end of the stream. Output tokens come
+from the usage chunk when the server sends one, else from the chunks. HTTP errors, bad
+streams, timeouts and connection errors become failed records; nothing raises out of a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Sequence
+
+import aiohttp
+import msgspec
+import numpy as np
+
+from tetri.bench.records import RequestRecord
+from tetri.bench.workload import Request
+
+PROMPT_ID_LOW = 10  # skip the ids tokenizers usually reserve for special tokens
+DEFAULT_VOCAB_SIZE = 256
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+_WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at "
+          "which but have an they you were her she there been one all we their has would when "
+          "what more out up said into time some could them other than then now only its over "
+          "new also after two first way use may years these any work part made good world").split()
+
+
+def normalize_base_url(base_url: str) -> str:
+    """'http://h:p/', 'http://h:p/v1' -> 'http://h:p'."""
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def prompt_token_ids(index: int, num_tokens: int, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                     seed: int = 0) -> list[int]:
+    """Exactly `num_tokens` ids in [PROMPT_ID_LOW, vocab_size), a pure function of (seed, index)."""
+    if vocab_size <= PROMPT_ID_LOW:
+        raise ValueError(f"vocab_size must be > {PROMPT_ID_LOW}")
+    rng = np.random.default_rng([seed, index])
+    return rng.integers(PROMPT_ID_LOW, vocab_size, size=num_tokens).tolist()
+
+
+def prompt_text(index: int, num_tokens: int, seed: int = 0) -> str:
+    """About `num_tokens` tokens of text: common short English words (about one token each)."""
+    rng = np.random.default_rng([seed, index, 1])
+    return " ".join(_WORDS[i] for i in rng.integers(len(_WORDS), size=max(1, num_tokens)))
+
+
+class SseParser:
+    """Incremental Server-Sent-Events parser: feed bytes, get the `data` payload of each event."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._buf += chunk
+        events = []
+        while True:
+            cut = min((i for i in (self._buf.find(b"\n"), self._buf.find(b"\r")) if i >= 0), default=-1)
+            if cut < 0:
+                return events
+            # A lone '\r' at the very end may be the first half of '\r\n': wait for more bytes.
+            if self._buf[cut:cut + 1] == b"\r" and cut + 1 == len(self._buf):
+                return events
+            line = self._buf[:cut].decode("utf-8", errors="replace")
+            skip = 2 if self._buf[cut:cut + 2] == b"\r\n" else 1
+            self._buf = self._buf[cut + skip:]
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+
+    def close(self) -> list[str]:
+        """Flush a final event that was not terminated by a blank line."""
+        events = self.feed(b"\n") if self._buf else []
+        if self._data:
+            events.append("\n".join(self._data))
+            self._data = []
+        return events
+
+    def _line(self, line: str) -> str | None:
+        if line == "":
+            if not self._data:
+                return None
+            event, self._data = "\n".join(self._data), []
+            return event
+        if line.startswith(":"):
+            return None  # comment / keep-alive
+        field, _, value = line.partition(":")
+        if field == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
+def _chunk_tokens(obj: Any, chat: bool) -> int:
+    """How many tokens a decoded chunk carries (0: no text, e.g. a role or usage-only chunk)."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        return 0
+    choice = choices[0]
+    token_ids = choice.get("token_ids")
+    if isinstance(token_ids, list) and token_ids:
+        return len(token_ids)
+    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+    if chat and not text:
+        text = choice.get("text")
+    return 1 if text else 0
+
+
+def _error_text(obj: Any) -> str | None:
+    if isinstance(obj, dict) and (obj.get("error") or obj.get("object") == "error"):
+        err = obj.get("error") or obj
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    return None
+
+
+def build_payload(req: Request, index: int, *, model: str, chat: bool, vocab_size: int,
+                  seed: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "max_tokens": req.output_tokens,
+        "min_tokens": req.output_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if chat:
+        payload["messages"] = [{"role": "user", "content": prompt_text(index, req.prompt_tokens, seed)}]
+    else:
+        payload["prompt"] = prompt_token_ids(index, req.prompt_tokens, vocab_size, seed)
+    return payload
+
+
+async def send_request(session: aiohttp.ClientSession, base_url: str, req: Request, index: int, *,
+                       model: str, endpoint: str = "completions", vocab_size: int = DEFAULT_VOCAB_SIZE,
+                       seed: int = 0, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                       headers: dict[str, str] | None = None, run_start: float | None = None
+                       ) -> RequestRecord:
+    """Send one streaming request; always returns a record (ok=False on any failure)."""
+    chat = endpoint == "chat"
+    url = normalize_base_url(base_url) + ("/v1/chat/completions" if chat else "/v1/completions")
+    payload = build_payload(req, index, model=model, chat=chat, vocab_size=vocab_size, seed=seed)
+    start = time.perf_counter()
+    record = RequestRecord(prompt_tokens=req.prompt_tokens, ok=False,
+                           arrival_s=start - run_start if run_start is not None else 0.0)
+    chunk_tokens = 0
+    usage_tokens = None
+    first = last = None
+    itl: list[float] = []
+
+    def on_event(data: str) -> bool:
+        """Handle one SSE payload; True once the stream is done."""
+        nonlocal chunk_tokens, usage_tokens, first, last
+        if data.strip() == "[DONE]":
+            return True
+        try:
+            obj = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return False  # tolerate junk between events
+        if (err := _error_text(obj)) is not None:
+            raise RuntimeError(f"server error in stream: {err}")
+        now = time.perf_counter()
+        n = _chunk_tokens(obj, chat)
+        if n:
+            if first is None:
+                first = now
+            else:
+                itl.append(now - last)
+            last = now
+            chunk_tokens += n
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+            usage_tokens = int(usage["completion_tokens"])
+        return False
+
+    try:
+        timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        async with session.post(url, json=payload, headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                body = (await resp.text(errors="replace"))[:300]
+                record.error = f"HTTP {resp.status}: {body}"
+                return record
+            if resp.content_type == "application/json":  # server ignored stream=true
+                on_event(await resp.text())
+            else:
+                parser, done = SseParser(), False
+                async for raw in resp.content.iter_any():
+                    if any(on_event(event) for event in parser.feed(raw)):
+                        done = True
+                        break
+                if not done:
+                    for event in parser.close():
+                        on_event(event)
+        end = time.perf_counter()
+    except asyncio.CancelledError:
+        raise
+    except asyncio.TimeoutError:
+        record.error = f"timeout after {request_timeout_s:g} s"
+        return record
+    except Exception as exc:  # noqa: BLE001 - a failed request must never stop the run
+        record.error = f"{type(exc).__name__}: {exc}"[:300]
+        return record
+    record.output_tokens = usage_tokens if usage_tokens is not None else chunk_tokens
+    if first is None or record.output_tokens == 0:
+        record.error = "no tokens in response"
+        return record
+    record.ok = True
+    record.ttft_s = first - start
+    record.itl_s = itl
+    record.e2e_s = end - start
+    return record
+
+
+async def fetch_model_name(base_url: str, headers: dict[str, str] | None = None,
+                           timeout_s: float = 10.0) -> str | None:
+    """First model id from GET /v1/models, or None if the server does not answer it."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(normalize_base_url(base_url) + "/v1/models", headers=headers) as resp:
+                if resp.status != 200:
+                    return None
+                data = await resp.json(content_type=None)
+                return str(data["data"][0]["id"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+async def run_requests(base_url: str, requests: Sequence[Request], *, model: str,
+                       endpoint: str = "completions", concurrency: int | None = None,
+                       duration_s: float | None = None, api_key: str | None = None,
+                       vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
+                       request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                       on_done: Callable[[RequestRecord], None] | None = None
+                       ) -> tuple[list[RequestRecord], float]:
+    """Drive a run; returns (records of the requests sent, run duration in seconds).
+
+    Open loop (concurrency None): request i is sent at `arrival_s` after the start (None = 0).
+    Closed loop: `concurrency` workers each send their next request when the last one ends.
+    `duration_s` stops sending new requests after that many seconds (in-flight ones finish).
+    The run duration is from the start to the end of the last request.
+    """
+    if endpoint not in ("completions", "chat"):
+        raise ValueError("endpoint must be 'completions' or 'chat'")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    results: list[RequestRecord | None] = [None] * len(requests)
+    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap on open connections
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            rec = await send_request(session, base_url, requests[i], i, model=model, endpoint=endpoint,
+                                     vocab_size=vocab_size, seed=seed, request_timeout_s=request_timeout_s,
+                                     headers=headers, run_start=start)
+            results[i] = rec
+            if on_done is not None:
+                on_done(rec)
+
+        if concurrency is None:
+            tasks = []
+            for i, req in enumerate(requests):
+                at_s = req.arrival_s or 0.0
+                if duration_s is not None and at_s > duration_s:
+                    break
+                delay = start + at_s - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+        else:
+            if concurrency < 1:
+                raise ValueError("concurrency must be >= 1")
+            pending = iter(range(len(requests)))
+
+            async def worker() -> None:
+                for i in pending:
+                    if duration_s is not None and time.perf_counter() - start >= duration_s:
+                        return
+                    await one(i)
+
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
+        end = time.perf_counter()
+    return [r for r in results if r is not None], end - start

@@ -1,0 +1,11 @@
+"""Learned output-length predictor (torch + numpy; kept out of the pure `tetri.sched`).
+
+  features.py  hashed n-gram + prompt-length features of prompt text
+  model.py     the classifiers, save/load (meta.json + weights.safetensors), LearnedPredictor
+  train.py     seeded CPU training for the text model and the hidden-state probe
+  data.py      JSONL examples, length counting, AlpacaEval conversion
+  cli.py       `tetri-predictor train | eval | prepare-alpaca`
+
+`tetri.sched.predictor.make_predictor("model:DIR")` loads a saved model through
+`tetri.predictor.model.load_predictor`.
+"""

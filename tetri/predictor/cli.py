@@ -1,0 +1,98 @@
+"""`tetri-predictor`: train, evaluate and prepare data for the output-length predictor.
+
+    tetri-predictor train --data FILE.jsonl --out DIR [--bucket-tokens 200] [--tokenizer DIR]
+                          [--epochs N] [--seed S] [--hidden-dim H] [--lr X] [--weight-decay X]
+                          [--optimizer sgd|adamw] [--use-generator]
+    tetri-predictor eval --model DIR --data FILE.jsonl [--tokenizer DIR]
+        prints JSON: accuracy, accuracy_within_one_bucket, mae_tokens, majority_baseline, n
+    tetri-predictor prepare-alpaca --out-train F --out-test F [--models M ...] [--split 0.8]
+                                   [--seed S] [--src DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tetri.predictor.data import (ALPACA_DIR, DEFAULT_ALPACA_MODELS, LengthCounter, eval_metrics,
+                                  load_examples, prepare_alpaca)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tetri-predictor", description="Output-length bucket predictor")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the prompt-text classifier on JSONL")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--bucket-tokens", type=int, default=200)
+    t.add_argument("--tokenizer", default=None, help="HF tokenizer dir to count response tokens")
+    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hidden-dim", type=int, default=0, help="0: linear; >0: one ReLU hidden layer")
+    t.add_argument("--lr", type=float, default=0.5)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    t.add_argument("--use-generator", action="store_true",
+                   help="add the record's `generator` as a feature (train on many models' outputs)")
+    e = sub.add_parser("eval", help="evaluate a saved model on JSONL")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--tokenizer", default=None, help="default: the tokenizer used in training, if any")
+    e.add_argument("--generator", default=None, help="override every record's generator feature")
+    a = sub.add_parser("prepare-alpaca", help="AlpacaEval outputs -> train/test JSONL split by prompt")
+    a.add_argument("--out-train", required=True)
+    a.add_argument("--out-test", required=True)
+    a.add_argument("--models", nargs="+", default=list(DEFAULT_ALPACA_MODELS))
+    a.add_argument("--split", type=float, default=0.8)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--src", default=str(ALPACA_DIR))
+    return p
+
+
+def _train(args) -> dict:
+    from tetri.predictor.features import FeatureConfig
+    from tetri.predictor.train import train_text
+
+    data = load_examples(args.data, LengthCounter(args.tokenizer))
+    cfg = FeatureConfig(use_generator=args.use_generator)
+    gens = data.generators if args.use_generator else None
+    pred = train_text(data.prompts, data.lengths, bucket_tokens=args.bucket_tokens, epochs=args.epochs,
+                      seed=args.seed, hidden_dim=args.hidden_dim, feature_config=cfg, generators=gens,
+                      lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
+                      length_unit=data.length_unit,
+                      extra_meta={"tokenizer": args.tokenizer, "train_data": str(args.data)})
+    pred.save(args.out)
+    return {"out": str(args.out), "n": len(data.prompts), "length_unit": data.length_unit,
+            "num_buckets": pred.num_buckets, "majority_bucket": pred.meta["majority_bucket"]}
+
+
+def _eval(args) -> dict:
+    from tetri.predictor.model import load_predictor
+
+    pred = load_predictor(args.model)
+    if pred.kind != "text":
+        raise SystemExit("eval on JSONL needs a text model (a probe needs hidden-state vectors)")
+    data = load_examples(args.data, LengthCounter(args.tokenizer or pred.meta.get("tokenizer")))
+    gens = None
+    if pred.feature_config.use_generator:
+        gens = [args.generator or g or pred.meta.get("default_generator") for g in data.generators]
+    buckets = pred.predict_buckets_text(data.prompts, gens)
+    return eval_metrics(buckets, data.lengths, pred.bucket_tokens, pred.num_buckets, pred.meta["majority_bucket"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "train":
+        result = _train(args)
+    elif args.cmd == "eval":
+        result = _eval(args)
+    else:
+        result = prepare_alpaca(args.out_train, args.out_test, args.models, args.split, args.seed, args.src)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Level-1 (which prefill worker) and level-2 (which decode worker) dispatch, pure code.
+
+Every dispatcher has one method, `pick(loads, req) -> worker_id`, and is built by a factory
+that the front scheduler and the simulator both call:
+
+    make_prefill_dispatch(name, rng)                        least-loaded | round-robin | random
+    make_decode_dispatch(name, rng, heavy_decode_tokens=128, fit_aware=True)
+                              round-robin | random | least-loaded | power-of-two | tetri | mixing
+
+Eligibility. A prefill dispatcher considers workers that are `accepting` (state "ready") with
+role `prefill` or `mixed`; a decode dispatcher, `accepting` workers with role `decode` or
+`mixed`. With none eligible, `pick` raises `NoWorker`. Randomness comes only from the
+`random.Random` passed in; candidates are sorted by worker_id first, so a seeded run is
+reproducible whatever order the load board lists its rows in.
+
+Footprint (TetriInfer's α test, papers.md §1.4d / §1.11 "the α test"): a request's predicted
+decode footprint is `blocks_for_tokens(prompt_tokens + expected_output_tokens(req),
+block_size)` with `expected_output_tokens` = the LOW end of the predicted bucket capped by
+`max_tokens` (0 without a prediction: the prompt's KV is then all that is known to be
+needed), the paper's "estimate resource usage using the predicted range's lower end". A
+worker *fits* the request when its `free_blocks` >= that footprint. The blocks already
+promised to requests the worker has accepted but not yet admitted are not subtracted: the
+board does not publish them, and `waiting_reqs` is used as a load signal instead.
+
+When `fit_aware` (default), every decode dispatcher chooses among the workers that fit (the
+set α) and falls back to all eligible workers when α is empty, so no dispatcher picks a
+worker that cannot hold the request while another can. `fit_aware=False` makes
+round-robin/random the fully load-oblivious baselines.
+
+Decisions on the open points of papers.md §1.11:
+- Level-1 load metric: queued (not yet prefilled) prompt tokens; ties -> fewer
+  running + waiting requests -> lower worker_id.
+- Heavy decode: `expected_output_tokens(req) > heavy_decode_tokens` (default 128, the
+  ShareGPT median answer). With bucket width 200 every bucket >= 1 is heavy, bucket 0 light;
+  a request without a prediction counts as light.
+- `tetri` ratio: `(heavy_decodes + h) / (light_decodes + 1)`, h = 1 when this request is
+  heavy, else 0 -- the heavy share the candidate would have after taking the request, with
+  +1 so an empty worker is defined. Compared exactly (fractions). Lower ratio wins; ties ->
+  more free blocks -> lower worker_id.
+- Empty α: the worker with the most free blocks (ties -> fewer running + waiting -> lower id);
+  it queues the handoff in its admission until memory frees. The request is never refused.
+- |α| == 1: that worker, no random draw.
+"""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+from typing import Callable, Protocol
+
+from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.sched.load import ReqInfo, WorkerLoad
+
+PREFILL_DISPATCH = ("least-loaded", "round-robin", "random")
+DECODE_DISPATCH = ("round-robin", "random", "least-loaded", "power-of-two", "tetri", "mixing")
+PREFILL_ROLES = ("prefill", "mixed")
+DECODE_ROLES = ("decode", "mixed")
+
+# Intelligent Router cost slopes (Llama-2-7B on V100, papers.md §4.2): seconds of prefill per
+# prompt token, and seconds added to one decode iteration per request in the batch.
+PREFILL_S_PER_TOKEN = 3.2e-4
+DECODE_S_PER_BATCHED_REQ = 3.3e-5
+MIXING_ALPHA = 0.5
+
+
+class NoWorker(RuntimeError):
+    """No accepting worker of the needed role (the front maps this to HTTP 503)."""
+
+
+class Dispatcher(Protocol):
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int: ...
+
+
+def expected_output_tokens(req: ReqInfo) -> int:
+    """Low end of the predicted bucket, capped by max_tokens; 0 without a prediction."""
+    if req.predicted_low_tokens is None:
+        return 0
+    return max(0, min(req.predicted_low_tokens, req.max_tokens))
+
+
+def is_heavy(req: ReqInfo, heavy_decode_tokens: int = 128) -> bool:
+    """A heavy decode: its predicted output (low end, capped) exceeds the threshold."""
+    return expected_output_tokens(req) > heavy_decode_tokens
+
+
+def footprint_blocks(req: ReqInfo, block_size: int) -> int:
+    """KV blocks the request is predicted to hold on a decode worker (the α test)."""
+    return blocks_for_tokens(req.prompt_tokens + expected_output_tokens(req), block_size)
+
+
+def fits(load: WorkerLoad, req: ReqInfo) -> bool:
+    return load.free_blocks >= footprint_blocks(req, load.block_size)
+
+
+def _eligible(loads: list[WorkerLoad], roles: tuple[str, ...]) -> list[WorkerLoad]:
+    chosen = sorted((w for w in loads if w.accepting and w.role in roles), key=lambda w: w.worker_id)
+    if not chosen:
+        raise NoWorker(f"no accepting worker with role in {roles}")
+    return chosen
+
+
+def _reqs(load: WorkerLoad) -> int:
+    return load.running_reqs + load.waiting_reqs
+
+
+class _RoundRobin:
+    """Cycle through eligible workers by worker_id: the next id above the last one picked,
+    wrapping around; survives workers joining, leaving or flipping."""
+
+    def __init__(self, roles: tuple[str, ...], fit_aware: bool = False) -> None:
+        self.roles = roles
+        self.fit_aware = fit_aware
+        self._last_id: int | None = None
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        cands = _eligible(loads, self.roles)
+        if self.fit_aware:
+            cands = [w for w in cands if fits(w, req)] or cands
+        after = [w for w in cands if self._last_id is None or w.worker_id > self._last_id]
+        chosen = (after or cands)[0]
+        self._last_id = chosen.worker_id
+        return chosen.worker_id
+
+
+class _Random:
+    """Uniform choice among eligible workers."""
+
+    def __init__(self, roles: tuple[str, ...], rng: random.Random, fit_aware: bool = False) -> None:
+        self.roles = roles
+        self.rng = rng
+        self.fit_aware = fit_aware
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        cands = _eligible(loads, self.roles)
+        if self.fit_aware:
+            cands = [w for w in cands if fits(w, req)] or cands
+        return self.rng.choice(cands).worker_id
+
+
+class LeastLoadedPrefill:
+    """Level 1: fewest queued prefill tokens; ties -> fewest running + waiting -> lowest id."""
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        cands = _eligible(loads, PREFILL_ROLES)
+        return min(cands, key=lambda w: (w.queued_prefill_tokens, _reqs(w), w.worker_id)).worker_id
+
+
+class _ScoredDecode:
+    """Level 2 base: restrict to α (workers that fit) when any, then minimise `key`."""
+
+    def __init__(self, fit_aware: bool = True) -> None:
+        self.fit_aware = fit_aware
+
+    def candidates(self, loads: list[WorkerLoad], req: ReqInfo) -> list[WorkerLoad]:
+        cands = _eligible(loads, DECODE_ROLES)
+        if not self.fit_aware:
+            return cands
+        return [w for w in cands if fits(w, req)] or cands
+
+    def key(self, load: WorkerLoad, req: ReqInfo) -> tuple:
+        raise NotImplementedError
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        return min(self.candidates(loads, req), key=lambda w: self.key(w, req)).worker_id
+
+
+class LeastLoadedDecode(_ScoredDecode):
+    """Fewest running + waiting requests; ties -> most free blocks -> lowest id (within α)."""
+
+    def key(self, load: WorkerLoad, req: ReqInfo) -> tuple:
+        return (_reqs(load), -load.free_blocks, load.worker_id)
+
+
+class PowerOfTwoDecode(_ScoredDecode):
+    """Two distinct workers drawn at random (within α); fewer running + waiting wins, ties ->
+    more free blocks -> lower id. One candidate: that one."""
+
+    def __init__(self, rng: random.Random, fit_aware: bool = True) -> None:
+        super().__init__(fit_aware)
+        self.rng = rng
+
+    def key(self, load: WorkerLoad, req: ReqInfo) -> tuple:
+        return (_reqs(load), -load.free_blocks, load.worker_id)
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        cands = self.candidates(loads, req)
+        if len(cands) > 2:
+            cands = self.rng.sample(cands, 2)
+        return min(cands, key=lambda w: self.key(w, req)).worker_id
+
+
+class TetriDecode(PowerOfTwoDecode):
+    """TetriInfer's decentralized dispatcher (papers.md §1.4d), decisions in the module doc:
+    α = workers that fit the predicted footprint; two at random from α; the lower heavy:light
+    ratio `(heavy + h) / (light + 1)` wins, ties -> more free blocks -> lower id. Empty α ->
+    the worker with the most free blocks."""
+
+    def __init__(self, rng: random.Random, heavy_decode_tokens: int = 128) -> None:
+        super().__init__(rng, fit_aware=True)
+        self.heavy_decode_tokens = heavy_decode_tokens
+
+    def key(self, load: WorkerLoad, req: ReqInfo) -> tuple:
+        h = 1 if is_heavy(req, self.heavy_decode_tokens) else 0
+        ratio = Fraction(load.heavy_decodes + h, load.light_decodes + 1)
+        return (ratio, -load.free_blocks, load.worker_id)
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        cands = _eligible(loads, DECODE_ROLES)
+        alpha = [w for w in cands if fits(w, req)]
+        if not alpha:
+            return min(cands, key=lambda w: (-w.free_blocks, _reqs(w), w.worker_id)).worker_id
+        if len(alpha) > 2:
+            alpha = self.rng.sample(alpha, 2)
+        return min(alpha, key=lambda w: self.key(w, req)).worker_id
+
+
+def mixing_impact_s(load: WorkerLoad, req: ReqInfo) -> float:
+    """Intelligent Router's workload-impact estimate (papers.md §4.4), in seconds:
+
+        n       = running + waiting requests on the worker
+        d       = max(1, expected_output_tokens(req))      decode steps the request will run
+        D       = the worker's predicted outstanding decode tokens
+        overlap = min(D, n * d)      (request, step) pairs the new request shares a batch with
+        r_d     = DECODE_S_PER_BATCHED_REQ * (n * d + overlap)
+                  = slowdown of the n co-runners over the new request's d steps, plus the new
+                    request's own slowdown by the co-runners' remaining tokens
+        r_p     = PREFILL_S_PER_TOKEN * prompt_tokens * n  on a `mixed` worker (its prefill
+                  stalls every co-running decode), 0 on a decode-only worker
+        impact  = MIXING_ALPHA * r_p + (1 - MIXING_ALPHA) * r_d     (α = 0.5 as in the paper)
+    """
+    n = _reqs(load)
+    d = max(1, expected_output_tokens(req))
+    overlap = min(load.predicted_decode_tokens, n * d)
+    r_d = DECODE_S_PER_BATCHED_REQ * (n * d + overlap)
+    r_p = PREFILL_S_PER_TOKEN * req.prompt_tokens * n if load.role == "mixed" else 0.0
+    return MIXING_ALPHA * r_p + (1.0 - MIXING_ALPHA) * r_d
+
+
+class MixingDecode(_ScoredDecode):
+    """Route to the least `mixing_impact_s` (within α); ties -> more free blocks -> lower id."""
+
+    def key(self, load: WorkerLoad, req: ReqInfo) -> tuple:
+        return (mixing_impact_s(load, req), -load.free_blocks, load.worker_id)
+
+
+def make_prefill_dispatch(name: str, rng: random.Random) -> Dispatcher:
+    """Level-1 dispatcher by name (see PREFILL_DISPATCH)."""
+    builders: dict[str, Callable[[], Dispatcher]] = {
+        "least-loaded": LeastLoadedPrefill,
+        "round-robin": lambda: _RoundRobin(PREFILL_ROLES),
+        "random": lambda: _Random(PREFILL_ROLES, rng),
+    }
+    if name not in builders:
+        raise ValueError(f"prefill dispatch must be one of {PREFILL_DISPATCH}, got {name!r}")
+    return builders[name]()
+
+
+def make_decode_dispatch(name: str, rng: random.Random, heavy_decode_tokens: int = 128,
+                         fit_aware: bool = True) -> Dispatcher:
+    """Level-2 dispatcher by name (see DECODE_DISPATCH). `fit_aware` does not apply to
+    `tetri`, which always filters by α."""
+    builders: dict[str, Callable[[], Dispatcher]] = {
+        "round-robin": lambda: _RoundRobin(DECODE_ROLES, fit_aware),
+        "random": lambda: _Random(DECODE_ROLES, rng, fit_aware),
+        "least-loaded": lambda: LeastLoadedDecode(fit_aware),
+        "power-of-two": lambda: PowerOfTwoDecode(rng, fit_aware),
+        "tetri": lambda: TetriDecode(rng, heavy_decode_tokens),
+        "mixing": lambda: MixingDecode(fit_aware),
+    }
+    if name not in builders:
+        raise ValueError(f"decode dispatch must be one of {DECODE_DISPATCH}, got {name!r}")
+    return builders[name]()

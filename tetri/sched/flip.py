@@ -1,0 +1,242 @@
+"""Instance flip (TetriInfer §3.5, papers.md §1.7): when to flip, and the drain protocol.
+
+`FlipPolicy.decide(loads, now)` says WHEN: it returns a `FlipDecision` once one role has been
+idle while the other was saturated for `window_s` seconds straight. The paper's trigger is
+stated two ways ("idle for a minute", "load < 10%"); we use a load threshold held for a window:
+  prefill load of a worker = min(1, queued_prefill_tokens / prefill_busy_tokens)
+  decode load of a worker  = 1 if it has waiting (not yet admitted) handoffs, else
+                             used blocks / total blocks
+  role load                = mean over the role's ready workers
+  prefill -> decode  when prefill load <= idle_threshold and decode load >= 1 - idle_threshold
+  decode -> prefill  when decode load <= idle_threshold and prefill load >= 1 - idle_threshold
+Only `ready` workers with role prefill/decode count (mixed workers never flip). The donor is
+the donor role's least-loaded worker (least to drain; ties -> lower id). No decision while any
+worker is draining (one flip at a time; the window restarts afterwards), and never one that
+leaves the donor role with fewer than `min_workers_per_role` ready workers. After a decision
+the window restarts, so flips are at least `window_s` apart.
+
+`FlipPlan` says HOW, as a pure state machine the front scheduler drives. Per worker:
+
+    active --begin()--> draining(to_role) --poll(): nothing outstanding--> flipped
+       ^                     |                                               |
+       +------cancel()-------+            on_flipped(): role = to_role  <----+
+
+Protocol, and why no request is dropped or duplicated:
+  1. `begin(decision)`: the worker stops being dispatchable (`view()` shows it `draining`,
+     `on_dispatch` to it raises). Refused if it would leave the role below the minimum.
+  2. Everything already sent to it runs to completion there: the front calls
+     `on_dispatch(req_id, worker_id)` for every request it sends a worker and
+     `on_done(req_id, worker_id)` when the worker is finished with it (prefill worker: when
+     the decode side acked the KV copy and the prefill blocks are free; decode worker: when
+     the request finished or was aborted). Nothing is moved or re-sent.
+  3. `poll(loads)` moves a draining worker to `flipped` only when it has no outstanding
+     request AND (when its load row is given) its queued prefill tokens, running and waiting
+     requests all read 0; it returns the `FlipDecision`s the front must now send (the worker
+     changes its role variable: no restart, no weight reload).
+  4. `on_flipped(worker_id)` when the worker acks: it becomes `active` in the new role and
+     dispatch to it resumes.
+A request is thus owned by exactly one worker from `on_dispatch` to `on_done`, and a role
+change happens only on a worker that owns none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from tetri.sched.load import WorkerLoad
+
+ACTIVE, DRAINING, FLIPPED = "active", "draining", "flipped"
+FLIP_ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class FlipDecision:
+    worker_id: int
+    from_role: str
+    to_role: str
+
+
+class FlipError(RuntimeError):
+    """An illegal transition or dispatch (a bug in the caller)."""
+
+
+def prefill_load(load: WorkerLoad, prefill_busy_tokens: int) -> float:
+    return min(1.0, load.queued_prefill_tokens / prefill_busy_tokens)
+
+
+def decode_load(load: WorkerLoad) -> float:
+    if load.waiting_reqs > 0:
+        return 1.0
+    if load.total_blocks <= 0:
+        return 0.0
+    return (load.total_blocks - load.free_blocks) / load.total_blocks
+
+
+class FlipPolicy:
+    """When to flip a worker; see the module docstring for the rule."""
+
+    def __init__(self, idle_threshold: float = 0.1, window_s: float = 5.0,
+                 min_workers_per_role: int = 1, prefill_busy_tokens: int = 2048) -> None:
+        if not 0.0 <= idle_threshold < 0.5:
+            raise ValueError("idle_threshold must be in [0, 0.5)")
+        if window_s < 0 or min_workers_per_role < 1 or prefill_busy_tokens < 1:
+            raise ValueError("need window_s >= 0, min_workers_per_role >= 1, prefill_busy_tokens >= 1")
+        self.idle_threshold = idle_threshold
+        self.window_s = window_s
+        self.min_workers_per_role = min_workers_per_role
+        self.prefill_busy_tokens = prefill_busy_tokens
+        self._since_s: dict[str, float] = {}
+
+    def _direction(self, prefill: list[WorkerLoad], decode: list[WorkerLoad]) -> str | None:
+        if not prefill or not decode:
+            return None
+        p = sum(prefill_load(w, self.prefill_busy_tokens) for w in prefill) / len(prefill)
+        d = sum(decode_load(w) for w in decode) / len(decode)
+        low, high = self.idle_threshold, 1.0 - self.idle_threshold
+        if p <= low and d >= high and len(prefill) > self.min_workers_per_role:
+            return "prefill"
+        if d <= low and p >= high and len(decode) > self.min_workers_per_role:
+            return "decode"
+        return None
+
+    def decide(self, loads: list[WorkerLoad], now: float) -> FlipDecision | None:
+        if any(w.state == "draining" for w in loads):
+            self._since_s.clear()
+            return None
+        ready = [w for w in loads if w.state == "ready"]
+        prefill = [w for w in ready if w.role == "prefill"]
+        decode = [w for w in ready if w.role == "decode"]
+        donor_role = self._direction(prefill, decode)
+        if donor_role is None:
+            self._since_s.clear()
+            return None
+        for other in FLIP_ROLES:
+            if other != donor_role:
+                self._since_s.pop(other, None)
+        since = self._since_s.setdefault(donor_role, now)
+        if now - since < self.window_s:
+            return None
+        self._since_s[donor_role] = now
+        if donor_role == "prefill":
+            donor = min(prefill, key=lambda w: (w.queued_prefill_tokens, w.running_reqs + w.waiting_reqs, w.worker_id))
+            return FlipDecision(donor.worker_id, "prefill", "decode")
+        donor = min(decode, key=lambda w: (w.running_reqs + w.waiting_reqs,
+                                            w.total_blocks - w.free_blocks, w.worker_id))
+        return FlipDecision(donor.worker_id, "decode", "prefill")
+
+
+@dataclass
+class WorkerFlipState:
+    role: str
+    state: str = ACTIVE
+    to_role: str | None = None
+    outstanding: set[str] = field(default_factory=set)
+
+
+class FlipPlan:
+    """The drain -> flip -> resume state machine; protocol in the module docstring."""
+
+    def __init__(self, roles: dict[int, str] | None = None, min_workers_per_role: int = 1) -> None:
+        self.min_workers_per_role = min_workers_per_role
+        self._workers: dict[int, WorkerFlipState] = {}
+        for worker_id, role in (roles or {}).items():
+            self.add_worker(worker_id, role)
+
+    def add_worker(self, worker_id: int, role: str) -> None:
+        if worker_id in self._workers:
+            raise FlipError(f"worker {worker_id} already known")
+        self._workers[worker_id] = WorkerFlipState(role)
+
+    def remove_worker(self, worker_id: int) -> set[str]:
+        """Forget a dead worker; returns the requests it still owned (the caller fails or
+        retries them)."""
+        state = self._workers.pop(worker_id, None)
+        return set() if state is None else set(state.outstanding)
+
+    def role_of(self, worker_id: int) -> str:
+        return self._workers[worker_id].role
+
+    def state_of(self, worker_id: int) -> str:
+        return self._workers[worker_id].state
+
+    def outstanding(self, worker_id: int) -> frozenset[str]:
+        return frozenset(self._workers[worker_id].outstanding)
+
+    def can_dispatch(self, worker_id: int) -> bool:
+        state = self._workers.get(worker_id)
+        return state is not None and state.state == ACTIVE
+
+    def active_workers(self, role: str) -> list[int]:
+        return sorted(w for w, s in self._workers.items() if s.state == ACTIVE and s.role == role)
+
+    def view(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
+        """Load rows as the plan sees them: role from the plan, and `draining` state for a
+        known worker that is not active, so dispatchers skip it and `FlipPolicy` waits."""
+        out = []
+        for load in loads:
+            state = self._workers.get(load.worker_id)
+            if state is None:
+                out.append(load)
+                continue
+            row_state = load.state if state.state == ACTIVE or not load.alive else "draining"
+            out.append(dataclasses.replace(load, role=state.role, state=row_state))
+        return out
+
+    def on_dispatch(self, req_id: str, worker_id: int) -> None:
+        if not self.can_dispatch(worker_id):
+            raise FlipError(f"worker {worker_id} is not accepting dispatch")
+        outstanding = self._workers[worker_id].outstanding
+        if req_id in outstanding:
+            raise FlipError(f"request {req_id} already sent to worker {worker_id}")
+        outstanding.add(req_id)
+
+    def on_done(self, req_id: str, worker_id: int) -> bool:
+        """The worker no longer holds the request; False if it was not outstanding there."""
+        state = self._workers.get(worker_id)
+        if state is None or req_id not in state.outstanding:
+            return False
+        state.outstanding.discard(req_id)
+        return True
+
+    def begin(self, decision: FlipDecision) -> bool:
+        """Start draining; False (nothing changes) if illegal or it would starve a role."""
+        state = self._workers.get(decision.worker_id)
+        if state is None or state.state != ACTIVE or state.role != decision.from_role:
+            return False
+        if decision.to_role == decision.from_role or decision.to_role not in FLIP_ROLES:
+            return False
+        if len(self.active_workers(decision.from_role)) - 1 < self.min_workers_per_role:
+            return False
+        state.state, state.to_role = DRAINING, decision.to_role
+        return True
+
+    def cancel(self, worker_id: int) -> bool:
+        """Abort a drain that has not flipped yet; the worker accepts dispatch again."""
+        state = self._workers.get(worker_id)
+        if state is None or state.state != DRAINING:
+            return False
+        state.state, state.to_role = ACTIVE, None
+        return True
+
+    def poll(self, loads: list[WorkerLoad] | None = None) -> list[FlipDecision]:
+        """Draining workers that are empty become `flipped`; returns the role changes to send."""
+        rows = {w.worker_id: w for w in loads or ()}
+        orders = []
+        for worker_id, state in sorted(self._workers.items()):
+            if state.state != DRAINING or state.outstanding:
+                continue
+            row = rows.get(worker_id)
+            if row is not None and (row.queued_prefill_tokens or row.running_reqs or row.waiting_reqs):
+                continue
+            state.state = FLIPPED
+            orders.append(FlipDecision(worker_id, state.role, state.to_role or state.role))
+        return orders
+
+    def on_flipped(self, worker_id: int) -> bool:
+        """The worker acked its new role: active again, dispatch resumes."""
+        state = self._workers.get(worker_id)
+        if state is None or state.state != FLIPPED or state.to_role is None:
+            return False
+        state.role, state.state, state.to_role = state.to_role, ACTIVE, None
+        return True

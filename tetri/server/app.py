@@ -1,0 +1,168 @@
+"""The aiohttp application: OpenAI-compatible routes in front of an `EngineClient`.
+
+Lifecycle:
+1. `create_app(cfg, engine, metrics)` builds the app: typed keys, middlewares (OpenAI error
+   bodies outermost, then the bearer-key check), one route table.
+2. On start-up the cleanup context starts the engine and loads the tokenizer of the model
+   directory the engine names; on clean-up it closes the engine.
+3. On shutdown the app first stops admitting (`/health` and new requests answer 503), lets
+   running requests finish for `shutdown_timeout`, then aiohttp cancels the rest, whose
+   handlers abort their engine requests on the way out.
+`run_server(cfg, engine)` runs all of this on uvloop until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from aiohttp import web
+
+from tetri.config import ServerConfig
+from tetri.server.engine_api import EngineClient
+from tetri.server.errors import ApiError, auth_middleware, error_middleware
+from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE, ServerState, served_model_name
+from tetri.server.metrics import CONTENT_TYPE, Metrics
+from tetri.server.openapi import openapi_document
+from tetri.server.serving_chat import chat_completions
+from tetri.server.serving_completions import completions
+from tetri.server.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 30.0
+"""How long running requests may drain on shutdown (candidate for ServerConfig)."""
+_CREATED = int(time.time())
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(payload), status=status, content_type="application/json")
+
+
+@web.middleware
+async def draining_middleware(request: web.Request, handler) -> web.StreamResponse:
+    if request.app[STATE].draining and request.method == "POST":
+        raise ApiError(503, "The server is shutting down.")
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[STATE].draining or not request.app[ENGINE].healthy():
+        raise ApiError(503, "The engine is not healthy.")
+    return web.Response(status=200)
+
+
+async def models(request: web.Request) -> web.Response:
+    engine, state = request.app[ENGINE], request.app[STATE]
+    card = {
+        "id": state.served_name,
+        "object": "model",
+        "created": _CREATED,
+        "owned_by": "tetri",
+        "root": engine.model_dir,
+        "parent": None,
+        "max_model_len": engine.max_model_len,
+    }
+    return _json({"object": "list", "data": [card]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render(request.app[ENGINE].workers())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def workers(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return _json({"workers": engine.workers(), "num_running": engine.num_running()})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(openapi_document())
+
+
+ROUTES = [
+    web.post("/v1/chat/completions", chat_completions),
+    web.post("/v1/completions", completions),
+    web.get("/v1/models", models),
+    web.get("/health", health),
+    web.get("/metrics", metrics),
+    web.get("/workers", workers),
+    web.get("/openapi.json", openapi),
+]
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = app[ENGINE]
+    await engine.start()
+    try:
+        state = app[STATE]
+        state.served_name = served_model_name(app[CONFIG], engine)
+        state.tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, engine.model_dir)
+        yield
+    finally:
+        await engine.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STATE].draining = True
+
+
+def create_app(cfg: ServerConfig, engine: EngineClient, metrics: Metrics | None = None) -> web.Application:
+    """The front-end app for `engine`; `metrics` defaults to a fresh private registry."""
+    metrics = metrics if metrics is not None else Metrics()
+    if hasattr(engine, "metrics"):
+        engine.metrics = metrics  # type: ignore[attr-defined] - the engine client reports KV transfers
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(cfg.api_key), draining_middleware],
+        client_max_size=cfg.max_body_bytes,
+    )
+    app[CONFIG] = cfg
+    app[ENGINE] = engine
+    app[METRICS] = metrics
+    app[STATE] = ServerState(served_name=cfg.served_model_name or "")
+    app.router.add_routes(ROUTES)
+    app.cleanup_ctx.append(_engine_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_server(
+    cfg: ServerConfig,
+    engine: EngineClient,
+    metrics: Metrics | None = None,
+    *,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
+) -> None:
+    """Serve until SIGINT/SIGTERM on uvloop, then shut down gracefully (see module doc)."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    web.run_app(
+        create_app(cfg, engine, metrics),
+        host=cfg.host,
+        port=cfg.port,
+        loop=loop,
+        shutdown_timeout=shutdown_timeout,
+        handler_cancellation=True,  # a client that hangs up cancels its handler -> engine abort
+        access_log=None,
+        print=lambda msg: log.info("%s", msg),
+    )
+
+
+async def start_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    """Run `app` inside the current loop (tests, benchmarks, embedding); returns the bound port."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, runner.addresses[0][1]

@@ -1,0 +1,101 @@
+"""Prometheus metrics of the front end, named after vLLM's under a `tetri:` prefix.
+
+Each `Metrics` owns its `CollectorRegistry` (no process globals), so tests can build many
+apps. Request-level series are fed by `Generation`; KV-transfer series by the engine client
+(`observe_kv_transfer`); the per-worker gauges are refreshed from `engine.workers()` rows at
+scrape time (`render`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+_TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_WORKER_LABELS = ("worker", "role")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The front end's metric families, registered on a private registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("tetri:time_to_first_token_seconds", "Time to first token (from arrival).", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("tetri:time_per_output_token_seconds", "Per-request mean time per output token after the first.", buckets=_TOKEN_BUCKETS, registry=r)
+        self.itl = Histogram("tetri:inter_token_latency_seconds", "Latency between consecutive output tokens.", buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("tetri:e2e_request_latency_seconds", "End-to-end request latency.", buckets=_E2E_BUCKETS, registry=r)
+        self.queue_time = Histogram("tetri:request_queue_time_seconds", "Time from submit to the first prefill chunk.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.kv_transfer = Histogram("tetri:kv_transfer_seconds", "Duration of one prefill->decode KV handoff copy.", buckets=_TRANSFER_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("tetri:prompt_tokens", "Prompt tokens admitted.", registry=r)
+        self.generation_tokens = Counter("tetri:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter("tetri:request_success", "Finished choices by finish reason.", ["finished_reason"], registry=r)
+        self.kv_handoffs = Counter("tetri:kv_handoffs", "Prefill->decode KV handoffs completed.", registry=r)
+        self.kv_transfer_bytes = Counter("tetri:kv_transfer_bytes", "Bytes of KV copied between workers.", registry=r)
+        self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
+        self.running = Gauge("tetri:num_requests_running", "Requests running per worker.", _WORKER_LABELS, registry=r)
+        self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
+
+    # -- fed by Generation ---------------------------------------------------------------
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_inter_token(self, seconds: float, num_tokens: int) -> None:
+        """`num_tokens` arrived together after `seconds`: that many gaps of seconds/num_tokens."""
+        gap = seconds / num_tokens
+        for _ in range(min(num_tokens, 64)):
+            self.itl.observe(gap)
+
+    def observe_request(
+        self,
+        *,
+        e2e_s: float,
+        ttft_s: float | None,
+        last_token_s: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        max_choice_tokens: int,
+        reasons: Iterable[str],
+    ) -> None:
+        self.e2e.observe(e2e_s)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        if ttft_s is not None and last_token_s is not None and max_choice_tokens > 1:
+            self.tpot.observe((last_token_s - ttft_s) / (max_choice_tokens - 1))
+        for reason in reasons:
+            self.request_success.labels(finished_reason=reason).inc()
+
+    # -- fed by the engine client --------------------------------------------------------
+
+    def observe_kv_transfer(self, num_bytes: int, seconds: float) -> None:
+        """One completed prefill->decode KV handoff."""
+        self.kv_handoffs.inc()
+        self.kv_transfer_bytes.inc(num_bytes)
+        self.kv_transfer.observe(seconds)
+
+    # -- scrape --------------------------------------------------------------------------
+
+    def set_workers(self, rows: Iterable[dict]) -> None:
+        """Refresh the per-worker gauges (stale workers disappear)."""
+        for gauge in (self.kv_usage, self.running, self.waiting):
+            gauge.clear()
+        for row in rows:
+            labels = (str(row.get("worker_id", "?")), str(row.get("role", "?")))
+            total = row.get("kv_blocks_total") or 0
+            used = row.get("kv_blocks_used") or 0
+            self.kv_usage.labels(*labels).set(used / total if total else 0.0)
+            self.running.labels(*labels).set(row.get("running") or 0)
+            self.waiting.labels(*labels).set(row.get("waiting") or 0)
+
+    def render(self, worker_rows: Iterable[dict] = ()) -> bytes:
+        self.set_workers(worker_rows)
+        return generate_latest(self.registry)

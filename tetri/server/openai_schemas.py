@@ -1,0 +1,256 @@
+"""OpenAI request schemas (msgspec) and their conversion to engine `SamplingParams`.
+
+Decoding is strict about types (a string where an int belongs is a 400 naming the field) and
+lenient about unknown fields (the OpenAI SDK sends extras; they are ignored). Range checks
+live in the schema where they are simple, so `/openapi.json` shows them; the checks that
+need the prompt length or the server config live in `sampling_params`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from tetri.server.errors import ApiError, bad_request
+from tetri.types import SamplingParams
+
+I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 1024
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+Content = str | list[TextPart]
+
+
+class _Message(msgspec.Struct, tag_field="role", kw_only=True):
+    name: str | None = None
+
+
+class SystemMessage(_Message, tag="system"):
+    content: Content
+
+
+class DeveloperMessage(_Message, tag="developer"):
+    content: Content
+
+
+class UserMessage(_Message, tag="user"):
+    content: Content
+
+
+class AssistantMessage(_Message, tag="assistant"):
+    content: Content | None = None
+
+
+class ToolMessage(_Message, tag="tool"):
+    content: Content
+    tool_call_id: str | None = None
+
+
+Message = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+    """vLLM extension: usage on every chunk (only together with include_usage)."""
+
+
+class SamplingRequest(msgspec.Struct, kw_only=True):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    max_tokens: Count | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    seed: I64 | None = None
+    stop: str | Annotated[list[str], Meta(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    n: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = 1
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool | None = False
+    min_tokens: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = 0
+    return_token_ids: bool | None = False
+    """vLLM extension: `prompt_token_ids` on the response, `token_ids` on each choice."""
+    priority: I64 | None = 0
+
+
+class ChatCompletionRequest(SamplingRequest, kw_only=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_completion_tokens: Count | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    add_generation_prompt: bool | None = True
+
+
+class CompletionRequest(SamplingRequest, kw_only=True):
+    prompt: str | Annotated[list[str | TokenId | list[TokenId]], Meta(min_length=1)]
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool | None = False
+
+
+T = TypeVar("T", bound=SamplingRequest)
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"Object missing required field `([^`]*)`")
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(cls: type[T]) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(cls)
+
+
+def decode_request(body: bytes, cls: type[T]) -> T:
+    """Decode a JSON body into `cls`; malformed JSON or a mistyped field -> 400 naming it."""
+    try:
+        return _decoder(cls).decode(body)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        raise bad_request(f"Invalid request: {msg}", param=_param_of(msg)) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"Malformed JSON body: {exc}") from None
+
+
+def _param_of(msg: str) -> str | None:
+    """The offending field of a msgspec message, e.g. "messages[0].role"."""
+    m = _AT.search(msg)
+    path = m.group(1) if m else ""
+    missing = _MISSING.match(msg)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise ApiError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the plain dicts a chat template expects (text parts joined by newlines)."""
+    out = []
+    for msg in req.messages:
+        role = type(msg).__struct_config__.tag
+        content = msg.content
+        if content is None:
+            content = ""
+        elif not isinstance(content, str):
+            content = "\n".join(part.text for part in content)
+        item: dict[str, Any] = {"role": role, "content": content}
+        if msg.name is not None:
+            item["name"] = msg.name
+        out.append(item)
+    return out
+
+
+def completion_prompts(req: CompletionRequest) -> list[str] | list[list[int]]:
+    """The prompt field as a list of strings or a list of token-id lists (never mixed)."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    if all(isinstance(p, list) for p in prompt):
+        return list(prompt)  # type: ignore[arg-type]
+    raise bad_request("prompt must be a string, a list of strings, a token id list or a list of token id lists", "prompt")
+
+
+def stop_strings(req: SamplingRequest) -> list[str]:
+    stop = req.stop
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if any(not s for s in stops):
+        raise bad_request("stop strings must be non-empty", "stop")
+    return stops
+
+
+def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int, param: str = "prompt") -> None:
+    if not ids:
+        raise bad_request("The prompt is empty.", param)
+    bad = next((t for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"Token id {bad} is out of vocabulary (size {vocab_size}).", param)
+    if len(ids) >= max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"has {len(ids)} tokens, leaving no room for output.",
+            param,
+        )
+
+
+def resolve_max_tokens(
+    requested: int | None,
+    default: int | None,
+    longest_prompt: int,
+    max_model_len: int,
+    cap: int | None,
+    param: str = "max_tokens",
+) -> int:
+    """vLLM's rule: prompt + max_tokens must fit max_model_len; omitted -> what is left
+    (or `default`, e.g. 16 for legacy completions), bounded by the server's cap."""
+    room = max_model_len - longest_prompt
+    if requested is None:
+        value = room if default is None else min(default, room)
+        return max(1, min(value, cap) if cap is not None else value)
+    if requested > room:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{longest_prompt + requested} tokens ({longest_prompt} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or {param}.",
+            param,
+        )
+    if cap is not None and requested > cap:
+        raise bad_request(f"{param} must be <= {cap} on this server (got {requested}).", param)
+    return requested
+
+
+def sampling_params(req: SamplingRequest, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
+    """Build and validate the engine's SamplingParams; a ValueError names the field -> 400."""
+    n = req.n if req.n is not None else 1
+    if n > max_n:
+        raise bad_request(f"n must be <= {max_n} on this server (got {n}).", "n")
+    opt = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "seed": req.seed,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+    }
+    params = SamplingParams(
+        n=n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens or 0,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+        **{k: v for k, v in opt.items() if v is not None},
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        msg = str(exc)
+        raise bad_request(msg, msg.split(" ", 1)[0]) from None
+    return params

@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions: messages -> chat template -> engine -> `chat.completion[.chunk]`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from aiohttp import web
+
+from tetri.server import openai_schemas as schemas
+from tetri.server.errors import bad_request
+from tetri.server.generation import ChoiceUpdate, Generation, LogprobEntry
+from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE
+from tetri.server.serving import ChoiceAccum, ResponseOptions, clamp_logprob, off_loop, serve
+from tetri.server.tokenizer import Tokenizer
+
+
+class ChatFormatter:
+    """OpenAI chat shapes; vLLM's `prompt_token_ids` / `token_ids` when asked."""
+
+    def __init__(self, req_id: str, model: str, tok: Tokenizer, n: int, prompt_ids: list[int], opts: ResponseOptions) -> None:
+        self.base = {"id": req_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        self.tok = tok
+        self.n = n
+        self.prompt_ids = prompt_ids
+        self.opts = opts
+
+    def head_chunks(self) -> list[dict]:
+        chunks = []
+        for i in range(self.n):
+            chunk = {**self.base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+            if self.opts.return_token_ids and i == 0:
+                chunk["prompt_token_ids"] = self.prompt_ids
+            chunks.append(chunk)
+        return chunks
+
+    def chunk(self, up: ChoiceUpdate, usage: dict | None) -> dict | None:
+        has_lp = bool(up.logprobs)
+        if not up.text and up.finish_reason is None and not has_lp and not (self.opts.return_token_ids and up.token_ids):
+            return None
+        choice: dict = {
+            "index": up.index,
+            "delta": {"content": up.text} if up.text or up.finish_reason is None else {},
+            "logprobs": {"content": self._logprobs(up.logprobs)} if up.logprobs is not None else None,
+            "finish_reason": up.finish_reason,
+        }
+        if self.opts.return_token_ids:
+            choice["token_ids"] = up.token_ids
+        chunk = {**self.base, "choices": [choice]}
+        if usage is not None:
+            chunk["usage"] = usage
+        return chunk
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self.base, "choices": [], "usage": usage}
+
+    def response(self, choices: list[ChoiceAccum], usage: dict) -> dict:
+        out = []
+        for acc in choices:
+            choice: dict = {
+                "index": acc.index,
+                "message": {"role": "assistant", "content": acc.text},
+                "logprobs": {"content": self._logprobs(acc.logprobs)} if acc.logprobs is not None else None,
+                "finish_reason": acc.finish_reason,
+            }
+            if self.opts.return_token_ids:
+                choice["token_ids"] = acc.token_ids
+            out.append(choice)
+        body = {**self.base, "object": "chat.completion", "choices": out, "usage": usage}
+        if self.opts.return_token_ids:
+            body["prompt_token_ids"] = self.prompt_ids
+        return body
+
+    def _logprobs(self, entries: list[LogprobEntry] | None) -> list[dict]:
+        return [self._entry(e.token_id, e.logprob, e.top) for e in entries or ()]
+
+    def _entry(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+        text, raw = self.tok.token_info(token_id)
+        item = {"token": text, "logprob": clamp_logprob(logprob), "bytes": raw}
+        item["top_logprobs"] = [self._top(t, lp) for t, lp in top]
+        return item
+
+    def _top(self, token_id: int, logprob: float) -> dict:
+        text, raw = self.tok.token_info(token_id)
+        return {"token": text, "logprob": clamp_logprob(logprob), "bytes": raw}
+
+
+def _logprobs_param(req: schemas.ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def response_options(req: schemas.SamplingRequest) -> ResponseOptions:
+    so = req.stream_options
+    include_usage = bool(so and so.include_usage)
+    return ResponseOptions(
+        stream=bool(req.stream),
+        include_usage=include_usage,
+        continuous_usage=include_usage and bool(so and so.continuous_usage_stats),
+        return_token_ids=bool(req.return_token_ids),
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    arrival_s = time.monotonic()
+    app = request.app
+    cfg, engine, state = app[CONFIG], app[ENGINE], app[STATE]
+    req = schemas.decode_request(await request.read(), schemas.ChatCompletionRequest)
+    schemas.check_model(req.model, state.served_name)
+    messages = schemas.chat_messages(req)
+    size = sum(len(m["content"]) for m in messages)
+    try:
+        ids = await off_loop(lambda: state.tok.apply_chat_template(messages, bool(req.add_generation_prompt)), size)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    schemas.check_prompt_ids(ids, state.tok.vocab_size, engine.max_model_len, "messages")
+    use_mct = req.max_completion_tokens is not None
+    max_tokens = schemas.resolve_max_tokens(
+        req.max_completion_tokens if use_mct else req.max_tokens, None, len(ids), engine.max_model_len,
+        cfg.max_tokens_cap, "max_completion_tokens" if use_mct else "max_tokens",
+    )
+    params = schemas.sampling_params(req, max_tokens=max_tokens, logprobs=_logprobs_param(req), max_n=cfg.max_n)
+    req_id = f"chatcmpl-{uuid.uuid4().hex}"
+    gen = Generation(
+        engine, state.tok, app[METRICS], req_id=req_id, prompts=[ids], params=params,
+        stops=schemas.stop_strings(req), priority=req.priority or 0, arrival_s=arrival_s,
+    )
+    opts = response_options(req)
+    fmt = ChatFormatter(req_id, state.served_name, state.tok, params.n, ids, opts)
+    return await serve(request, gen, fmt, opts)
