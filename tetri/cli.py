@@ -1,0 +1,154 @@
+"""`tetri-serve`: one command for a whole node.
+
+    tetri-serve                                   # embedded default model, CPU, 1 prefill + 1 decode
+    tetri-serve --model DIR --gpus 0-7            # 8 GPUs: 2 prefill + 6 decode by default
+    tetri-serve --model DIR --gpus 0 --prefill-gpus 0 --decode-gpus 0   # both roles on one GPU
+    tetri-serve --mode colocated --workers 2      # the baseline: every worker runs chunked prefill + decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig, ServerConfig
+from tetri.launch import LaunchConfig, WorkerSpec
+from tetri.sched.chunking import PREFILL_POLICIES
+from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
+from tetri.sched.front import FrontConfig
+
+
+def parse_gpus(text: str) -> list[int]:
+    """'0-7' -> [0..7]; '0,2,4-5' -> [0, 2, 4, 5]."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"bad GPU range {part!r}")
+            out.extend(range(lo, hi + 1))
+        else:
+            out.append(int(part))
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise ValueError(f"bad GPU list {text!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tetri-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model")
+    g.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded tiny model)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output cap in tokens")
+    g.add_argument("--served-model-name", default=None, help="name clients send as `model`")
+    g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and random policies")
+    g = ap.add_argument_group("placement")
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when --gpus is given, else cpu")
+    g.add_argument("--mode", default="disagg", choices=["disagg", "colocated"],
+                   help="disagg: prefill and decode workers; colocated: every worker mixed (the baseline)")
+    g.add_argument("--gpus", default=None, help="GPU ids, ranges and lists: 0-7, 0,2,4-5")
+    g.add_argument("--prefill", type=int, default=None, help="number of prefill workers")
+    g.add_argument("--decode", type=int, default=None, help="number of decode workers")
+    g.add_argument("--prefill-gpus", default=None, help="GPUs of the prefill workers (exact)")
+    g.add_argument("--decode-gpus", default=None, help="GPUs of the decode workers (exact; may overlap prefill's)")
+    g.add_argument("--workers", type=int, default=None, help="CPU: number of worker processes (default 2)")
+    g = ap.add_argument_group("memory and batching")
+    g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size in tokens")
+    g.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="CPU: KV pool size per worker in GiB")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests decoding at once per worker")
+    g = ap.add_argument_group("scheduling")
+    g.add_argument("--global-policy", default="least-loaded", choices=PREFILL_DISPATCH, help="level-1 dispatch")
+    g.add_argument("--dispatch-policy", default="least-loaded", choices=DECODE_DISPATCH, help="level-2 dispatch")
+    g.add_argument("--prefill-policy", default="fcfs", choices=PREFILL_POLICIES)
+    g.add_argument("--prefill-sched-batch", type=int, default=16)
+    g.add_argument("--decode-policy", default="greedy", choices=["greedy", "reserve-static", "reserve-dynamic", "mlfq"])
+    g.add_argument("--heavy-decode-tokens", type=int, default=128)
+    g.add_argument("--max-queue", type=int, default=1024, help="admission bound: requests in flight before 429")
+    g = ap.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all routes but /health)")
+    g.add_argument("--log-level", default="info")
+    return ap
+
+
+def worker_specs(args) -> list[WorkerSpec]:
+    device = args.device or ("cuda" if args.gpus or args.prefill_gpus or args.decode_gpus else "cpu")
+    if device == "cpu":
+        return _cpu_specs(args)
+    return _gpu_specs(args)
+
+
+def _cpu_specs(args) -> list[WorkerSpec]:
+    if args.mode == "colocated":
+        n = args.workers or ((args.prefill or 0) + (args.decode or 0)) or 2
+        return [WorkerSpec("mixed")] * n
+    prefill, decode = args.prefill, args.decode
+    if prefill is None and decode is None:
+        total = args.workers or 2
+        if total < 2:
+            raise ValueError("disaggregated mode needs at least 2 workers (or use --mode colocated)")
+        prefill = max(1, total // 4)
+        decode = total - prefill
+    prefill, decode = prefill or 1, decode or 1
+    return [WorkerSpec("prefill")] * prefill + [WorkerSpec("decode")] * decode
+
+
+def _gpu_specs(args) -> list[WorkerSpec]:
+    if args.prefill_gpus or args.decode_gpus:
+        pg = parse_gpus(args.prefill_gpus or "")
+        dg = parse_gpus(args.decode_gpus or "")
+        share = {g: 1.0 / ((g in pg) + (g in dg)) for g in set(pg) | set(dg)}
+        return ([WorkerSpec("prefill", f"cuda:{g}", share[g]) for g in pg]
+                + [WorkerSpec("decode", f"cuda:{g}", share[g]) for g in dg])
+    gpus = parse_gpus(args.gpus or "0")
+    if args.mode == "colocated":
+        return [WorkerSpec("mixed", f"cuda:{g}") for g in gpus]
+    if len(gpus) == 1:  # one GPU: one prefill and one decode process share it
+        return [WorkerSpec("prefill", f"cuda:{gpus[0]}", 0.5), WorkerSpec("decode", f"cuda:{gpus[0]}", 0.5)]
+    prefill = args.prefill if args.prefill is not None else max(1, len(gpus) // 4)
+    decode = args.decode if args.decode is not None else len(gpus) - prefill
+    if prefill + decode > len(gpus) or prefill < 1 or decode < 1:
+        raise ValueError(f"--prefill {prefill} --decode {decode} does not fit {len(gpus)} GPUs")
+    return ([WorkerSpec("prefill", f"cuda:{g}") for g in gpus[:prefill]]
+            + [WorkerSpec("decode", f"cuda:{g}") for g in gpus[prefill:prefill + decode]])
+
+
+def build_engine(args):
+    from tetri.server.engine_client import RuntimeClient
+
+    specs = worker_specs(args)
+    device = specs[0].device.split(":")[0]
+    threads = max(1, (os.cpu_count() or 1) // len(specs)) if device == "cpu" else 1
+    model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed)
+    cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
+                        gpu_memory_utilization=args.gpu_memory_utilization)
+    sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy)
+    front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
+                        prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
+                        dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens)
+    launch = LaunchConfig(workers=tuple(specs), threads_per_worker=threads)
+    return RuntimeClient(model, cache, sched, front, launch, max_queue=args.max_queue, seed=args.seed)
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        engine = build_engine(args)
+    except ValueError as e:
+        raise SystemExit(f"tetri-serve: {e}")
+    from tetri.server.app import run_server
+
+    cfg = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key)
+    run_server(cfg, engine)
+
+
+if __name__ == "__main__":
+    serve_main()

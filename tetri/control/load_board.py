@@ -1,0 +1,120 @@
+"""The shared-memory load board: one fixed-layout row per worker.
+
+The front process creates the segment (an unpredictable name, unlinked at exit); each
+worker attaches and is the only writer of its own row; the front scheduler reads every row
+without locks or messages. A seqlock keeps readers from using a torn row:
+
+    writer: version += 1 (odd: writing) -> write fields -> version += 1 (even: stable)
+    reader: v1 = version (retry while odd) -> read fields -> v2 = version; retry unless v1 == v2
+
+Row layout (little-endian, 8-byte fields, 128-byte stride):
+    version, heartbeat_s, role, state, pid, queued_prefill_tokens, running_reqs, waiting_reqs,
+    free_blocks, total_blocks, predicted_decode_tokens, heavy_decodes, light_decodes,
+    block_size, restarts
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+import time
+from multiprocessing import shared_memory
+
+from tetri.sched.load import ROLE_CODES, ROLE_NAMES, STATE_CODES, STATE_NAMES, WorkerLoad
+
+_VERSION = struct.Struct("<Q")
+_BODY = struct.Struct("<d" + "q" * 13)
+ROW_BYTES = 128
+FIELDS = ("heartbeat_s", "role", "state", "pid", "queued_prefill_tokens", "running_reqs", "waiting_reqs",
+          "free_blocks", "total_blocks", "predicted_decode_tokens", "heavy_decodes", "light_decodes",
+          "block_size", "restarts")
+
+
+class LoadBoard:
+    def __init__(self, shm: shared_memory.SharedMemory, num_workers: int, owner: bool) -> None:
+        self._shm = shm
+        self.num_workers = num_workers
+        self._owner = owner
+        self._buf = shm.buf
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @classmethod
+    def create(cls, num_workers: int) -> LoadBoard:
+        name = f"tetri-board-{secrets.token_hex(8)}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, num_workers) * ROW_BYTES)
+        shm.buf[:] = bytes(len(shm.buf))
+        return cls(shm, num_workers, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, num_workers: int) -> LoadBoard:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        from tetri.workers.kv_pool import _untrack  # only the creator unlinks
+
+        _untrack(shm)
+        return cls(shm, num_workers, owner=False)
+
+    # ---- writer side (a worker, its own row only) --------------------------------------
+    def write(self, worker_id: int, *, role: str, state: str, pid: int, queued_prefill_tokens: int = 0,
+              running_reqs: int = 0, waiting_reqs: int = 0, free_blocks: int = 0, total_blocks: int = 0,
+              predicted_decode_tokens: int = 0, heavy_decodes: int = 0, light_decodes: int = 0,
+              block_size: int = 16, restarts: int = 0) -> None:
+        off = worker_id * ROW_BYTES
+        (version,) = _VERSION.unpack_from(self._buf, off)
+        if version % 2:  # a writer died mid-write: step back onto an even value
+            version += 1
+        _VERSION.pack_into(self._buf, off, version + 1)
+        _BODY.pack_into(self._buf, off + 8, time.monotonic(), ROLE_CODES[role], STATE_CODES[state], pid,
+                        queued_prefill_tokens, running_reqs, waiting_reqs, free_blocks, total_blocks,
+                        predicted_decode_tokens, heavy_decodes, light_decodes, block_size, restarts)
+        _VERSION.pack_into(self._buf, off, version + 2)
+
+    def set_state(self, worker_id: int, state: str) -> None:
+        """Front side: mark a row (e.g. dead) after its writer is gone."""
+        row = self.read_raw(worker_id)
+        row["state"] = STATE_CODES[state]
+        args = {k: row[k] for k in FIELDS if k not in ("heartbeat_s",)}
+        args["role"] = ROLE_NAMES.get(args["role"], "mixed")
+        args["state"] = state
+        self.write(worker_id, **args)
+
+    # ---- reader side -----------------------------------------------------------------
+    def read_raw(self, worker_id: int) -> dict:
+        off = worker_id * ROW_BYTES
+        for _ in range(10000):
+            (v1,) = _VERSION.unpack_from(self._buf, off)
+            if v1 % 2:
+                continue
+            body = _BODY.unpack_from(self._buf, off + 8)
+            (v2,) = _VERSION.unpack_from(self._buf, off)
+            if v1 == v2:
+                return dict(zip(FIELDS, body), version=v1)
+        raise RuntimeError(f"load board row {worker_id} stayed torn")
+
+    def read(self, worker_id: int) -> WorkerLoad:
+        row = self.read_raw(worker_id)
+        return WorkerLoad(
+            worker_id=worker_id, role=ROLE_NAMES.get(row["role"], "mixed"),
+            state=STATE_NAMES.get(row["state"], "starting") if row["version"] else "starting",
+            heartbeat_s=row["heartbeat_s"], queued_prefill_tokens=row["queued_prefill_tokens"],
+            running_reqs=row["running_reqs"], waiting_reqs=row["waiting_reqs"], free_blocks=row["free_blocks"],
+            total_blocks=row["total_blocks"], predicted_decode_tokens=row["predicted_decode_tokens"],
+            heavy_decodes=row["heavy_decodes"], light_decodes=row["light_decodes"], block_size=row["block_size"],
+        )
+
+    def read_all(self) -> list[WorkerLoad]:
+        return [self.read(i) for i in range(self.num_workers)]
+
+    def close(self) -> None:
+        self._buf = None
+        try:
+            self._shm.close()
+        except BufferError:
+            pass
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,115 @@
+"""Worker processes: spawn (never fork), liveness, and a teardown that leaves nothing behind.
+
+The asyncio side (READY handshake, supervision loop, message routing) lives in
+`tetri.server.engine_client`; this module only owns processes and the private directory
+holding the ZeroMQ ipc:// sockets (mode 0700).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass, field
+
+from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
+from tetri.workers.proc import WorkerArgs, worker_main
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # prefill | decode | mixed
+    device: str = "cpu"
+    memory_share: float = 1.0
+    """Share of the device's memory budget (workers sharing one GPU split it)."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    workers: tuple[WorkerSpec, ...]
+    threads_per_worker: int = 1
+    ready_timeout_s: float = 180.0
+    heartbeat_timeout_s: float = 30.0
+    """A live process whose board row is older than this is declared hung (steps can be long on CPU)."""
+    collect_hidden: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ValueError("need at least one worker")
+        roles = {w.role for w in self.workers}
+        if "mixed" in roles and roles != {"mixed"}:
+            raise ValueError("colocated (mixed) workers cannot be combined with prefill/decode workers")
+        if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
+            raise ValueError("disaggregated mode needs at least one prefill and one decode worker")
+
+
+@dataclass
+class WorkerProcs:
+    model: ModelConfig
+    cache: CacheConfig
+    sched: EngineSchedConfig
+    launch: LaunchConfig
+    board_name: str
+    ipc_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="tetri-ipc-"))
+    procs: dict[int, mp.Process] = field(default_factory=dict)
+    restarts: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        os.chmod(self.ipc_dir, 0o700)
+        self._ctx = mp.get_context("spawn")
+
+    @property
+    def front_endpoint(self) -> str:
+        return f"ipc://{self.ipc_dir}/front.sock"
+
+    def endpoint(self, worker_id: int) -> str:
+        return f"ipc://{self.ipc_dir}/w{worker_id}.sock"
+
+    def spawn(self, worker_id: int, role: str | None = None) -> mp.Process:
+        spec = self.launch.workers[worker_id]
+        model = ModelConfig(model=self.model.model, dtype=self.model.dtype, max_model_len=self.model.max_model_len,
+                            device=spec.device, seed=self.model.seed)
+        args = WorkerArgs(worker_id=worker_id, role=role or spec.role, model=model, cache=self.cache,
+                          sched=self.sched, ipc_dir=self.ipc_dir, board_name=self.board_name,
+                          num_workers=len(self.launch.workers), parent_pid=os.getpid(),
+                          memory_share=spec.memory_share, threads=self.launch.threads_per_worker,
+                          collect_hidden=self.launch.collect_hidden, restarts=self.restarts.get(worker_id, 0))
+        proc = self._ctx.Process(target=worker_main, args=(args,), name=f"tetri-worker-{worker_id}", daemon=True)
+        proc.start()
+        self.procs[worker_id] = proc
+        return proc
+
+    def spawn_all(self) -> None:
+        for i in range(len(self.launch.workers)):
+            self.spawn(i)
+
+    def alive(self, worker_id: int) -> bool:
+        proc = self.procs.get(worker_id)
+        return proc is not None and proc.is_alive()
+
+    def pid(self, worker_id: int) -> int | None:
+        proc = self.procs.get(worker_id)
+        return proc.pid if proc is not None else None
+
+    def kill(self, worker_id: int) -> None:
+        proc = self.procs.get(worker_id)
+        if proc is not None and proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(5)
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """Wait for workers told to shut down; terminate, then kill, the stragglers."""
+        for proc in self.procs.values():
+            proc.join(timeout_s / max(1, len(self.procs)))
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+
+    def remove_ipc_dir(self) -> None:
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Every message that crosses a process boundary: msgspec Structs, tagged, one union per
+channel, encoded with msgpack (never pickle).
+
+Channels (ZeroMQ PUSH -> PULL over ipc:// sockets in a private 0700 directory):
+    front -> worker : ToWorker   = ChunkPlan | Handoff | Release | Abort | SubmitMixed | SetRole | Shutdown
+                                 | PeerPools
+    worker -> front : FromWorker = Ready | ChunkDone | KVCopied | Dropped | TokenBatch | WorkerError
+
+Fields are only ever appended (wire compatibility within PROTOCOL_VERSION).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from tetri.types import SamplingParams, TokenLogprob
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+# ---- shared pieces ------------------------------------------------------------------
+
+
+class PoolInfo(msgspec.Struct, kw_only=True):
+    """How a peer opens a worker's KV pool (block-major layout, see workers/kv_pool.py)."""
+
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    shm_name: str | None = None  # CPU: named shared-memory segment
+    cuda_ipc: list | None = None  # CUDA: torch's IPC storage handle fields (see workers/ipc.py)
+
+
+class NewReq(msgspec.Struct, kw_only=True):
+    """A request's data, sent once with its first piece."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float = 0.0
+
+
+class PlanPiece(msgspec.Struct, kw_only=True, omit_defaults=True):
+    req_id: str
+    start: int
+    num_tokens: int
+    is_last: bool
+    new: NewReq | None = None
+
+
+class PrefillResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A prompt whose last piece ran: its first tokens (one per choice) and its KV blocks."""
+
+    req_id: str
+    block_ids: list[int]
+    num_prompt_tokens: int
+    first_tokens: list[int]
+    logprobs: list[TokenLogprob | None] = []
+    finish_reasons: list[str | None] = []
+    hidden: list[float] | None = None  # final hidden state of the last prompt token (predictor probe)
+
+
+# ---- front -> worker ------------------------------------------------------------------
+
+
+class ChunkPlan(_Msg):
+    """One fixed-size chunk for a prefill worker: run it in one forward pass."""
+
+    chunk_id: int
+    pieces: list[PlanPiece]
+
+
+class Handoff(_Msg):
+    """Tell a decode worker to take over a prefilled request: copy `block_ids` from worker
+    `src_worker`'s pool when its admission allows, ack with KVCopied, then decode."""
+
+    req_id: str
+    src_worker: int
+    block_ids: list[int]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    first_tokens: list[int]
+    open_choices: list[int]
+    predicted_output_tokens: int | None = None
+    arrival_s: float = 0.0
+
+
+class Release(_Msg):
+    """Prefill side: the request's blocks are no longer needed (copied, or abandoned)."""
+
+    req_id: str
+
+
+class Abort(_Msg):
+    """Drop the request (or only `choice`) and free every block it holds."""
+
+    req_id: str
+    choice: int | None = None
+
+
+class SubmitMixed(_Msg):
+    """Colocated mode: a mixed worker prefills and decodes the request itself."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float = 0.0
+
+
+class SetRole(_Msg):
+    role: str
+
+
+class Shutdown(_Msg):
+    pass
+
+
+class PeerPools(_Msg):
+    """Every worker's KV pool, so decode workers can copy from prefill pools (sent once all
+    workers are ready, and again after a restart)."""
+
+    pools: dict[int, PoolInfo]
+
+
+ToWorker = Union[ChunkPlan, Handoff, Release, Abort, SubmitMixed, SetRole, Shutdown, PeerPools]
+
+
+# ---- worker -> front ------------------------------------------------------------------
+
+
+class Ready(_Msg):
+    worker_id: int
+    pid: int
+    role: str
+    device: str
+    pool: PoolInfo
+    max_model_len: int
+    eos_token_ids: list[int]
+
+
+class ChunkDone(_Msg):
+    worker_id: int
+    chunk_id: int
+    finished: list[PrefillResult] = []
+    failed: list[str] = []  # req ids whose pieces could not run (e.g. aborted meanwhile)
+
+
+class KVCopied(_Msg):
+    """Decode worker: the request's KV is in our pool; the prefill side may free its copy."""
+
+    worker_id: int
+    req_id: str
+    num_bytes: int
+    seconds: float
+
+
+class Dropped(_Msg):
+    """Decode worker: after an Abort, we hold nothing of the request and read nothing of it."""
+
+    worker_id: int
+    req_id: str
+
+
+class TokenBatch(_Msg):
+    """One decode step's new tokens, column-oriented: entry i belongs to (req_ids[i], choices[i])."""
+
+    worker_id: int
+    req_ids: list[str]
+    choices: list[int]
+    token_ids: list[int]
+    finish_reasons: list[str | None]
+    logprobs: list[TokenLogprob | None] = []
+
+
+class WorkerError(_Msg):
+    worker_id: int
+    message: str
+    req_id: str | None = None
+
+
+FromWorker = Union[Ready, ChunkDone, KVCopied, Dropped, TokenBatch, WorkerError]
+
+_encoder = msgspec.msgpack.Encoder()
+to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)

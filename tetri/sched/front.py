@@ -1,0 +1,268 @@
+"""The front scheduler: the cluster level of the two-level scheduler, pure code.
+
+It owns every request's handoff state machine, packs each prefill worker's queue into
+fixed-size chunks (keeping one queued ahead of the one running), and makes both dispatch
+decisions from load-board snapshots. It performs no I/O: each method returns `Actions`
+(messages to send, requests to fail) that the engine client carries out.
+
+    QUEUED --first piece sent--> PREFILLING --ChunkDone(last piece)--> AWAIT_DECODE
+    AWAIT_DECODE --KVCopied--> DECODING (prefill side Released) --all choices done--> gone
+    abort:  QUEUED: unqueue | PREFILLING: unqueue + Abort(prefill) |
+            AWAIT_DECODE: Abort(decode), Release(prefill) once decode says Dropped |
+            DECODING: Abort(decode)
+    death of the prefill worker: its QUEUED/PREFILLING/AWAIT_DECODE requests fail;
+    death of the decode worker: its requests fail, prefill blocks of pending handoffs Released;
+    AWAIT_DECODE past `handoff_timeout_s`: fails like an abort.
+Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field, replace
+
+from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
+                            Release, SubmitMixed)
+from tetri.sched.chunking import ChunkPacker
+from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
+from tetri.sched.load import ReqInfo, WorkerLoad
+from tetri.types import SamplingParams
+
+
+class ReqState(enum.IntEnum):
+    QUEUED = 0
+    PREFILLING = 1
+    AWAIT_DECODE = 2
+    DECODING = 3
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    chunk_size: int = 512
+    prefill_policy: str = "fcfs"
+    prefill_sched_batch: int = 16
+    global_policy: str = "least-loaded"
+    dispatch_policy: str = "least-loaded"
+    heavy_decode_tokens: int = 128
+    handoff_timeout_s: float = 120.0
+    chunks_ahead: int = 2
+    """Chunks outstanding per prefill worker: the one running plus one queued behind it."""
+
+
+@dataclass
+class FrontReq:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_s: float
+    state: ReqState = ReqState.QUEUED
+    prefill_worker: int | None = None
+    decode_worker: int | None = None
+    open_choices: set[int] = field(default_factory=set)
+    first_sent: bool = False
+    holds_prefill_blocks: bool = False
+    aborting: bool = False
+    deadline_s: float = float("inf")
+    predicted_low_tokens: int | None = None
+    expected_output_tokens: int | None = None
+
+
+@dataclass
+class Actions:
+    sends: list[tuple[int, object]] = field(default_factory=list)
+    fails: list[tuple[str, str]] = field(default_factory=list)
+
+    def send(self, worker_id: int, msg) -> None:
+        self.sends.append((worker_id, msg))
+
+    def extend(self, other: Actions) -> Actions:
+        self.sends.extend(other.sends)
+        self.fails.extend(other.fails)
+        return self
+
+
+class FrontScheduler:
+    def __init__(self, cfg: FrontConfig, rng: random.Random, predictor=None) -> None:
+        self.cfg = cfg
+        self.rng = rng
+        self.predictor = predictor
+        self.level1 = make_prefill_dispatch(cfg.global_policy, rng)
+        self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
+        self.reqs: dict[str, FrontReq] = {}
+        self.packers: dict[int, ChunkPacker] = {}
+        self.outstanding: dict[int, int] = {}
+        self._chunk_ids = 0
+
+    def _packer(self, wid: int) -> ChunkPacker:
+        if wid not in self.packers:
+            self.packers[wid] = ChunkPacker(self.cfg.chunk_size, self.cfg.prefill_policy, self.cfg.prefill_sched_batch)
+            self.outstanding[wid] = 0
+        return self.packers[wid]
+
+    def _view(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
+        """Board rows plus the tokens still waiting in our own packers."""
+        return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
+                if w.worker_id in self.packers else w for w in loads]
+
+    # ---- arrivals ----------------------------------------------------------------------
+    def add(self, req: FrontReq, loads: list[WorkerLoad], now: float) -> Actions:
+        """Place a new request; raises NoWorker when no live worker can take it."""
+        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s)
+        wid = self.level1.pick(self._view(loads), info)
+        role = next(w.role for w in loads if w.worker_id == wid)
+        req.open_choices = set(range(req.params.n))
+        req.prefill_worker = wid
+        self.reqs[req.req_id] = req
+        acts = Actions()
+        if role == "mixed":
+            req.state, req.decode_worker = ReqState.DECODING, wid
+            acts.send(wid, SubmitMixed(req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
+                                       params=req.params, arrival_s=req.arrival_s))
+            return acts
+        self._packer(wid).add(req.req_id, len(req.prompt_token_ids))
+        return self._pump(wid, acts)
+
+    def _pump(self, wid: int, acts: Actions) -> Actions:
+        packer = self._packer(wid)
+        while self.outstanding[wid] < self.cfg.chunks_ahead and len(packer):
+            pieces = []
+            for piece in packer.next_chunk():
+                req = self.reqs[piece.req_id]
+                new = None
+                if not req.first_sent:
+                    new = NewReq(prompt_token_ids=req.prompt_token_ids, params=req.params, arrival_s=req.arrival_s)
+                    req.first_sent, req.state = True, ReqState.PREFILLING
+                pieces.append(PlanPiece(req_id=piece.req_id, start=piece.start, num_tokens=piece.num_tokens,
+                                        is_last=piece.is_last, new=new))
+            self._chunk_ids += 1
+            self.outstanding[wid] += 1
+            acts.send(wid, ChunkPlan(chunk_id=self._chunk_ids, pieces=pieces))
+        return acts
+
+    # ---- worker events -----------------------------------------------------------------
+    def on_chunk_done(self, msg: ChunkDone, loads: list[WorkerLoad], now: float) -> Actions:
+        wid = msg.worker_id
+        acts = Actions()
+        if wid in self.outstanding:
+            self.outstanding[wid] = max(0, self.outstanding[wid] - 1)
+        for res in msg.finished:
+            self._prefilled(res, wid, loads, now, acts)
+        return self._pump(wid, acts)
+
+    def _prefilled(self, res: PrefillResult, wid: int, loads, now: float, acts: Actions) -> None:
+        req = self.reqs.get(res.req_id)
+        if req is None:  # aborted while its last chunk ran
+            acts.send(wid, Release(req_id=res.req_id))
+            return
+        req.holds_prefill_blocks = True
+        for choice, reason in enumerate(res.finish_reasons):
+            if reason is not None:
+                req.open_choices.discard(choice)
+        if not req.open_choices:  # done after one token: nothing to hand off
+            acts.send(wid, Release(req_id=req.req_id))
+            self.reqs.pop(req.req_id)
+            return
+        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens,
+                       predicted_low_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s)
+        try:
+            did = self.level2.pick([w for w in loads if w.role == "decode"], info)
+        except NoWorker:
+            acts.send(wid, Release(req_id=req.req_id))
+            acts.fails.append((req.req_id, "no live decode worker"))
+            self.reqs.pop(req.req_id)
+            return
+        req.state, req.decode_worker = ReqState.AWAIT_DECODE, did
+        req.deadline_s = now + self.cfg.handoff_timeout_s
+        acts.send(did, Handoff(req_id=req.req_id, src_worker=wid, block_ids=res.block_ids,
+                               prompt_token_ids=req.prompt_token_ids, params=req.params,
+                               first_tokens=res.first_tokens, open_choices=sorted(req.open_choices),
+                               predicted_output_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s))
+
+    def on_kv_copied(self, msg: KVCopied) -> Actions:
+        acts = Actions()
+        req = self.reqs.get(msg.req_id)
+        if req is not None and req.state is ReqState.AWAIT_DECODE and not req.aborting:
+            req.state = ReqState.DECODING
+        if req is not None and req.holds_prefill_blocks:
+            acts.send(req.prefill_worker, Release(req_id=req.req_id))
+            req.holds_prefill_blocks = False
+        return acts
+
+    def on_dropped(self, req_id: str) -> Actions:
+        """The decode worker holds nothing of an aborted request: free the prefill copy."""
+        acts = Actions()
+        req = self.reqs.get(req_id)
+        if req is not None and req.aborting:
+            if req.holds_prefill_blocks:
+                acts.send(req.prefill_worker, Release(req_id=req_id))
+            self.reqs.pop(req_id)
+        return acts
+
+    def on_choice_finished(self, req_id: str, choice: int) -> None:
+        req = self.reqs.get(req_id)
+        if req is None:
+            return
+        req.open_choices.discard(choice)
+        if not req.open_choices and not req.aborting:
+            self.reqs.pop(req_id)
+
+    # ---- aborts, deaths, deadlines -----------------------------------------------------
+    def abort(self, req_id: str, choice: int | None = None) -> Actions:
+        acts = Actions()
+        req = self.reqs.get(req_id)
+        if req is None or req.aborting:
+            return acts
+        if choice is not None:
+            req.open_choices.discard(choice)
+            if req.open_choices:
+                if req.state is ReqState.DECODING:
+                    acts.send(req.decode_worker, Abort(req_id=req_id, choice=choice))
+                return acts
+        if req.state in (ReqState.QUEUED, ReqState.PREFILLING) and req.prefill_worker in self.packers:
+            self.packers[req.prefill_worker].remove(req_id)
+            if req.state is ReqState.PREFILLING:
+                acts.send(req.prefill_worker, Abort(req_id=req_id))
+            self.reqs.pop(req_id)
+        elif req.state is ReqState.AWAIT_DECODE:
+            req.aborting = True  # Release the prefill copy once the decode worker says Dropped
+            acts.send(req.decode_worker, Abort(req_id=req_id))
+        else:
+            acts.send(req.decode_worker, Abort(req_id=req_id))
+            self.reqs.pop(req_id)
+        return acts
+
+    def on_worker_dead(self, wid: int) -> Actions:
+        acts = Actions()
+        self.packers.pop(wid, None)
+        self.outstanding.pop(wid, None)
+        for req in list(self.reqs.values()):
+            if req.decode_worker == wid and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING):
+                if req.holds_prefill_blocks and req.prefill_worker != wid:
+                    acts.send(req.prefill_worker, Release(req_id=req.req_id))
+                self._fail(req, f"worker {wid} died while decoding this request", acts)
+            elif req.prefill_worker == wid and req.state in (ReqState.QUEUED, ReqState.PREFILLING):
+                self._fail(req, f"prefill worker {wid} died while prefilling this request", acts)
+            elif req.prefill_worker == wid and req.state is ReqState.AWAIT_DECODE:
+                acts.send(req.decode_worker, Abort(req_id=req.req_id))
+                self._fail(req, f"prefill worker {wid} died before its KV was handed off", acts)
+        return acts
+
+    def _fail(self, req: FrontReq, why: str, acts: Actions) -> None:
+        self.reqs.pop(req.req_id, None)
+        if not req.aborting:
+            acts.fails.append((req.req_id, why))
+
+    def expire(self, now: float) -> Actions:
+        acts = Actions()
+        for req in list(self.reqs.values()):
+            if req.state is ReqState.AWAIT_DECODE and now > req.deadline_s and not req.aborting:
+                acts.extend(self.abort(req.req_id))
+                acts.fails.append((req.req_id, f"KV handoff not admitted within {self.cfg.handoff_timeout_s:.0f} s"))
+        return acts
+
+    def fail_request(self, req_id: str, why: str) -> Actions:
+        """A worker reported an error for this request: drop it everywhere."""
+        acts = self.abort(req_id)
+        acts.fails.append((req_id, why))
+        return acts

@@ -1,0 +1,297 @@
+"""The real `EngineClient`: drives the pure front scheduler and the worker processes.
+
+    start(): load board + ipc dir -> spawn workers -> READY handshake (timeout) -> PeerPools
+    submit(): admission bound -> FrontScheduler.add (level-1 dispatch, chunk packing) -> sends
+    recv loop: Ready | ChunkDone (first tokens straight to the client: TTFT never waits for
+               decode) | KVCopied | Dropped | TokenBatch (demultiplexed into each request's
+               mailbox) | WorkerError
+    supervise loop (every 0.1 s): a worker whose process exited, or whose board row stopped
+               beating, is marked dead; the scheduler fails or releases what it held
+    close(): Shutdown to every worker -> join / terminate / kill -> unlink shared memory,
+             remove the ipc dir
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
+from tetri.control.load_board import LoadBoard
+from tetri.launch import LaunchConfig, WorkerProcs
+from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPools, Ready, Shutdown, TokenBatch,
+                            WorkerError, encode, from_worker_decoder)
+from tetri.sched.dispatch import NoWorker
+from tetri.sched.front import Actions, FrontConfig, FrontReq, FrontScheduler
+from tetri.server.engine_api import (ChoiceDelta, EngineError, EngineOutput, EngineRequest, Overloaded,
+                                     RequestStream, Unavailable)
+
+log = logging.getLogger("tetri.engine")
+SUPERVISE_EVERY_S = 0.1
+
+
+class RuntimeClient:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, sched: EngineSchedConfig, front: FrontConfig,
+                 launch: LaunchConfig, max_queue: int = 1024, seed: int = 0) -> None:
+        from tetri.workers.executor import resolve_model_dir
+
+        self.model_dir = resolve_model_dir(model.model)
+        self.model_cfg = ModelConfig(model=self.model_dir, dtype=model.dtype, max_model_len=model.max_model_len,
+                                     device=model.device, seed=model.seed)
+        self.cache_cfg, self.sched_cfg, self.launch_cfg = cache, sched, launch
+        self.max_queue = max_queue
+        self.max_model_len = model.max_model_len or 0
+        self.scheduler = FrontScheduler(front, random.Random(seed))
+        self.metrics = None  # set by create_app
+        self.streams: dict[str, RequestStream] = {}
+        self.ready: dict[int, Ready] = {}
+        self.dead: set[int] = set()
+        self._dispatched: dict[str, float] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        n = len(self.launch_cfg.workers)
+        self.board = LoadBoard.create(n)
+        self.procs = WorkerProcs(self.model_cfg, self.cache_cfg, self.sched_cfg, self.launch_cfg, self.board.name)
+        self.zctx = zmq.asyncio.Context()
+        self.pull = self.zctx.socket(zmq.PULL)
+        self.pull.bind(self.procs.front_endpoint)
+        self.push: dict[int, zmq.Socket] = {}
+        for wid in range(n):
+            sock = self.zctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100000)
+            sock.connect(self.procs.endpoint(wid))
+            self.push[wid] = sock
+        self.procs.spawn_all()
+        try:
+            await asyncio.wait_for(self._handshake(n), self.launch_cfg.ready_timeout_s)
+        except (asyncio.TimeoutError, RuntimeError) as e:
+            await self.close()
+            raise RuntimeError(f"workers did not become ready: {e or 'timeout'}") from e
+        self.max_model_len = min(r.max_model_len for r in self.ready.values())
+        self._broadcast_pools()
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._supervise_loop())]
+
+    async def _handshake(self, n: int) -> None:
+        while len(self.ready) < n:
+            if not all(self.procs.alive(w) for w in range(n) if w not in self.ready):
+                raise RuntimeError("a worker exited during start-up (see its log)")
+            if await self.pull.poll(200):
+                msg = self._decode(await self.pull.recv())
+                if isinstance(msg, Ready):
+                    self.ready[msg.worker_id] = msg
+                elif isinstance(msg, WorkerError):
+                    raise RuntimeError(f"worker {msg.worker_id}: {msg.message}")
+
+    def _broadcast_pools(self) -> None:
+        pools = {wid: r.pool for wid, r in self.ready.items() if wid not in self.dead}
+        for wid in pools:
+            self._send(wid, PeerPools(pools=pools))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for stream in self.streams.values():
+            stream.put(EngineOutput(req_id=stream.req_id, choices=[], error="server shutting down"))
+        for wid in self.push:
+            self._send(wid, Shutdown())
+        await asyncio.get_running_loop().run_in_executor(None, self.procs.stop_all)
+        for sock in [self.pull, *self.push.values()]:
+            sock.close(linger=0)
+        self.zctx.term()
+        self._unlink_pools(self.ready)
+        self.board.close()
+        self.procs.remove_ipc_dir()
+
+    def _unlink_pools(self, workers) -> None:
+        """Workers unlink their own pools; this catches those of workers that were killed."""
+        from multiprocessing import shared_memory
+
+        for wid in list(workers):
+            name = self.ready[wid].pool.shm_name if wid in self.ready else None
+            if name:
+                with contextlib.suppress(FileNotFoundError):
+                    shm = shared_memory.SharedMemory(name=name)
+                    shm.close()
+                    shm.unlink()
+
+    # ---- the EngineClient API ------------------------------------------------------------
+    def submit(self, req: EngineRequest) -> RequestStream:
+        if self._closed:
+            raise Unavailable("server is shutting down")
+        if len(self.scheduler.reqs) >= self.max_queue:
+            raise Overloaded(f"admission queue full ({self.max_queue} requests)")
+        front_req = FrontReq(req.req_id, list(req.prompt_token_ids), req.params, req.arrival_s or time.monotonic(),
+                             expected_output_tokens=req.expected_output_tokens)
+        try:
+            acts = self.scheduler.add(front_req, self._loads(), time.monotonic())
+        except NoWorker as e:
+            raise Unavailable("no live worker can take the request") from e
+        stream = RequestStream(req.req_id, req.params.n)
+        self.streams[req.req_id] = stream
+        self._apply(acts)
+        return stream
+
+    def abort(self, req_id: str, index: int | None = None) -> None:
+        self._apply(self.scheduler.abort(req_id, index))
+        if index is None:
+            self.streams.pop(req_id, None)
+            self._dispatched.pop(req_id, None)
+
+    def healthy(self) -> bool:
+        if self._closed or not self.ready:
+            return False
+        roles = {spec.role for spec in self.launch_cfg.workers}
+        live = {w.role for w in self._loads() if w.alive}
+        return roles <= live
+
+    def num_running(self) -> int:
+        return len(self.scheduler.reqs)
+
+    def workers(self) -> list[dict]:
+        rows = []
+        for w in self.board.read_all():
+            rows.append(dict(worker_id=w.worker_id, role=w.role, device=self.launch_cfg.workers[w.worker_id].device,
+                             pid=self.procs.pid(w.worker_id),
+                             state="dead" if w.worker_id in self.dead else w.state,
+                             kv_blocks_used=w.total_blocks - w.free_blocks, kv_blocks_total=w.total_blocks,
+                             running=w.running_reqs, waiting=w.waiting_reqs,
+                             queued_prefill_tokens=w.queued_prefill_tokens,
+                             restarts=self.procs.restarts.get(w.worker_id, 0)))
+        return rows
+
+    # ---- internals -----------------------------------------------------------------------
+    def _loads(self):
+        return [w if w.worker_id not in self.dead else _dead(w) for w in self.board.read_all()]
+
+    def _send(self, wid: int, msg) -> None:
+        if wid in self.dead:
+            return
+        try:
+            self.push[wid].send(encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to worker %d: %s", type(msg).__name__, wid, e)
+
+    def _apply(self, acts: Actions) -> None:
+        now = time.monotonic()
+        for wid, msg in acts.sends:
+            if isinstance(msg, ChunkPlan):
+                for p in msg.pieces:
+                    if p.new is not None:
+                        self._dispatched[p.req_id] = now - p.new.arrival_s
+            self._send(wid, msg)
+        for req_id, why in acts.fails:
+            stream = self.streams.pop(req_id, None)
+            if stream is not None:
+                stream.put(EngineOutput(req_id=req_id, choices=[], error=why))
+
+    @staticmethod
+    def _decode(raw: bytes):
+        try:
+            return from_worker_decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            log.warning("dropped a malformed worker message: %s", e)
+            return None
+
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = self._decode(await self.pull.recv())
+            try:
+                self._on_message(msg)
+            except Exception:  # a bug handling one message must not stop the loop
+                log.exception("error handling %s", type(msg).__name__)
+
+    def _on_message(self, msg) -> None:
+        match msg:
+            case TokenBatch():
+                self._on_tokens(msg)
+            case ChunkDone():
+                self._on_chunk_done(msg)
+            case KVCopied():
+                if self.metrics is not None:
+                    self.metrics.observe_kv_transfer(msg.num_bytes, msg.seconds)
+                self._apply(self.scheduler.on_kv_copied(msg))
+            case Dropped():
+                self._apply(self.scheduler.on_dropped(msg.req_id))
+            case WorkerError():
+                log.error("worker %d: %s", msg.worker_id, msg.message)
+                if msg.req_id is not None:
+                    self._apply(self.scheduler.fail_request(msg.req_id, msg.message))
+            case Ready():
+                self.ready[msg.worker_id] = msg
+
+    def _on_chunk_done(self, msg: ChunkDone) -> None:
+        for res in msg.finished:  # first tokens go out before the handoff is even ordered
+            stream = self.streams.get(res.req_id)
+            if stream is None:
+                continue
+            choices = [ChoiceDelta(index=c, token_ids=[tok], logprobs=[res.logprobs[c]] if res.logprobs and res.logprobs[c] else None,
+                                   finish_reason=res.finish_reasons[c] if res.finish_reasons else None)
+                       for c, tok in enumerate(res.first_tokens)]
+            stream.put(EngineOutput(req_id=res.req_id, choices=choices, queue_time_s=self._dispatched.pop(res.req_id, None)))
+            if stream.done:
+                self.streams.pop(res.req_id, None)
+        self._apply(self.scheduler.on_chunk_done(msg, self._loads(), time.monotonic()))
+
+    def _on_tokens(self, msg: TokenBatch) -> None:
+        per_req: dict[str, list[ChoiceDelta]] = {}
+        for i, req_id in enumerate(msg.req_ids):
+            lp = msg.logprobs[i] if msg.logprobs else None
+            per_req.setdefault(req_id, []).append(ChoiceDelta(
+                index=msg.choices[i], token_ids=[msg.token_ids[i]], logprobs=[lp] if lp is not None else None,
+                finish_reason=msg.finish_reasons[i]))
+            if msg.finish_reasons[i] is not None:
+                self.scheduler.on_choice_finished(req_id, msg.choices[i])
+        for req_id, choices in per_req.items():
+            stream = self.streams.get(req_id)
+            if stream is None:
+                continue
+            stream.put(EngineOutput(req_id=req_id, choices=choices,
+                                    queue_time_s=self._dispatched.pop(req_id, None)))
+            if stream.done:
+                self.streams.pop(req_id, None)
+
+    async def _supervise_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SUPERVISE_EVERY_S)
+            now = time.monotonic()
+            for wid in range(len(self.launch_cfg.workers)):
+                if wid in self.dead:
+                    continue
+                stale = now - self.board.read(wid).heartbeat_s > self.launch_cfg.heartbeat_timeout_s
+                if not self.procs.alive(wid) or stale:
+                    self._on_dead(wid, "exited" if not self.procs.alive(wid) else "stopped heartbeating")
+            self._apply(self.scheduler.expire(now))
+
+    def _on_dead(self, wid: int, how: str) -> None:
+        log.error("worker %d %s; failing or releasing what it held", wid, how)
+        self.dead.add(wid)
+        self.procs.kill(wid)
+        self.board.set_state(wid, "dead")
+        self._apply(self.scheduler.on_worker_dead(wid))
+        self._unlink_pools([wid])
+
+
+def _dead(w):
+    from dataclasses import replace
+
+    return replace(w, state="dead")
+
+
+__all__ = ["RuntimeClient", "EngineError"]

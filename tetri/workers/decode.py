@@ -1,0 +1,188 @@
+"""The `decode` role: takes prefilled requests over, copies their KV, decodes them.
+
+Each step:
+  1. admission: the local policy (`tetri.sched.decode_policy`) picks waiting handoffs that
+     fit; each one's KV is copied from the prefill worker's pool in a few large copies,
+     acked with `KVCopied` (the prefill worker then frees its copy); n choices get n copies;
+  2. the policy picks which running sequences step (and which to preempt: their blocks are
+     freed and they are re-prefilled here from prompt + output before resuming);
+  3. one forward pass over the decodes (and any re-prefills); one `TokenBatch` out.
+A request is never read from a peer pool after an Abort was processed: copies happen
+synchronously inside the step, and the step never runs between an Abort and its `Dropped`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tetri.protocol import Handoff, KVCopied, TokenBatch
+from tetri.sched.decode_policy import DecodeReqView
+from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.workers.executor import Executor
+from tetri.workers.kv_pool import KVPool
+from tetri.workers.model_runner import Segment
+from tetri.workers.seq import Seq
+
+
+@dataclass
+class _Waiting:
+    msg: Handoff
+    arrival_s: float
+
+
+class DecodeCore:
+    def __init__(self, executor: Executor, worker_id: int, policy, max_num_seqs: int = 256) -> None:
+        self.ex = executor
+        self.worker_id = worker_id
+        self.policy = policy
+        self.max_num_seqs = max_num_seqs
+        self.peers: dict[int, KVPool] = {}
+        self.waiting: dict[str, _Waiting] = {}
+        self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
+        self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
+        self.predicted: dict[str, int] = {}
+        self._resumed: list[Seq] = []
+
+    def add_peer(self, worker_id: int, pool: KVPool) -> None:
+        self.peers[worker_id] = pool
+
+    def handoff(self, msg: Handoff, now: float) -> None:
+        self.waiting[msg.req_id] = _Waiting(msg, now)
+        if msg.predicted_output_tokens is not None:
+            self.predicted[msg.req_id] = msg.predicted_output_tokens
+
+    def abort(self, req_id: str, choice: int | None = None) -> bool:
+        """Drop the request (or one choice); True when this worker knew it."""
+        known = self.waiting.pop(req_id, None) is not None if choice is None else False
+        for table in (self.running, self.recompute):
+            for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
+                seq = table.pop(key)
+                self.ex.free(seq)
+                self.policy.forget(key)
+                known = True
+        if choice is None:
+            self.predicted.pop(req_id, None)
+        return known
+
+    def drop_source(self, src_worker: int) -> list[str]:
+        """A prefill worker died: forget the handoffs that would read its pool."""
+        gone = [r for r, w in self.waiting.items() if w.msg.src_worker == src_worker]
+        for r in gone:
+            del self.waiting[r]
+        return gone
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.recompute)
+
+    def load(self) -> dict:
+        heavy = sum(1 for r in self.predicted.values() if r > 128)
+        return dict(running_reqs=len(self.running), waiting_reqs=len(self.waiting) + len(self.recompute),
+                    predicted_decode_tokens=sum(self.predicted.values()), heavy_decodes=heavy,
+                    light_decodes=len(self.predicted) - heavy)
+
+    # ---- one step ------------------------------------------------------------------
+    def step(self, now: float) -> tuple[TokenBatch | None, list[KVCopied]]:
+        acks = self._admit(now)
+        segments, samplers = self._resume_preempted()
+        resumed = {seg_seq.key for seg_seq in self._resumed}
+        decodes = [s for s in self._schedule(now) if s.key not in resumed]
+        for s in decodes:
+            segments.append(self.ex.decode_segment(s))
+            samplers.append([s])
+            s.num_computed += 1
+        if not segments:
+            return None, acks
+        sampled = self.ex.run(segments, [x for x in samplers if x])
+        self.policy.on_step([s.key for s in decodes], now)
+        batch = TokenBatch(worker_id=self.worker_id, req_ids=[], choices=[], token_ids=[], finish_reasons=[], logprobs=[])
+        for st in sampled:
+            seq = st.seq
+            batch.req_ids.append(seq.req_id)
+            batch.choices.append(seq.choice)
+            batch.token_ids.append(st.token)
+            batch.finish_reasons.append(seq.finish_reason.value if st.finished else None)
+            batch.logprobs.append(seq.logprobs[-1] if seq.params.logprobs is not None else None)
+            if st.finished:
+                self.running.pop(seq.key, None)
+                self.ex.free(seq)
+                self.policy.forget(seq.key)
+                if not any(s.req_id == seq.req_id for s in self.running.values()):
+                    self.predicted.pop(seq.req_id, None)
+        return batch, acks
+
+    def _view(self, seq: Seq) -> DecodeReqView:
+        return DecodeReqView(seq.key, seq.num_tokens, len(seq.output_ids), seq.params.max_tokens,
+                             self.predicted.get(seq.req_id), seq.arrival_s,
+                             len(self.ex.blocks.blocks_of(seq.key)))
+
+    def _admit(self, now: float) -> list[KVCopied]:
+        bs = self.ex.block_size
+        views = []
+        for req_id, w in self.waiting.items():
+            per_choice = blocks_for_tokens(len(w.msg.prompt_token_ids) + 1, bs)
+            views.append(DecodeReqView(req_id, per_choice * bs * len(w.msg.open_choices), 1, w.msg.params.max_tokens,
+                                       w.msg.predicted_output_tokens, w.arrival_s, 0))
+        running = [self._view(s) for s in self.running.values()]
+        admitted = self.policy.admit(views, running, self.ex.blocks.num_free, bs, now) if views else []
+        return [ack for ack in (self._copy_in(self.waiting.pop(r).msg) for r in admitted) if ack]
+
+    def _copy_in(self, msg: Handoff) -> KVCopied | None:
+        src = self.peers.get(msg.src_worker)
+        prompt_len = len(msg.prompt_token_ids)
+        need = blocks_for_tokens(prompt_len + 1, self.ex.block_size) * len(msg.open_choices)
+        if src is None or need > self.ex.blocks.num_free:
+            self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted: retry later
+            return None
+        start = time.perf_counter()
+        copied = 0
+        src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, self.ex.block_size)]
+        for choice in msg.open_choices:
+            seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s)
+            seq.output_ids.append(msg.first_tokens[choice])
+            seq.num_computed = prompt_len
+            dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)
+            copied += self.ex.pool.copy_blocks_from(src, src_ids, dst[: len(src_ids)])
+            self.running[seq.key] = seq
+        if self.ex.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # ack only once the copy has landed
+        return KVCopied(worker_id=self.worker_id, req_id=msg.req_id, num_bytes=copied,
+                        seconds=time.perf_counter() - start)
+
+    def _schedule(self, now: float) -> list[Seq]:
+        views = [self._view(s) for s in self.running.values()]
+        run_ids, preempt_ids = self.policy.schedule(views, self.max_num_seqs, self.ex.blocks.num_free, self.ex.block_size, now)
+        for key in preempt_ids:
+            seq = self.running.pop(key)
+            self.ex.free(seq)
+            seq.num_computed = 0
+            self.recompute[key] = seq
+        out = []
+        for key in run_ids:
+            seq = self.running[key]
+            if seq.num_tokens > len(self.ex.blocks.blocks_of(key)) * self.ex.block_size:
+                if not self.ex.blocks.can_allocate(1):
+                    continue
+                self.ex.blocks.ensure_capacity(key, seq.num_tokens)
+            out.append(seq)
+        return out
+
+    def _resume_preempted(self) -> tuple[list[Segment], list[list[Seq]]]:
+        """Re-prefill preempted sequences (all tokens but the last) when their blocks fit."""
+        segments, samplers = [], []
+        self._resumed = []
+        for key in list(self.recompute):
+            seq = self.recompute[key]
+            if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
+                break
+            del self.recompute[key]
+            self.ex.blocks.ensure_capacity(key, seq.num_tokens)
+            n = seq.num_tokens - 1
+            segments.append(Segment(seq.tokens(0, n), 0, self.ex.blocks.blocks_of(key), False))
+            samplers.append([])
+            seq.num_computed = n
+            self.running[key] = seq
+            self._resumed.append(seq)
+        return segments, samplers

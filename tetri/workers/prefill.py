@@ -1,0 +1,109 @@
+"""The `prefill` role: runs the chunks the front scheduler sends, one per forward pass.
+
+A prompt's blocks stay here after its last piece ran, until the front sends `Release`
+(its KV was copied by a decode worker, or the request was abandoned) or `Abort`.
+
+    ChunkPlan -> allocate blocks for every piece (wait while the pool is short)
+              -> one forward pass -> first token(s) for prompts whose last piece ran
+              -> ChunkDone(finished=[PrefillResult(block ids, first tokens)])
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tetri.protocol import ChunkDone, ChunkPlan, PrefillResult
+from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.workers.executor import Executor
+from tetri.workers.model_runner import Segment
+from tetri.workers.seq import Seq
+
+
+class PrefillCore:
+    def __init__(self, executor: Executor, worker_id: int, collect_hidden: bool = False) -> None:
+        self.ex = executor
+        self.worker_id = worker_id
+        self.collect_hidden = collect_hidden
+        self.chunks: deque[ChunkPlan] = deque()
+        self.seqs: dict[str, list[Seq]] = {}  # req_id -> its choices (choice 0 owns the blocks)
+        self.done: set[str] = set()  # prefilled, blocks held until Release
+
+    def submit(self, plan: ChunkPlan) -> None:
+        # A request's data arrives with its first piece; record it now so an Abort that
+        # arrives before the chunk runs finds it (and its later pieces are skipped).
+        for p in plan.pieces:
+            if p.new is not None and p.req_id not in self.seqs:
+                self.seqs[p.req_id] = [Seq(p.req_id, c, p.new.prompt_token_ids, p.new.params,
+                                           arrival_s=p.new.arrival_s) for c in range(p.new.params.n)]
+        self.chunks.append(plan)
+
+    def release(self, req_id: str) -> None:
+        seqs = self.seqs.pop(req_id, None)
+        self.done.discard(req_id)
+        if seqs:
+            self.ex.free(seqs[0])
+
+    def abort(self, req_id: str) -> None:
+        self.release(req_id)
+
+    def has_work(self) -> bool:
+        return bool(self.chunks)
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(p.num_tokens for plan in self.chunks for p in plan.pieces)
+
+    @property
+    def num_prefilling(self) -> int:
+        return len(self.seqs) - len(self.done)
+
+    def _blocks_needed(self, plan: ChunkPlan) -> int:
+        need = 0
+        for p in plan.pieces:
+            seqs = self.seqs.get(p.req_id)
+            have = len(self.ex.blocks.blocks_of(seqs[0].key)) if seqs else 0
+            need += max(0, blocks_for_tokens(p.start + p.num_tokens, self.ex.block_size) - have)
+        return need
+
+    def step(self) -> ChunkDone | None:
+        """Run the next chunk, or return None while the pool cannot hold it yet."""
+        if not self.chunks:
+            return None
+        plan = self.chunks[0]
+        if self._blocks_needed(plan) > self.ex.blocks.num_free:
+            return None
+        self.chunks.popleft()
+        segments, samplers, failed, last = [], [], [], []
+        for p in plan.pieces:
+            seqs = self.seqs.get(p.req_id)
+            if seqs is None or p.req_id in self.done:
+                failed.append(p.req_id)  # aborted meanwhile
+                continue
+            head = seqs[0]
+            self.ex.blocks.ensure_capacity(head.key, p.start + p.num_tokens)
+            segments.append(Segment(head.prompt_ids[p.start:p.start + p.num_tokens], p.start,
+                                    self.ex.blocks.blocks_of(head.key), p.is_last))
+            head.num_computed = p.start + p.num_tokens
+            if p.is_last:
+                samplers.append(seqs)
+                last.append(p.req_id)
+        finished = self._run(segments, samplers, last) if segments else []
+        return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed)
+
+    def _run(self, segments, samplers, last) -> list[PrefillResult]:
+        self.ex.run(segments, samplers)
+        hidden = self.ex.runner.last_hidden
+        results = []
+        for i, req_id in enumerate(last):
+            seqs = self.seqs[req_id]
+            self.done.add(req_id)
+            results.append(PrefillResult(
+                req_id=req_id,
+                block_ids=list(self.ex.blocks.blocks_of(seqs[0].key)),
+                num_prompt_tokens=len(seqs[0].prompt_ids),
+                first_tokens=[s.output_ids[0] for s in seqs],
+                logprobs=[s.logprobs[0] if s.logprobs else None for s in seqs],
+                finish_reasons=[s.finish_reason.value if s.finish_reason else None for s in seqs],
+                hidden=hidden[i].float().tolist() if self.collect_hidden and hidden is not None else None,
+            ))
+        return results
