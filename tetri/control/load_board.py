@@ -50,10 +50,9 @@ class LoadBoard:
 
     @classmethod
     def attach(cls, name: str, num_workers: int) -> LoadBoard:
+        # Workers are spawned by the front and share its resource tracker, where attaching
+        # registers the name again (a no-op); only the creator unlinks.
         shm = shared_memory.SharedMemory(name=name, create=False)
-        from tetri.workers.kv_pool import _untrack  # only the creator unlinks
-
-        _untrack(shm)
         return cls(shm, num_workers, owner=False)
 
     # ---- writer side (a worker, its own row only) --------------------------------------

@@ -25,6 +25,8 @@ class SimRequest:
     max_tokens: int
     info: ReqInfo
     token_times_s: list[float] = field(default_factory=list)
+    generated_tokens: int = 0
+    """len(token_times_s), kept as a field: the decode loop reads it constantly."""
     done_s: float | None = None
     error: str | None = None
     recompute: bool = False
@@ -32,10 +34,6 @@ class SimRequest:
     prefill_worker: int | None = None
     decode_worker: int | None = None
     handoff_s: float = 0.0
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.token_times_s)
 
     @property
     def remaining_tokens(self) -> int:
@@ -58,6 +56,7 @@ class SimRequest:
     def emit(self, now: float) -> bool:
         """One output token at `now`; True when that was the last one."""
         self.token_times_s.append(now)
+        self.generated_tokens += 1
         if self.generated_tokens >= self.output_tokens:
             self.done_s = now
             return True

@@ -84,7 +84,6 @@ class KVPool:
     @classmethod
     def open_shared(cls, layout: PoolLayout, shm_name: str) -> KVPool:
         shm = shared_memory.SharedMemory(name=shm_name, create=False)
-        _untrack(shm)
         data = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=math.prod(layout.shape)).view(layout.shape)
         return cls(layout, data, shm, owner=False)
 
@@ -148,14 +147,3 @@ def _runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
                 continue
         runs.append((s, d, 1))
     return runs
-
-
-def _untrack(shm: shared_memory.SharedMemory) -> None:
-    """Only the creator unlinks: keep Python's resource tracker from unlinking a peer's
-    segment when this (non-owning) process exits (bpo-39959)."""
-    try:
-        from multiprocessing import resource_tracker
-
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:
-        pass

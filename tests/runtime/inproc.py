@@ -1,0 +1,118 @@
+"""The whole disaggregated system in one process: real nodes (real model, real pools), the
+real front scheduler, and messages routed by hand so a test controls every interleaving."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+
+from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
+from tetri.protocol import ChunkDone, Dropped, KVCopied, PeerPools, TokenBatch
+from tetri.sched.front import FrontConfig, FrontReq, FrontScheduler
+from tetri.sched.load import WorkerLoad
+from tetri.types import SamplingParams
+from tetri.workers.executor import Executor
+from tetri.workers.models.loader import load_model
+from tetri.workers.node import WorkerNode, pool_info
+
+
+class Cluster:
+    def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
+                 decode_policy="greedy") -> None:
+        loaded = load_model(model_dir)
+        sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy)
+        self.nodes: dict[int, WorkerNode] = {}
+        pools = {}
+        for wid, role in enumerate(roles):
+            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=num_blocks), loaded=loaded)
+            pools[wid] = ex.pool
+            self.nodes[wid] = WorkerNode(wid, role, ex, sched)
+        infos = {wid: pool_info(p) for wid, p in pools.items()}
+        for wid, node in self.nodes.items():
+            node.pool_opener = _opener(infos, pools)
+            node.handle(PeerPools(pools=infos), 0.0)
+        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size), random.Random(0))
+        self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
+        self.to_front: deque = deque()
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.finished: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.dead: set[int] = set()
+        self.now = 0.0
+
+    def loads(self) -> list[WorkerLoad]:
+        return [WorkerLoad(worker_id=w, state="dead" if w in self.dead else "ready", **n.board_fields())
+                for w, n in self.nodes.items()]
+
+    def apply(self, acts) -> None:
+        for wid, msg in acts.sends:
+            if wid not in self.dead:
+                self.to_workers[wid].append(msg)
+        for req_id, why in acts.fails:
+            self.failed[req_id] = why
+
+    def submit(self, req_id: str, prompt: list[int], max_tokens: int = 8, n: int = 1) -> None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, n=n)
+        self.apply(self.front.add(FrontReq(req_id, prompt, params, self.now), self.loads(), self.now))
+
+    def abort(self, req_id: str) -> None:
+        self.apply(self.front.abort(req_id))
+
+    def deliver(self, wid: int) -> None:
+        while self.to_workers[wid]:
+            self.to_front.extend(self.nodes[wid].handle(self.to_workers[wid].popleft(), self.now))
+
+    def step(self, wid: int) -> None:
+        self.now += 0.01
+        self.to_front.extend(self.nodes[wid].step(self.now))
+        self.check()
+
+    def pump_front(self) -> None:
+        while self.to_front:
+            msg = self.to_front.popleft()
+            if isinstance(msg, ChunkDone):
+                for res in msg.finished:
+                    if res.req_id in self.front.reqs:
+                        self.tokens[res.req_id].append(res.first_tokens[0])
+                self.apply(self.front.on_chunk_done(msg, self.loads(), self.now))
+            elif isinstance(msg, KVCopied):
+                self.apply(self.front.on_kv_copied(msg))
+            elif isinstance(msg, Dropped):
+                self.apply(self.front.on_dropped(msg.req_id))
+            elif isinstance(msg, TokenBatch):
+                for r, c, t, f in zip(msg.req_ids, msg.choices, msg.token_ids, msg.finish_reasons):
+                    self.tokens[r].append(t)
+                    if f is not None:
+                        self.finished[r] = f
+                        self.front.on_choice_finished(r, c)
+
+    def run(self, max_rounds: int = 500) -> None:
+        """Deliver and step everything until no node has work and no message is in flight."""
+        for _ in range(max_rounds):
+            for wid in self.nodes:
+                if wid not in self.dead:
+                    self.deliver(wid)
+            self.pump_front()
+            busy = [w for w, n in self.nodes.items() if w not in self.dead and n.has_work()]
+            if not busy and not self.to_front and not any(self.to_workers[w] for w in self.nodes if w not in self.dead):
+                return
+            for wid in busy:
+                self.step(wid)
+        raise AssertionError("cluster did not go idle")
+
+    def check(self) -> None:
+        for node in self.nodes.values():
+            node.ex.blocks.check_invariants()
+
+    def blocks_used(self) -> dict[int, int]:
+        return {w: n.ex.blocks.num_used for w, n in self.nodes.items() if w not in self.dead}
+
+
+def _opener(infos, pools):
+    def open_pool(info):
+        for wid, i in infos.items():
+            if i is info:  # pools here are not shared memory, so infos differ only by identity
+                return pools[wid]
+        raise KeyError(info)
+
+    return open_pool

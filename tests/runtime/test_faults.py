@@ -1,0 +1,81 @@
+"""Worker death and shutdown against a real `tetri-serve` subprocess."""
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import openai
+import pytest
+
+from tests.runtime.server_proc import ServerProc
+
+
+def _long_stream(server, model, max_tokens=4000):
+    """Stream a long generation; return (tokens received, error text or None)."""
+    client = server.openai(timeout=120)
+    got = 0
+    try:
+        stream = client.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=max_tokens, temperature=0.0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            got += 1 if chunk.choices and chunk.choices[0].text is not None else 0
+    except (openai.APIError, openai.APIConnectionError) as e:
+        return got, str(e)
+    return got, None
+
+
+def test_sigkill_decode_worker_fails_its_requests_and_keeps_serving(default_model_dir):
+    srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2", "--max-model-len", "4096").start()
+    try:
+        model = srv.openai().models.list().data[0].id
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(_long_stream, srv, model) for _ in range(4)]
+            deadline = time.monotonic() + 60
+            victim = None
+            while victim is None and time.monotonic() < deadline:
+                busy = [w for w in srv.workers() if w["role"] == "decode" and w["running"] > 0]
+                victim = busy[0] if busy else None
+                time.sleep(0.2)
+            assert victim is not None, "no decode worker picked the requests up"
+            os.kill(victim["pid"], signal.SIGKILL)
+            results = [f.result(timeout=60) for f in futs]  # never hangs
+        failed = [r for r in results if r[1] is not None]
+        assert failed, results
+        assert all("died" in err or "error" in err.lower() for _, err in failed)
+        rows = {w["worker_id"]: w for w in srv.workers()}
+        assert rows[victim["worker_id"]]["state"] == "dead"
+        assert srv.get("/health")[0] == 200  # every role still has a live worker
+        # the survivors keep serving, and the prefill side freed the dead worker's handoffs
+        out = srv.openai().completions.create(model=model, prompt=[9, 10, 11], max_tokens=5, temperature=0.0)
+        assert out.choices[0].finish_reason in ("length", "stop")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            live = [w for w in srv.workers() if w["state"] != "dead"]
+            if all(w["kv_blocks_used"] == 0 for w in live):
+                break
+            time.sleep(0.2)
+        assert all(w["kv_blocks_used"] == 0 for w in srv.workers() if w["state"] != "dead"), srv.workers()
+    finally:
+        srv.stop()
+
+
+def _leftovers(before_shm: set[str]) -> list[str]:
+    return sorted(set(os.listdir("/dev/shm")) - before_shm)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_leaves_nothing_behind(default_model_dir, sig):
+    before = set(os.listdir("/dev/shm"))
+    srv = ServerProc("--device", "cpu", "--workers", "2").start()
+    pids = [w["pid"] for w in srv.workers()]
+    assert any(n.startswith("tetri-") for n in _leftovers(before))
+    ipc_dirs_before = {d for d in os.listdir("/tmp") if d.startswith("tetri-ipc-")}
+    rc = srv.stop(sig)
+    assert rc == 0, srv.log_tail()
+    for pid in pids:  # no orphan worker processes
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert [n for n in _leftovers(before) if n.startswith("tetri-")] == []
+    assert "Traceback" not in srv.log_tail(200), srv.log_tail(200)
+    del ipc_dirs_before

@@ -1,0 +1,151 @@
+"""Abort a request in every state of the KV handoff, on the real model and pools, and find
+every block free on every worker afterwards (invariants checked after every step)."""
+
+import pytest
+
+from tests.runtime.inproc import Cluster
+from tetri.sched.front import ReqState
+
+LONG = list(range(10, 110))  # 100 tokens: 7 chunks of 16
+
+
+@pytest.fixture
+def cluster(default_model_dir):
+    return Cluster(default_model_dir)
+
+
+def finish_and_check(c: Cluster, survivors=()):
+    c.run()
+    c.check()
+    assert c.blocks_used() == {w: 0 for w in c.blocks_used()}
+    assert c.front.reqs == {}
+    for r in survivors:
+        assert c.finished.get(r) == "length", (r, c.failed)
+
+
+def test_reference_run_completes_and_frees_everything(cluster):
+    cluster.submit("a", LONG, max_tokens=6)
+    cluster.submit("b", [5, 6, 7], max_tokens=4, n=2)
+    finish_and_check(cluster, ["a", "b"])
+    assert len(cluster.tokens["a"]) == 6
+
+
+def test_abort_while_queued_in_the_front(cluster):
+    cluster.submit("a", LONG)
+    cluster.submit("b", LONG)  # two chunks ahead are all of a's first 32 tokens: b never left the front
+    assert cluster.front.reqs["b"].state is ReqState.QUEUED
+    cluster.abort("b")
+    finish_and_check(cluster, ["a"])
+
+
+def test_abort_while_prefilling(cluster):
+    cluster.submit("a", LONG)
+    cluster.deliver(0)
+    cluster.step(0)  # first chunk ran: blocks allocated on the prefill worker
+    assert cluster.nodes[0].ex.blocks.num_used > 0
+    assert cluster.front.reqs["a"].state is ReqState.PREFILLING
+    cluster.abort("a")
+    finish_and_check(cluster)
+
+
+def test_abort_before_its_first_chunk_ran_on_the_worker(cluster):
+    cluster.submit("a", LONG)
+    cluster.deliver(0)  # chunks queued in the worker, none run
+    cluster.abort("a")
+    finish_and_check(cluster)
+
+
+def test_abort_while_last_chunk_is_running(cluster):
+    cluster.submit("a", [5, 6, 7, 8])
+    cluster.deliver(0)
+    cluster.abort("a")  # the Abort is queued behind the chunk the worker is about to run
+    cluster.to_workers[0], pending = type(cluster.to_workers[0])(), cluster.to_workers[0]
+    cluster.step(0)  # runs the chunk: a PrefillResult for a request the front already dropped
+    cluster.to_workers[0].extend(pending)
+    finish_and_check(cluster)
+
+
+def test_abort_while_awaiting_decode_admission(cluster):
+    cluster.submit("a", [5, 6, 7, 8, 9])
+    cluster.deliver(0)
+    cluster.step(0)
+    cluster.pump_front()  # Handoff ordered, not yet seen by the decode worker
+    assert cluster.front.reqs["a"].state is ReqState.AWAIT_DECODE
+    cluster.abort("a")
+    assert cluster.nodes[0].ex.blocks.num_used > 0  # prefill copy kept until the decode says Dropped
+    finish_and_check(cluster)
+
+
+def test_abort_while_decode_admission_is_blocked_by_memory(default_model_dir):
+    c = Cluster(default_model_dir, num_blocks=8)
+    c.submit("hog", list(range(10, 100)), max_tokens=30)  # 90 tokens: 6 of the decode worker's 8 blocks
+    for _ in range(40):
+        for w in c.nodes:
+            c.deliver(w)
+        c.pump_front()
+        if c.front.reqs.get("hog") and c.front.reqs["hog"].state is ReqState.DECODING:
+            break
+        for w in c.nodes:
+            if c.nodes[w].has_work():
+                c.step(w)
+    c.submit("small", list(range(10, 60)), max_tokens=4)  # needs 4 blocks: must wait for the hog
+    for _ in range(6):
+        for w in c.nodes:
+            c.deliver(w)
+            if c.nodes[w].has_work():
+                c.step(w)
+        c.pump_front()
+    assert c.front.reqs["small"].state is ReqState.AWAIT_DECODE
+    assert "small" in c.nodes[1].core.waiting
+    c.abort("small")
+    finish_and_check(c, ["hog"])
+
+
+def test_abort_while_copying(cluster):
+    """The decode worker copied the KV (KVCopied in flight) when the front aborts."""
+    cluster.submit("a", [5, 6, 7, 8, 9])
+    cluster.deliver(0)
+    cluster.step(0)
+    cluster.pump_front()
+    cluster.deliver(1)
+    cluster.step(1)  # admits, copies, decodes one step; KVCopied + tokens are in flight
+    assert any(type(m).__name__ == "KVCopied" for m in cluster.to_front)
+    assert cluster.front.reqs["a"].state is ReqState.AWAIT_DECODE
+    cluster.abort("a")
+    finish_and_check(cluster)
+
+
+def test_abort_while_decoding(cluster):
+    cluster.submit("a", [5, 6, 7, 8, 9], max_tokens=50)
+    for _ in range(6):
+        for w in cluster.nodes:
+            cluster.deliver(w)
+            if cluster.nodes[w].has_work():
+                cluster.step(w)
+        cluster.pump_front()
+    assert cluster.front.reqs["a"].state is ReqState.DECODING
+    assert cluster.nodes[1].ex.blocks.num_used > 0
+    cluster.abort("a")
+    finish_and_check(cluster)
+
+
+def test_decode_worker_death_releases_prefill_blocks(cluster):
+    cluster.submit("a", [5, 6, 7, 8, 9], max_tokens=50)
+    cluster.deliver(0)
+    cluster.step(0)
+    cluster.pump_front()  # handoff ordered to worker 1, which then dies
+    cluster.dead.add(1)
+    cluster.apply(cluster.front.on_worker_dead(1))
+    cluster.run()
+    assert "died" in cluster.failed["a"]
+    assert cluster.blocks_used() == {0: 0}
+
+
+def test_handoff_deadline_expires_into_an_abort(cluster):
+    cluster.submit("a", [5, 6, 7, 8, 9])
+    cluster.deliver(0)
+    cluster.step(0)
+    cluster.pump_front()
+    cluster.apply(cluster.front.expire(now=1e9))
+    assert "not admitted" in cluster.failed["a"]
+    finish_and_check(cluster)

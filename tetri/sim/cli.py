@@ -1,0 +1,230 @@
+"""`tetri-sim`: simulate a cluster running tetri-serve's policies; report like tetri-bench.
+
+Examples:
+  tetri-sim --mode tetri --workload lphd --gpus 8 --prefill 2 --decode 6 --rate 200 \\
+      --num-requests 2000 --slo ttft=1,tpot=0.05 --json out.json --plot-dir plots
+  tetri-sim --mode colocated --trace azure_llm_2023/AzureLLMInferenceTrace_conv.csv --time-scale 20
+  tetri-sim --mode colocated-chunked --workload mixed --sweep-rates 50,100,200 --slo ttft=1,tpot=0.05
+  tetri-sim profile --out calib.json            (time the real engine on CPU)
+  tetri-sim --mode tetri --gpus 2 --workload random --rate 5 --calibration calib.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from tetri.bench import workload
+from tetri.bench.records import RequestRecord, Slo
+from tetri.bench.report import max_rate_at, plot_latency_cdfs, plot_sweep, print_report, sweep_entry
+from tetri.sched.chunking import PREFILL_POLICIES
+from tetri.sched.decode_policy import DECODE_POLICIES
+from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
+from tetri.sim.config import MODES, SimConfig
+from tetri.sim.costmodel import HARDWARE_PRESETS, MODEL_PRESETS, CostModel, lookup, with_overrides
+from tetri.sim.simulator import sim_report, simulate
+
+ATTAINMENT_TARGET = 0.9
+GB = 1e9
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
+    return value
+
+
+def _slo(text: str) -> Slo:
+    try:
+        return Slo.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad list {text!r}") from exc
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be > 0 (got {text!r})")
+    return values
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """Workload flags shared with tetri-plan (same meaning as tetri-bench's)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="Azure CSV, Mooncake JSONL or length-stats CSV")
+    src.add_argument("--workload", choices=workload.WORKLOAD_NAMES, help="TetriInfer class, mixed or random")
+    p.add_argument("--num-requests", type=_positive_int, default=500)
+    p.add_argument("--length-scale", type=_positive_float, default=1.0)
+    p.add_argument("--max-prompt-tokens", type=_positive_int)
+    p.add_argument("--max-output-tokens", type=_positive_int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace-dir", help="shared traces folder (default: ../shared/traces)")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """Hardware/model/engine flags shared with tetri-plan."""
+    p.add_argument("--gpus", type=_positive_int, default=8)
+    p.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), help="default llama3-8b")
+    p.add_argument("--hardware", choices=sorted(HARDWARE_PRESETS), help="default h200 (cpu with --calibration)")
+    p.add_argument("--calibration", help="JSON from `tetri-sim profile`: fit the cpu preset to it")
+    p.add_argument("--link-gb-s", type=_positive_float, help="override the GPU-GPU KV link bandwidth (GB/s)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256)
+    p.add_argument("--max-batched-tokens", type=_positive_int, default=8192,
+                   help="colocated (vLLM v0.2) prefill batch budget")
+    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument("--num-blocks", type=_positive_int, help="KV blocks per worker (default: from memory)")
+    p.add_argument("--max-sim-s", type=_positive_float, default=86400.0, help="stop after this much simulated time")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tetri-sim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=MODES, required=True)
+    add_workload_args(p)
+    add_cluster_args(p)
+    arrival = p.add_mutually_exclusive_group()
+    arrival.add_argument("--rate", type=_positive_float, help="Poisson arrivals, req/s")
+    arrival.add_argument("--time-scale", type=_positive_float, help="trace timestamps divided by this")
+    p.add_argument("--sweep-rates", type=_floats, help="R1,R2,...: one run per Poisson rate (needs --slo)")
+    p.add_argument("--prefill", type=_positive_int, help="prefill workers (disagg/tetri)")
+    p.add_argument("--decode", type=_positive_int, help="decode workers (disagg/tetri)")
+    p.add_argument("--chunk-size", type=_positive_int, default=512)
+    p.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="fcfs")
+    p.add_argument("--prefill-dispatch", choices=PREFILL_DISPATCH, default="least-loaded")
+    p.add_argument("--decode-dispatch", choices=DECODE_DISPATCH, help="default: disagg round-robin, tetri tetri")
+    p.add_argument("--decode-policy", choices=DECODE_POLICIES, help="default: tetri reserve-dynamic, else greedy")
+    p.add_argument("--predictor", choices=("none", "oracle"), help="default: tetri oracle, else none")
+    p.add_argument("--predictor-accuracy", type=float, default=1.0,
+                   help="probability the predicted bucket is right (else +-1 bucket); 0.75 ~ the paper's")
+    p.add_argument("--flip", action="store_true", help="let idle prefill/decode workers flip roles")
+    p.add_argument("--slo", type=_slo, help="ttft=SECONDS,tpot=SECONDS")
+    p.add_argument("--json", dest="json_path", help="write the JSON report here")
+    p.add_argument("--plot-dir", help="write PNG plots here")
+    p.add_argument("--check-invariants", action="store_true", help="check KV block invariants every step")
+    return p
+
+
+def cost_model_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> CostModel:
+    if args.calibration:
+        from tetri.sim.calibrate import load_calibration
+
+        if args.hardware not in (None, "cpu"):
+            parser.error("--calibration fits the cpu preset; drop --hardware or use --hardware cpu")
+        model, fit = load_calibration(args.calibration)
+        hw = fit.hardware
+        if args.model_preset:
+            model = MODEL_PRESETS[args.model_preset]
+    else:
+        model = lookup(MODEL_PRESETS, args.model_preset or "llama3-8b", "model preset")
+        hw = lookup(HARDWARE_PRESETS, args.hardware or "h200", "hardware")
+    hw = with_overrides(hw, link_bytes_s=args.link_gb_s * GB if args.link_gb_s else None)
+    return CostModel(model, hw)
+
+
+def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
+    fields = dict(
+        mode=args.mode, num_gpus=args.gpus, num_prefill=args.prefill, num_decode=args.decode,
+        chunk_size_tokens=args.chunk_size, max_batched_tokens=args.max_batched_tokens,
+        max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks,
+        prefill_policy=args.prefill_policy, prefill_dispatch=args.prefill_dispatch,
+        decode_dispatch=args.decode_dispatch, decode_policy=args.decode_policy, predictor=args.predictor,
+        predictor_accuracy=args.predictor_accuracy, flip=args.flip, seed=args.seed, max_sim_s=args.max_sim_s,
+        check_invariants=args.check_invariants)
+    fields.update(changes)
+    return SimConfig(**fields)
+
+
+def build_requests(args: argparse.Namespace, rate: float | None, time_scale: float | None = None):
+    return workload.build_workload(
+        trace=args.trace, workload=args.workload, num_requests=args.num_requests, rate=rate,
+        time_scale=time_scale, length_scale=args.length_scale, max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens, seed=args.seed,
+        traces_dir=Path(args.trace_dir) if args.trace_dir else None)
+
+
+def _run_config(args: argparse.Namespace, cost: CostModel, rate: float | None, num_sent: int) -> dict[str, Any]:
+    return {"simulated": True, "trace": args.trace, "workload": args.workload, "num_requests": args.num_requests,
+            "num_sent": num_sent, "rate": rate, "time_scale": args.time_scale, "length_scale": args.length_scale,
+            "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens,
+            "slo": args.slo.to_dict() if args.slo else None, "seed": args.seed,
+            "model_preset": cost.model.name, "hardware": cost.hw.name, "calibration": args.calibration,
+            "hardware_spec": dataclasses.asdict(cost.hw)}
+
+
+def run_once(args, cost: CostModel, cfg: SimConfig, rate: float | None) -> tuple[dict, list[RequestRecord]]:
+    reqs = build_requests(args, rate, args.time_scale)
+    result = simulate(reqs, cfg, cost)
+    return sim_report(result, args.slo, _run_config(args, cost, rate, len(reqs))), result.records
+
+
+def _run(args, cost: CostModel, cfg: SimConfig) -> tuple[dict[str, Any], dict[str, list[RequestRecord]]]:
+    if not args.sweep_rates:
+        report, records = run_once(args, cost, cfg, args.rate)
+        return report, {args.mode: records}
+    runs, reports, sweep = {}, {}, []
+    for rate in args.sweep_rates:
+        reports[rate], runs[f"{rate:g} req/s"] = run_once(args, cost, cfg, rate)
+        sweep.append(sweep_entry(rate, reports[rate]))
+    best = max_rate_at(sweep, ATTAINMENT_TARGET)
+    report = dict(reports[best if best is not None else min(args.sweep_rates)])
+    report["sweep"] = sweep
+    report["max_rate_at_90"] = best
+    report["config"] = {**report["config"], "sweep_rates": args.sweep_rates}
+    return report, runs
+
+
+def write_outputs(report: dict, runs: dict, json_path: str | None, plot_dir: str | None, slo: Slo | None) -> None:
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if plot_dir:
+        plot_latency_cdfs(runs, Path(plot_dir) / "latency_cdf.png", slo)
+        if report.get("sweep"):
+            plot_sweep(report["sweep"], Path(plot_dir) / "slo_attainment_vs_rate.png", ATTAINMENT_TARGET)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "profile":
+        from tetri.sim.profile_cli import profile_main
+
+        return profile_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sweep_rates and not args.slo:
+        parser.error("--sweep-rates needs --slo")
+    if args.sweep_rates and (args.rate or args.time_scale):
+        parser.error("--sweep-rates sets the rate itself; drop --rate/--time-scale")
+    try:
+        cost = cost_model_from_args(args, parser)
+        cfg = sim_config(args)
+        report, runs = _run(args, cost, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"tetri-sim: error: {exc}", file=sys.stderr)
+        return 2
+    print_report(report)
+    failed = [r for recs in runs.values() for r in recs if not r.ok]
+    if failed:
+        print(f"{len(failed)} request(s) failed; first error: {failed[0].error}", file=sys.stderr)
+    write_outputs(report, runs, args.json_path, args.plot_dir, args.slo)
+    return 0 if report["completed"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

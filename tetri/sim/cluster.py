@@ -1,0 +1,148 @@
+"""The cluster level: workers by mode, both dispatch decisions, the predictor, and flips.
+
+Every decision is made by the real policy objects of `tetri.sched` from `WorkerLoad` rows
+built from the workers' state at that instant (one node, shared memory: no staleness, as
+in tetri-serve's front scheduler):
+  arrival -> level 1 `make_prefill_dispatch(prefill_dispatch)` over prefill/mixed workers;
+  last prefill piece done -> the length predictor annotates the request, then level 2
+  `make_decode_dispatch(decode_dispatch)` over decode workers, and the handoff is queued
+  in that worker's admission.
+With `flip`, a monitor tick every `flip_interval_s` asks the real `FlipPolicy` and drives
+the real `FlipPlan` drain protocol; a drained worker changes role after `flip_latency_s`.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tetri.sched.dispatch import make_decode_dispatch, make_prefill_dispatch
+from tetri.sched.flip import FlipPlan, FlipPolicy
+from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.sched.load import WorkerLoad
+from tetri.sim.colocated import ChunkedWorker, ColocatedWorker
+from tetri.sim.config import SimConfig
+from tetri.sim.costmodel import CostModel
+from tetri.sim.disagg import PDWorker
+from tetri.sim.requests import NoisyPredictor, SimRequest
+from tetri.sim.workers import EventLoop, SimWorker, WorkerEnv
+
+
+def build_env(cfg: SimConfig, cost: CostModel, loop: EventLoop, hooks) -> WorkerEnv:
+    num_blocks = cfg.num_blocks or cost.kv_capacity_blocks(cfg.block_size)
+    return WorkerEnv(loop=loop, cost=cost, hooks=hooks, num_blocks=num_blocks, block_size=cfg.block_size,
+                     max_num_seqs=cfg.max_num_seqs, chunk_size_tokens=cfg.chunk_size_tokens,
+                     max_batched_tokens=cfg.max_batched_tokens, prefill_policy=cfg.prefill_policy,
+                     sched_batch=cfg.sched_batch, decode_policy=cfg.decode_policy,
+                     heavy_decode_tokens=cfg.heavy_decode_tokens, check_invariants=cfg.check_invariants)
+
+
+def build_workers(cfg: SimConfig, env: WorkerEnv) -> list[SimWorker]:
+    if cfg.mode == "colocated":
+        return [ColocatedWorker(i, env) for i in range(cfg.num_gpus)]
+    if cfg.mode == "colocated-chunked":
+        return [ChunkedWorker(i, env) for i in range(cfg.num_gpus)]
+    whole = cfg.mode == "disagg"
+    prefill, decode = cfg.split()
+    return [PDWorker(i, env, "prefill" if i < prefill else "decode", whole) for i in range(prefill + decode)]
+
+
+class FlipControl:
+    """Periodic flip decisions (real FlipPolicy) and the drain protocol (real FlipPlan)."""
+
+    def __init__(self, cluster: Cluster, cfg: SimConfig) -> None:
+        self.cluster = cluster
+        self.cfg = cfg
+        self.policy = FlipPolicy(window_s=cfg.flip_window_s, prefill_busy_tokens=4 * cfg.chunk_size_tokens)
+        self.plan = FlipPlan({w.worker_id: w.role for w in cluster.workers})
+        self.flips: list[tuple[float, int, str]] = []
+
+    def start(self) -> None:
+        self.cluster.loop.at(self.cfg.flip_interval_s, self.tick)
+
+    def tick(self) -> None:
+        loop = self.cluster.loop
+        if self.cluster.pending == 0:
+            return
+        loads = self.plan.view([w.load() for w in self.cluster.workers])
+        decision = self.policy.decide(loads, loop.now)
+        if decision is not None:
+            self.plan.begin(decision)
+        for order in self.plan.poll(loads):
+            worker = self.cluster.workers[order.worker_id]
+            worker.paused = True
+            loop.at(loop.now + self.cfg.flip_latency_s, self._flipped, worker, order.to_role)
+        loop.at(loop.now + self.cfg.flip_interval_s, self.tick)
+
+    def _flipped(self, worker: SimWorker, role: str) -> None:
+        worker.role = role
+        worker.paused = False
+        self.plan.on_flipped(worker.worker_id)
+        self.flips.append((self.cluster.loop.now, worker.worker_id, role))
+        worker.kick()
+
+
+class Cluster:
+    def __init__(self, cfg: SimConfig, cost: CostModel, loop: EventLoop, rng: random.Random) -> None:
+        self.cfg = cfg
+        self.cost = cost
+        self.loop = loop
+        self.env = build_env(cfg, cost, loop, self)
+        self.workers = build_workers(cfg, self.env)
+        self.prefill_dispatch = make_prefill_dispatch(cfg.prefill_dispatch, rng)
+        self.decode_dispatch = None
+        if cfg.decode_dispatch is not None and cfg.mode in ("disagg", "tetri"):
+            self.decode_dispatch = make_decode_dispatch(cfg.decode_dispatch, rng, cfg.heavy_decode_tokens)
+        self.predictor = NoisyPredictor(cfg.predictor or "none", rng, cfg.predictor_accuracy, cfg.bucket_tokens)
+        self.flip = FlipControl(self, cfg) if cfg.flip and cfg.mode in ("disagg", "tetri") else None
+        self.pending = 0
+        self.max_tokens_per_req = self.env.num_blocks * self.env.block_size
+
+    def start(self) -> None:
+        if self.flip is not None:
+            self.flip.start()
+
+    def loads(self) -> list[WorkerLoad]:
+        rows = [w.load() for w in self.workers]
+        return self.flip.plan.view(rows) if self.flip is not None else rows
+
+    def _dispatched(self, req: SimRequest, worker_id: int) -> None:
+        if self.flip is not None:
+            self.flip.plan.on_dispatch(req.req_id, worker_id)
+
+    def _done(self, req: SimRequest, worker_id: int | None) -> None:
+        if self.flip is not None and worker_id is not None:
+            self.flip.plan.on_done(req.req_id, worker_id)
+
+    # ---- requests in ---------------------------------------------------------------
+    def arrive(self, req: SimRequest) -> None:
+        total = req.prompt_tokens + req.output_tokens
+        if total > self.cost.model.max_model_len:
+            req.error = f"prompt + output ({total}) exceeds max_model_len {self.cost.model.max_model_len}"
+            return
+        if blocks_for_tokens(total, self.env.block_size) > self.env.num_blocks:
+            req.error = f"prompt + output ({total} tokens) does not fit one worker's KV cache"
+            return
+        self.pending += 1
+        worker_id = self.prefill_dispatch.pick(self.loads(), req.info)
+        req.prefill_worker = worker_id
+        self._dispatched(req, worker_id)
+        self.workers[worker_id].add(req)
+
+    # ---- hooks from workers ------------------------------------------------------------
+    def prefilled(self, req: SimRequest, worker: SimWorker) -> None:
+        """The first token is out; predict the length and hand off to a decode worker."""
+        req.info = self.predictor.annotate(req.info, req.output_tokens)
+        worker_id = self.decode_dispatch.pick(self.loads(), req.info)
+        req.decode_worker = worker_id
+        self._dispatched(req, worker_id)
+        self.workers[worker_id].handoff(req)
+
+    def released(self, req: SimRequest, worker: SimWorker) -> None:
+        """The decode side copied the KV: the prefill worker frees its blocks."""
+        prefill = self.workers[req.prefill_worker]
+        prefill.release(req)
+        self._done(req, req.prefill_worker)
+
+    def finished(self, req: SimRequest, worker: SimWorker) -> None:
+        self.pending -= 1
+        self._done(req, worker.worker_id)

@@ -1,0 +1,106 @@
+"""The simulator's configuration: one frozen dataclass, validated on creation, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from tetri.sched.chunking import PREFILL_POLICIES
+from tetri.sched.decode_policy import DECODE_POLICIES
+from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
+
+MODES = ("colocated", "colocated-chunked", "disagg", "tetri")
+DISAGG_MODES = ("disagg", "tetri")
+MODE_DEFAULTS = {
+    # mode: (decode dispatch, decode policy, predictor)
+    "colocated": (None, "greedy", "none"),
+    "colocated-chunked": (None, "greedy", "none"),
+    "disagg": ("round-robin", "greedy", "none"),
+    "tetri": ("tetri", "reserve-dynamic", "oracle"),
+}
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    mode: str = "tetri"
+    num_gpus: int = 8
+    num_prefill: int | None = None
+    """Disaggregated modes: prefill workers (default gpus // 4, at least 1); the rest decode."""
+    num_decode: int | None = None
+    chunk_size_tokens: int = 512
+    """tetri: the fixed chunk; colocated-chunked: the per-step token budget; disagg: L_m."""
+    max_batched_tokens: int = 8192
+    """colocated (vLLM v0.2): most prompt tokens in one prefill batch."""
+    max_num_seqs: int = 256
+    block_size: int = 16
+    num_blocks: int | None = None
+    """KV blocks per worker (default: from the hardware memory less the weights)."""
+    prefill_policy: str = "fcfs"
+    sched_batch: int = 16
+    prefill_dispatch: str = "least-loaded"
+    decode_dispatch: str | None = None
+    decode_policy: str | None = None
+    predictor: str | None = None
+    predictor_accuracy: float = 1.0
+    bucket_tokens: int = 200
+    heavy_decode_tokens: int = 128
+    flip: bool = False
+    flip_window_s: float = 5.0
+    flip_interval_s: float = 0.1
+    flip_latency_s: float = 0.007
+    seed: int = 0
+    max_sim_s: float = 86400.0
+    check_invariants: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        _require(self.num_gpus >= 1, "need at least one GPU")
+        _require(self.chunk_size_tokens >= 1 and self.max_batched_tokens >= 1, "token budgets must be >= 1")
+        _require(self.max_num_seqs >= 1 and self.block_size >= 1, "max_num_seqs and block_size must be >= 1")
+        _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1")
+        _require(self.prefill_policy in PREFILL_POLICIES, f"prefill policy must be one of {PREFILL_POLICIES}")
+        _require(self.prefill_dispatch in PREFILL_DISPATCH, f"prefill dispatch must be one of {PREFILL_DISPATCH}")
+        _require(self.decode_dispatch is None or self.decode_dispatch in DECODE_DISPATCH,
+                 f"decode dispatch must be one of {DECODE_DISPATCH}")
+        _require(self.decode_policy is None or self.decode_policy in DECODE_POLICIES,
+                 f"decode policy must be one of {DECODE_POLICIES}")
+        _require(self.predictor in (None, "none", "oracle"), "predictor must be none or oracle")
+        _require(0.0 <= self.predictor_accuracy <= 1.0, "predictor accuracy must be in [0, 1]")
+        _require(self.max_sim_s > 0, "max_sim_s must be > 0")
+        if self.mode in DISAGG_MODES:
+            _require(self.num_gpus >= 2, f"mode {self.mode} needs at least 2 GPUs (one prefill, one decode)")
+            p, d = self.split()
+            _require(p >= 1 and d >= 1, "need at least one prefill and one decode worker")
+            _require(p + d == self.num_gpus, f"prefill ({p}) + decode ({d}) must equal gpus ({self.num_gpus})")
+        else:
+            _require(self.num_prefill is None and self.num_decode is None,
+                     f"--prefill/--decode apply only to {DISAGG_MODES}")
+
+    def split(self) -> tuple[int, int]:
+        """(prefill workers, decode workers) of a disaggregated mode."""
+        if self.num_prefill is None and self.num_decode is None:
+            prefill = max(1, self.num_gpus // 4)
+            return prefill, self.num_gpus - prefill
+        if self.num_prefill is None:
+            return self.num_gpus - self.num_decode, self.num_decode
+        if self.num_decode is None:
+            return self.num_prefill, self.num_gpus - self.num_prefill
+        return self.num_prefill, self.num_decode
+
+    def resolved(self) -> SimConfig:
+        """A copy with the per-mode defaults filled in."""
+        dispatch, policy, predictor = MODE_DEFAULTS[self.mode]
+        changes = {"decode_dispatch": self.decode_dispatch or dispatch,
+                   "decode_policy": self.decode_policy or policy,
+                   "predictor": self.predictor or predictor}
+        if self.mode in DISAGG_MODES:
+            changes["num_prefill"], changes["num_decode"] = self.split()
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,233 @@
+"""Disaggregated workers: one `PDWorker` per GPU whose role (prefill or decode) can flip.
+
+Prefill role:
+  - `whole_prompts` (mode `disagg`, DistServe): FCFS batches of whole prompts, adding
+    prompts while the batch stays within `chunk_size` tokens (DistServe's L_m; one longer
+    prompt runs alone);
+  - otherwise (mode `tetri`): the real `ChunkPacker` (FCFS/SJF/LJF in groups of
+    `sched_batch`) cuts the queue into fixed `chunk_size` chunks, one chunk per step.
+  A prompt's KV blocks are reserved at its first piece and held until the decode worker has
+  copied them (the real ownership protocol), so a decode backlog back-pressures prefill.
+  The first token is out when the last piece's step ends (TTFT).
+Decode role (the real decode core's step, `tetri.workers.decode`):
+  1. admission: the decode policy (`make_decode_policy`) picks waiting handoffs; each one's
+     KV copy (`CostModel.transfer_s`) is done synchronously inside the step, as the real
+     core does, and the prefill side frees its blocks when the copy ends;
+  2. preempted requests (recompute) are re-prefilled here when their blocks fit;
+  3. the policy picks the batch (and preemptions); one decode token each.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tetri.sched.chunking import ChunkPacker
+from tetri.sched.decode_policy import make_decode_policy
+from tetri.sched.dispatch import expected_output_tokens, is_heavy
+from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
+from tetri.sim.requests import SimRequest
+from tetri.sim.workers import Plan, SimWorker, WorkerEnv, decode_context_tokens
+
+
+class PrefillSide:
+    def __init__(self, worker: PDWorker, whole_prompts: bool) -> None:
+        self.w = worker
+        env = worker.env
+        self.whole_prompts = whole_prompts
+        self.packer = ChunkPacker(env.chunk_size_tokens, env.prefill_policy, env.sched_batch)
+        self.fifo: deque[SimRequest] = deque()
+        self.queued: dict[str, SimRequest] = {}
+        """Not yet fully prefilled (some may hold blocks already)."""
+        self.holding: dict[str, SimRequest] = {}
+        """Prefilled; blocks held until the decode side has copied the KV."""
+        self.fifo_tokens = 0
+
+    @property
+    def queued_tokens(self) -> int:
+        return self.fifo_tokens if self.whole_prompts else self.packer.queued_tokens
+
+    def add(self, req: SimRequest) -> None:
+        self.queued[req.req_id] = req
+        if self.whole_prompts:
+            self.fifo.append(req)
+            self.fifo_tokens += req.prompt_tokens
+        else:
+            self.packer.add(req.req_id, req.prompt_tokens)
+
+    def release(self, req: SimRequest) -> None:
+        self.holding.pop(req.req_id, None)
+        self.w.free_blocks(req)
+
+    def resident(self) -> list[SimRequest]:
+        return [*self.queued.values(), *self.holding.values()]
+
+    def _whole_batch(self) -> list[tuple[SimRequest, int, int, bool]]:
+        batch: list[tuple[SimRequest, int, int, bool]] = []
+        tokens = 0
+        while self.fifo:
+            req = self.fifo[0]
+            if batch and tokens + req.prompt_tokens > self.w.env.chunk_size_tokens:
+                break
+            if not self.w.try_reserve(req, req.prompt_tokens):
+                break
+            self.fifo.popleft()
+            self.fifo_tokens -= req.prompt_tokens
+            tokens += req.prompt_tokens
+            batch.append((req, 0, req.prompt_tokens, True))
+        return batch
+
+    def _chunk(self) -> list[tuple[SimRequest, int, int, bool]]:
+        if not len(self.packer):
+            return []
+        pieces = self.packer.next_chunk()
+        out = []
+        for i, p in enumerate(pieces):
+            req = self.queued[p.req_id]
+            if p.start == 0 and not self.w.try_reserve(req, req.prompt_tokens):
+                for later in reversed(pieces[i:]):
+                    self.packer.push_front(later)
+                break
+            out.append((req, p.start, p.num_tokens, p.is_last))
+        return out
+
+    def plan(self, now: float) -> Plan | None:
+        pieces = self._whole_batch() if self.whole_prompts else self._chunk()
+        if not pieces:
+            return None
+        shape = StepShape()
+        for _req, start, num_tokens, is_last in pieces:
+            shape = add_shapes(shape, piece_shape(num_tokens, start, is_last))
+        self.w.stats.prefill_tokens += shape.prefill_tokens
+        return self.w.env.cost.step_s(shape), lambda end_s: self._end(pieces, end_s)
+
+    def _end(self, pieces, end_s: float) -> None:
+        hooks = self.w.env.hooks
+        for req, _start, _num_tokens, is_last in pieces:
+            if not is_last:
+                continue
+            del self.queued[req.req_id]
+            if req.emit(end_s):
+                self.w.free_blocks(req)
+                hooks.finished(req, self.w)
+            else:
+                self.holding[req.req_id] = req
+                hooks.prefilled(req, self.w)
+
+
+class DecodeSide:
+    def __init__(self, worker: PDWorker) -> None:
+        self.w = worker
+        self.policy = make_decode_policy(worker.env.decode_policy)
+        self.waiting: dict[str, SimRequest] = {}
+        self.running: dict[str, SimRequest] = {}
+        self.recompute: dict[str, SimRequest] = {}
+        self.resuming: list[SimRequest] = []
+        self.heavy = 0
+        self.predicted_tokens = 0
+
+    def _count(self, req: SimRequest, sign: int) -> None:
+        self.heavy += sign * is_heavy(req.info, self.w.env.heavy_decode_tokens)
+        self.predicted_tokens += sign * expected_output_tokens(req.info)
+
+    def handoff(self, req: SimRequest) -> None:
+        req.handoff_s = self.w.env.loop.now
+        self.waiting[req.req_id] = req
+        self._count(req, +1)
+
+    def resident(self) -> list[SimRequest]:
+        return [*self.running.values(), *self.resuming]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming)
+
+    def _admit(self, now: float) -> float:
+        """Admit handoffs the policy accepts; returns the seconds their KV copies take."""
+        if not self.waiting:
+            return 0.0
+        w = self.w
+        views = [r.view(0) for r in self.waiting.values()]
+        running = [r.view(w.held(r)) for r in self.running.values()]
+        ids = self.policy.admit(views, running, w.blocks.num_free, w.env.block_size, now)
+        if not ids and not self.running and not self.recompute and w.blocks.num_free == w.blocks.num_blocks:
+            ids = [views[0].req_id]  # nothing resident could ever free memory: admit the head anyway
+            w.stats.forced_admissions += 1
+        copy_s = 0.0
+        for req_id in ids:
+            req = self.waiting[req_id]
+            if not w.try_reserve(req, req.prompt_tokens + req.generated_tokens):
+                break
+            del self.waiting[req_id]
+            self.running[req_id] = req
+            copy_s += w.env.cost.transfer_s(req.kv_tokens)
+            w.env.loop.at(now + copy_s, w.env.hooks.released, req, w)
+        return copy_s
+
+    def _resume(self) -> list[SimRequest]:
+        resumed = []
+        for req_id, req in list(self.recompute.items()):
+            if not self.w.try_reserve(req, req.prompt_tokens + req.generated_tokens):
+                break
+            del self.recompute[req_id]
+            resumed.append(req)
+        return resumed
+
+    def plan(self, now: float) -> Plan | None:
+        copy_s = self._admit(now)
+        run = self.w.decode_round(self.running, self.policy, now, self._preempted)
+        self.resuming = self._resume()
+        if not run and not self.resuming and copy_s == 0.0:
+            return None
+        shape = decode_shape(len(run), decode_context_tokens(run)) if run else StepShape()
+        for req in self.resuming:
+            shape = add_shapes(shape, piece_shape(req.kv_tokens, 0, sample=False))
+        duration_s = copy_s + (self.w.env.cost.step_s(shape) if shape != StepShape() else 0.0)
+        return duration_s, lambda end_s: self._end(run, end_s)
+
+    def _preempted(self, req: SimRequest) -> None:
+        self.recompute[req.req_id] = req
+
+    def _end(self, run: list[SimRequest], end_s: float) -> None:
+        for req in self.resuming:
+            req.recompute = False
+            self.running[req.req_id] = req
+        self.resuming = []
+        for req in self.w.finish_decodes(run, self.running, self.policy, end_s):
+            self._count(req, -1)
+
+
+class PDWorker(SimWorker):
+    def __init__(self, worker_id: int, env: WorkerEnv, role: str, whole_prompts: bool) -> None:
+        super().__init__(worker_id, env)
+        self.role = role
+        self.prefill = PrefillSide(self, whole_prompts)
+        self.decode = DecodeSide(self)
+
+    def add(self, req: SimRequest) -> None:
+        self.prefill.add(req)
+        self.kick()
+
+    def handoff(self, req: SimRequest) -> None:
+        self.decode.handoff(req)
+        self.kick()
+
+    def release(self, req: SimRequest) -> None:
+        self.prefill.release(req)
+        self.kick()
+
+    def plan_step(self, now: float) -> Plan | None:
+        side = self.prefill if self.role == "prefill" else self.decode
+        return side.plan(now)
+
+    def resident(self) -> list[SimRequest]:
+        return [*self.prefill.resident(), *self.decode.resident()]
+
+    def load(self):
+        if self.role == "prefill":
+            return self.base_load(queued_prefill_tokens=self.prefill.queued_tokens,
+                                  running_reqs=len(self.prefill.holding), waiting_reqs=len(self.prefill.queued))
+        d = self.decode
+        return self.base_load(running_reqs=len(d.running) + len(d.resuming),
+                              waiting_reqs=len(d.waiting) + len(d.recompute),
+                              predicted_decode_tokens=d.predicted_tokens, heavy_decodes=d.heavy,
+                              light_decodes=d.num_reqs - d.heavy)

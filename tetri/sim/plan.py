@@ -1,0 +1,299 @@
+"""`tetri-plan`: search placements and policies with the simulator (DistServe-style).
+
+For each candidate (colocated-chunked with a chunk size; tetri with a prefill:decode split,
+a chunk size and a decode policy) it finds the highest Poisson rate whose SLO attainment is
+at least 90% (DistServe's goodput): bracket by doubling/halving from a cost-model estimate,
+then bisect to 10%. Or, with --rates, it evaluates exactly those rates. Goodput per GPU =
+that rate / GPUs. The search is staged to stay within --budget-s:
+  1. colocated-chunked at chunk 512, and tetri at every split 1..gpus-1 (chunk 512,
+     reserve-dynamic);
+  2. the other chunk sizes for colocated-chunked and the two best splits;
+  3. the other decode policies for the best tetri placement.
+A candidate in stages 2-3 is first run at the best rate so far; if it misses 90% there it
+cannot win and is not searched further. Every run reuses the same request lengths and
+arrival pattern (Poisson arrivals at rate 1, divided by the rate). A run at rate R holds
+R * --window-s requests (at least --num-requests, at most --max-requests): a fixed count
+would let a fast enough burst pass any SLO, so the run must last long enough for an
+overload to show.
+
+    tetri-plan --workload lphd --slo ttft=1,tpot=0.05 --gpus 8 --model-preset llama3-8b --hardware h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tetri.bench.records import Slo
+from tetri.bench.workload import Request
+from tetri.sched.decode_policy import DECODE_POLICIES
+from tetri.sim.cli import _floats, _positive_float, _slo, add_cluster_args, add_workload_args, build_requests
+from tetri.sim.cli import cost_model_from_args
+from tetri.sim.config import SimConfig
+from tetri.sim.costmodel import CostModel
+from tetri.sim.simulator import sim_report, simulate
+
+ATTAINMENT_TARGET = 0.9
+BISECT_RATIO = 1.1
+MAX_BRACKET_STEPS = 8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: str  # colocated-chunked | tetri
+    chunk_size_tokens: int
+    num_prefill: int | None = None
+    num_decode: int | None = None
+    decode_policy: str = "greedy"
+
+    def label(self) -> str:
+        if self.mode == "tetri":
+            return f"tetri {self.num_prefill}P:{self.num_decode}D chunk {self.chunk_size_tokens} {self.decode_policy}"
+        return f"{self.mode} chunk {self.chunk_size_tokens}"
+
+    def serve_command(self, gpus: int) -> str:
+        """The tetri-serve command line that runs this placement."""
+        head = f"tetri-serve --gpus 0-{gpus - 1}" if gpus > 1 else "tetri-serve --gpus 0"
+        if self.mode == "tetri":
+            return (f"{head} --prefill {self.num_prefill} --decode {self.num_decode} --chunk-size "
+                    f"{self.chunk_size_tokens} --dispatch-policy tetri --decode-policy {self.decode_policy} "
+                    f"--mode disagg")
+        return f"{head} --chunk-size {self.chunk_size_tokens} --mode colocated"
+
+
+@dataclass
+class Evaluation:
+    candidate: Candidate
+    max_rate: float | None
+    """Highest rate meeting the target found; None: none (or pruned below `floor`)."""
+    pruned: bool = False
+    attainment: dict[float, float] = field(default_factory=dict)
+
+    def goodput_per_gpu(self, gpus: int) -> float | None:
+        return None if self.max_rate is None else self.max_rate / gpus
+
+
+class Search:
+    def __init__(self, base_reqs: list[Request], cost: CostModel, slo: Slo, gpus: int, budget_s: float,
+                 target: float = ATTAINMENT_TARGET, window_s: float = 10.0, min_requests: int = 200,
+                 **sim_fields) -> None:
+        """`base_reqs`: Poisson arrivals at rate 1 (the most any run uses); `sim_fields`:
+        further SimConfig fields every candidate shares (seed, num_blocks, ...)."""
+        self.base_reqs = base_reqs
+        self.window_s = window_s
+        self.min_requests = min_requests
+        self.capped_rates: set[float] = set()
+        self.cost = cost
+        self.slo = slo
+        self.gpus = gpus
+        self.target = target
+        self.sim_fields = sim_fields
+        self.deadline = time.monotonic() + budget_s
+        self.sims = 0
+        self.results: list[Evaluation] = []
+
+    @property
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def config(self, cand: Candidate) -> SimConfig:
+        return SimConfig(mode=cand.mode, num_gpus=self.gpus, num_prefill=cand.num_prefill,
+                         num_decode=cand.num_decode, chunk_size_tokens=cand.chunk_size_tokens,
+                         decode_policy=cand.decode_policy, **self.sim_fields)
+
+    def requests_at(self, rate: float) -> list[Request]:
+        n = max(self.min_requests, int(rate * self.window_s + 0.5))
+        if n > len(self.base_reqs):
+            self.capped_rates.add(rate)
+        return [Request(r.prompt_tokens, r.output_tokens, (r.arrival_s or 0.0) / rate) for r in self.base_reqs[:n]]
+
+    def attainment(self, cand: Candidate, rate: float, ev: Evaluation) -> float:
+        reqs = self.requests_at(rate)
+        result = simulate(reqs, self.config(cand), self.cost)
+        self.sims += 1
+        ev.attainment[rate] = sim_report(result, self.slo)["slo_attainment"]
+        return ev.attainment[rate]
+
+    def estimate_rate(self) -> float:
+        """Cluster rate at which the GPUs would be about half busy (a starting point only)."""
+        n = len(self.base_reqs)
+        prompt = sum(r.prompt_tokens for r in self.base_reqs) / n
+        output = sum(r.output_tokens for r in self.base_reqs) / n
+        per_prefill_token_s = self.cost.prefill_s([512]) / 512
+        batch = 64
+        per_decode_token_s = self.cost.decode_s(batch, int(batch * (prompt + output / 2))) / batch
+        return 0.5 * self.gpus / (prompt * per_prefill_token_s + output * per_decode_token_s)
+
+    def _bracket(self, cand: Candidate, start: float, ev: Evaluation) -> tuple[float | None, float]:
+        """(highest passing rate seen or None, lowest failing rate seen)."""
+        if self.attainment(cand, start, ev) >= self.target:
+            lo = start
+            for _ in range(MAX_BRACKET_STEPS):
+                if self.out_of_time or self.attainment(cand, lo * 2, ev) < self.target:
+                    return lo, lo * 2
+                lo *= 2
+            return lo, float("inf")
+        hi = start
+        for _ in range(MAX_BRACKET_STEPS):
+            if self.out_of_time:
+                break
+            if self.attainment(cand, hi / 2, ev) >= self.target:
+                return hi / 2, hi
+            hi /= 2
+        return None, hi
+
+    def max_rate(self, cand: Candidate, start: float, floor: float | None = None) -> Evaluation:
+        ev = Evaluation(cand, None)
+        self.results.append(ev)
+        if floor is not None and self.attainment(cand, floor, ev) < self.target:
+            ev.pruned = True
+            return ev
+        lo, hi = self._bracket(cand, floor or start, ev)
+        while lo is not None and hi != float("inf") and hi / lo > BISECT_RATIO and not self.out_of_time:
+            mid = (lo * hi) ** 0.5
+            if self.attainment(cand, mid, ev) >= self.target:
+                lo = mid
+            else:
+                hi = mid
+        ev.max_rate = lo
+        return ev
+
+    def at_rates(self, cand: Candidate, rates: list[float]) -> Evaluation:
+        ev = Evaluation(cand, None)
+        self.results.append(ev)
+        for rate in sorted(rates):
+            if self.out_of_time:
+                break
+            if self.attainment(cand, rate, ev) >= self.target:
+                ev.max_rate = rate
+        return ev
+
+    def best(self, mode: str | None = None) -> Evaluation | None:
+        done = [e for e in self.results if e.max_rate is not None and (mode is None or e.candidate.mode == mode)]
+        return max(done, key=lambda e: e.max_rate, default=None)
+
+
+def _evaluate(search: Search, cand: Candidate, rates: list[float] | None, staged: bool) -> None:
+    if search.out_of_time or any(e.candidate == cand for e in search.results):
+        return
+    if rates:
+        search.at_rates(cand, rates)
+        return
+    best = search.best()
+    start = best.max_rate if best is not None else search.estimate_rate()
+    search.max_rate(cand, start, floor=best.max_rate if (staged and best is not None) else None)
+
+
+def run_search(search: Search, chunk_sizes: list[int], decode_policies: list[str],
+               rates: list[float] | None = None) -> Search:
+    gpus, base_chunk = search.gpus, 512 if 512 in chunk_sizes else chunk_sizes[0]
+    first_policy = decode_policies[0]
+    _evaluate(search, Candidate("colocated-chunked", base_chunk), rates, staged=False)
+    for p in range(1, gpus):
+        _evaluate(search, Candidate("tetri", base_chunk, p, gpus - p, first_policy), rates, staged=False)
+    tetri = sorted((e for e in search.results if e.candidate.mode == "tetri" and e.max_rate is not None),
+                   key=lambda e: -e.max_rate)[:2]
+    for chunk in chunk_sizes:
+        _evaluate(search, Candidate("colocated-chunked", chunk), rates, staged=True)
+        for ev in tetri:
+            c = ev.candidate
+            _evaluate(search, Candidate("tetri", chunk, c.num_prefill, c.num_decode, first_policy), rates, True)
+    best = search.best("tetri")
+    if best is not None:
+        c = best.candidate
+        for policy in decode_policies[1:]:
+            _evaluate(search, Candidate("tetri", c.chunk_size_tokens, c.num_prefill, c.num_decode, policy),
+                      rates, staged=True)
+    return search
+
+
+def render(search: Search) -> str:
+    gpus = search.gpus
+    rows = sorted(search.results, key=lambda e: -(e.max_rate or 0.0))
+    lines = [f"{'candidate':<48} {'max rate @90% (req/s)':>22} {'goodput/GPU':>12} {'runs':>5}"]
+    for ev in rows:
+        rate = ("< %.3g (pruned)" % max(ev.attainment)) if ev.pruned else (
+            "-" if ev.max_rate is None else f"{ev.max_rate:.3g}")
+        per_gpu = ev.goodput_per_gpu(gpus)
+        lines.append(f"{ev.candidate.label():<48} {rate:>22} {'-' if per_gpu is None else f'{per_gpu:.3g}':>12} "
+                     f"{len(ev.attainment):>5}")
+    best = search.best()
+    if best is None:
+        lines.append("no candidate met the SLO at any rate tried")
+    else:
+        lines.append(f"best: {best.candidate.label()}: {best.max_rate:.3g} req/s "
+                     f"({best.goodput_per_gpu(gpus):.3g} req/s per GPU)")
+        lines.append(best.candidate.serve_command(gpus))
+    lines.append(f"{search.sims} simulations" + ("; stopped at the time budget" if search.out_of_time else ""))
+    if search.capped_rates:
+        lines.append(f"note: runs at >= {min(search.capped_rates):.3g} req/s used every one of the "
+                     f"{len(search.base_reqs)} requests (--max-requests), i.e. under {search.window_s:g} s of arrivals")
+    return "\n".join(lines)
+
+
+def to_json(search: Search) -> dict:
+    best = search.best()
+    return {"gpus": search.gpus, "slo": search.slo.to_dict(), "target_attainment": search.target,
+            "simulations": search.sims, "out_of_time": search.out_of_time,
+            "candidates": [{**asdict(e.candidate), "label": e.candidate.label(), "max_rate": e.max_rate,
+                            "goodput_per_gpu": e.goodput_per_gpu(search.gpus), "pruned": e.pruned,
+                            "attainment": {f"{r:.6g}": a for r, a in sorted(e.attainment.items())}}
+                           for e in search.results],
+            "best": None if best is None else {**asdict(best.candidate), "max_rate": best.max_rate,
+                                               "command": best.candidate.serve_command(search.gpus)}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tetri-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(p)
+    add_cluster_args(p)
+    p.set_defaults(num_requests=200)
+    p.add_argument("--window-s", type=_positive_float, default=10.0,
+                   help="seconds of arrivals per run (requests = rate * window, >= --num-requests)")
+    p.add_argument("--max-requests", type=int, default=3000, help="cap on requests per run")
+    p.add_argument("--slo", type=_slo, required=True, help="ttft=SECONDS,tpot=SECONDS")
+    p.add_argument("--rates", type=_floats, help="evaluate only these cluster rates (req/s), no bisection")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    p.add_argument("--decode-policies", nargs="+", choices=DECODE_POLICIES,
+                   default=["reserve-dynamic", "reserve-static", "greedy"])
+    p.add_argument("--attainment", type=float, default=ATTAINMENT_TARGET)
+    p.add_argument("--budget-s", type=_positive_float, default=120.0, help="wall-clock budget for the search")
+    p.add_argument("--json", dest="json_path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.gpus < 2:
+        parser.error("tetri-plan needs --gpus >= 2 (a split needs a prefill and a decode worker)")
+    if min(args.chunk_sizes) < 1 or not 0 < args.attainment <= 1:
+        parser.error("chunk sizes must be >= 1 and --attainment in (0, 1]")
+    min_requests = args.num_requests
+    try:
+        cost = cost_model_from_args(args, parser)
+        args.num_requests = max(args.num_requests, args.max_requests)
+        base_reqs = build_requests(args, rate=1.0)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"tetri-plan: error: {exc}", file=sys.stderr)
+        return 2
+    search = Search(base_reqs, cost, args.slo, args.gpus, args.budget_s, args.attainment, args.window_s,
+                    min_requests, seed=args.seed,
+                    num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                    max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
+    run_search(search, sorted(set(args.chunk_sizes)), args.decode_policies, args.rates)
+    print(render(search))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(to_json(search), indent=2) + "\n")
+    return 0 if search.best() is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

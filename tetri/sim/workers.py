@@ -1,0 +1,212 @@
+"""The event loop and what every simulated worker shares.
+
+A worker is step-driven: `kick()` asks it to plan its next forward pass when it is idle;
+planning returns the pass's duration (from the cost model) and a callback that applies the
+pass's effects (tokens out, requests moved) at its end; then the worker plans again. So a
+worker decides with the state at the start of a step, as a real continuous-batching worker
+does, and what arrives during a step waits for the next one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from tetri.sched.kv_blocks import BlockAllocator, blocks_for_tokens
+from tetri.sched.load import WorkerLoad
+from tetri.sim.costmodel import CostModel
+from tetri.sim.requests import SimRequest
+
+
+class EventLoop:
+    """A heap of (time, sequence, callback, args); ties run in scheduling order."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._heap: list = []
+        self._seq = itertools.count()
+        self.events = 0
+
+    def at(self, time_s: float, fn: Callable, *args) -> None:
+        heapq.heappush(self._heap, (max(time_s, self.now), next(self._seq), fn, args))
+
+    def run(self, until_s: float = float("inf")) -> bool:
+        """Run events up to `until_s`; True when the heap emptied (everything finished)."""
+        while self._heap:
+            time_s, _, fn, args = self._heap[0]
+            if time_s > until_s:
+                return False
+            heapq.heappop(self._heap)
+            self.now = time_s
+            self.events += 1
+            fn(*args)
+        return True
+
+
+class ClusterHooks(Protocol):
+    """What workers tell the cluster."""
+
+    def prefilled(self, req: SimRequest, worker: SimWorker) -> None: ...
+
+    def released(self, req: SimRequest, worker: SimWorker) -> None: ...
+
+    def finished(self, req: SimRequest, worker: SimWorker) -> None: ...
+
+
+@dataclass
+class WorkerStats:
+    steps: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    forced_admissions: int = 0
+
+
+@dataclass
+class WorkerEnv:
+    """Per-worker knobs and shared services (one instance for the whole cluster)."""
+
+    loop: EventLoop
+    cost: CostModel
+    hooks: ClusterHooks
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    chunk_size_tokens: int = 512
+    max_batched_tokens: int = 8192
+    prefill_policy: str = "fcfs"
+    sched_batch: int = 16
+    decode_policy: str = "greedy"
+    heavy_decode_tokens: int = 128
+    check_invariants: bool = False
+    stats: dict[int, WorkerStats] = field(default_factory=dict)
+
+
+Plan = tuple[float, Callable[[float], None]]
+"""A planned step: (duration_s, apply(end_s))."""
+
+
+class SimWorker:
+    role = "mixed"
+
+    def __init__(self, worker_id: int, env: WorkerEnv) -> None:
+        self.worker_id = worker_id
+        self.env = env
+        self.blocks = BlockAllocator(env.num_blocks, env.block_size)
+        self.busy = False
+        self.paused = False
+        self.stats = env.stats.setdefault(worker_id, WorkerStats())
+        self.held_blocks: dict[str, int] = {}
+        """req_id -> blocks it owns in `self.blocks` (a cache of the allocator's answer)."""
+
+    # ---- the step cycle --------------------------------------------------------
+    def kick(self) -> None:
+        if self.busy or self.paused:
+            return
+        plan = self.plan_step(self.env.loop.now)
+        if plan is None:
+            return
+        duration_s, apply = plan
+        self.busy = True
+        self.stats.steps += 1
+        self.stats.busy_s += duration_s
+        self.env.loop.at(self.env.loop.now + duration_s, self._end_step, apply)
+
+    def _end_step(self, apply: Callable[[float], None]) -> None:
+        self.busy = False
+        apply(self.env.loop.now)
+        if self.env.check_invariants:
+            self.check()
+        self.kick()
+
+    def plan_step(self, now: float) -> Plan | None:
+        raise NotImplementedError
+
+    # ---- blocks ------------------------------------------------------------------
+    def held(self, req: SimRequest) -> int:
+        return self.held_blocks.get(req.req_id, 0)
+
+    def try_reserve(self, req: SimRequest, tokens: int) -> bool:
+        """Grow `req`'s blocks to hold `tokens` tokens if they are free now."""
+        held = self.held_blocks.get(req.req_id, 0)
+        if tokens <= held * self.env.block_size:
+            return True
+        need = blocks_for_tokens(tokens, self.env.block_size) - held
+        if need > self.blocks.num_free:
+            return False
+        self.blocks.allocate(req.req_id, need)
+        self.held_blocks[req.req_id] = held + need
+        return True
+
+    def free_blocks(self, req: SimRequest) -> None:
+        self.blocks.free(req.req_id)
+        self.held_blocks.pop(req.req_id, None)
+
+    def check(self) -> None:
+        """Debug mode: the allocator's invariants plus 'only live requests own blocks'."""
+        self.blocks.check_invariants()
+        live = {r.req_id for r in self.resident()}
+        stray = [o for o in self.blocks.owners() if o not in live]
+        if stray:
+            raise AssertionError(f"worker {self.worker_id}: blocks owned by non-resident {stray[:5]}")
+        actual = {o: len(self.blocks.blocks_of(o)) for o in self.blocks.owners()}
+        if actual != {k: v for k, v in self.held_blocks.items() if v}:
+            raise AssertionError(f"worker {self.worker_id}: block-count cache out of sync with the allocator")
+
+    def resident(self) -> list[SimRequest]:
+        """Requests that may own blocks here."""
+        raise NotImplementedError
+
+    def load(self) -> WorkerLoad:
+        raise NotImplementedError
+
+    def base_load(self, **fields) -> WorkerLoad:
+        return WorkerLoad(worker_id=self.worker_id, role=self.role, heartbeat_s=self.env.loop.now,
+                          free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_blocks,
+                          block_size=self.env.block_size, **fields)
+
+    # ---- continuous-batching decode, shared by every role that decodes -------------
+    def decode_round(self, running: dict[str, SimRequest], policy, now: float,
+                     on_preempt: Callable[[SimRequest], None]) -> list[SimRequest]:
+        """Ask the decode policy which running requests step (and which to preempt: their
+        blocks are freed for recompute); reserve the blocks the stepping ones grow into."""
+        if not running:
+            return []
+        views = [r.view(self.held(r)) for r in running.values()]
+        run_ids, preempt_ids = policy.schedule(views, self.env.max_num_seqs, self.blocks.num_free,
+                                               self.env.block_size, now)
+        for req_id in preempt_ids:
+            req = running.pop(req_id)
+            self.free_blocks(req)
+            req.recompute = True
+            self.stats.preemptions += 1
+            on_preempt(req)
+        run = []
+        for req_id in run_ids:
+            req = running[req_id]
+            if self.try_reserve(req, req.prompt_tokens + req.generated_tokens):
+                run.append(req)
+        return run
+
+    def finish_decodes(self, run: list[SimRequest], running: dict[str, SimRequest], policy,
+                       end_s: float) -> list[SimRequest]:
+        """Every request in `run` emits one token at `end_s`; finished ones leave (returned)."""
+        policy.on_step([r.req_id for r in run], end_s)
+        self.stats.decode_tokens += len(run)
+        done = []
+        for req in run:
+            if req.emit(end_s):
+                running.pop(req.req_id, None)
+                self.free_blocks(req)
+                policy.forget(req.req_id)
+                done.append(req)
+                self.env.hooks.finished(req, self)
+        return done
+
+
+def decode_context_tokens(run: list[SimRequest]) -> int:
+    """Context the step's decode tokens attend to, each including itself."""
+    return sum(r.prompt_tokens + r.generated_tokens for r in run)

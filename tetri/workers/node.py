@@ -1,0 +1,162 @@
+"""A worker without sockets: the role core plus message dispatch.
+
+`handle(msg)` and `step(now)` return the messages to send to the front. The process shell
+(`workers/proc.py`) wraps a node with ZeroMQ and the load board; tests run nodes in one
+process and route messages by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tetri.config import EngineSchedConfig
+from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, PeerPools, PoolInfo, Release, SetRole, Shutdown,
+                            SubmitMixed, TokenBatch, WorkerError)
+from tetri.workers.executor import Executor
+
+log = logging.getLogger("tetri.worker")
+
+
+def pool_info(pool) -> PoolInfo:
+    lay = pool.layout
+    return PoolInfo(num_blocks=lay.num_blocks, num_layers=lay.num_layers, block_size=lay.block_size,
+                    num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype, shm_name=pool.shm_name)
+
+
+def open_pool(info: PoolInfo):
+    from tetri.workers.kv_pool import KVPool, PoolLayout
+
+    layout = PoolLayout(info.num_blocks, info.num_layers, info.block_size, info.num_kv_heads, info.head_dim, info.dtype)
+    if info.shm_name is None:
+        raise RuntimeError("peer pool has no shared-memory name (CUDA pools are opened through IPC handles)")
+    return KVPool.open_shared(layout, info.shm_name)
+
+
+class WorkerNode:
+    def __init__(self, worker_id: int, role: str, executor: Executor, sched: EngineSchedConfig,
+                 collect_hidden: bool = False, pool_opener=open_pool) -> None:
+        self.worker_id = worker_id
+        self.role = role
+        self.ex = executor
+        self.sched = sched
+        self.collect_hidden = collect_hidden
+        self.pool_opener = pool_opener
+        self.peer_infos: dict[int, PoolInfo] = {}
+        self.stop = False
+        self.core = self._make_core(role)
+
+    def _make_core(self, role: str):
+        if role == "prefill":
+            from tetri.workers.prefill import PrefillCore
+
+            return PrefillCore(self.ex, self.worker_id, collect_hidden=self.collect_hidden)
+        if role == "decode":
+            from tetri.sched.decode_policy import make_decode_policy
+            from tetri.workers.decode import DecodeCore
+
+            core = DecodeCore(self.ex, self.worker_id, make_decode_policy(self.sched.decode_policy),
+                              self.sched.max_num_seqs)
+            for wid, info in self.peer_infos.items():
+                if wid != self.worker_id:
+                    core.add_peer(wid, self.pool_opener(info))
+            return core
+        from tetri.workers.mixed import MixedCore
+
+        return MixedCore(self.ex, self.sched)
+
+    def has_work(self) -> bool:
+        return self.core.has_work()
+
+    # ---- messages ----------------------------------------------------------------------
+    def handle(self, msg, now: float) -> list:
+        core, out = self.core, []
+        match msg:
+            case ChunkPlan() if self.role == "prefill":
+                core.submit(msg)
+            case Handoff() if self.role == "decode":
+                core.handoff(msg, now)
+            case Release() if self.role == "prefill":
+                core.release(msg.req_id)
+            case Abort():
+                out.extend(self._abort(msg))
+            case SubmitMixed() if self.role == "mixed":
+                try:
+                    core.add_request(msg.req_id, msg.prompt_token_ids, msg.params, msg.arrival_s)
+                except ValueError as e:
+                    out.append(WorkerError(worker_id=self.worker_id, message=str(e), req_id=msg.req_id))
+            case PeerPools():
+                self._peers(msg)
+            case SetRole():
+                self._set_role(msg.role)
+            case Shutdown():
+                self.stop = True
+            case _:
+                log.warning("worker %d (%s) dropped unexpected %s", self.worker_id, self.role, type(msg).__name__)
+        return out
+
+    def _abort(self, msg: Abort) -> list:
+        if self.role == "prefill":
+            self.core.abort(msg.req_id)
+        elif self.role == "decode":
+            self.core.abort(msg.req_id, msg.choice)
+            if msg.choice is None:  # we hold nothing of it and read nothing of it any more
+                return [Dropped(worker_id=self.worker_id, req_id=msg.req_id)]
+        elif msg.choice is None:
+            self.core.abort(msg.req_id)
+        else:
+            self.core.abort_choice(msg.req_id, msg.choice)
+        return []
+
+    def _peers(self, msg: PeerPools) -> None:
+        self.peer_infos = dict(msg.pools)
+        if self.role == "decode":
+            for wid, info in msg.pools.items():
+                if wid != self.worker_id and wid not in self.core.peers:
+                    self.core.add_peer(wid, self.pool_opener(info))
+
+    def _set_role(self, role: str) -> None:
+        """Instance flip: same process, weights and pool; only the role core changes. The
+        front drains the worker first, so the old core holds nothing."""
+        if role == self.role:
+            return
+        if self.core.has_work() or self.ex.blocks.num_used:
+            log.warning("worker %d asked to flip while busy; ignored", self.worker_id)
+            return
+        self.role = role
+        self.core = self._make_core(role)
+
+    # ---- steps -------------------------------------------------------------------------
+    def step(self, now: float) -> list:
+        if self.role == "prefill":
+            done = self.core.step()
+            return [done] if done is not None else []
+        if self.role == "decode":
+            batch, acks = self.core.step(now)
+            return [*acks, batch] if batch is not None else list(acks)
+        sampled = self.core.step()
+        return [token_batch(self.worker_id, sampled)] if sampled else []
+
+    def board_fields(self) -> dict:
+        core, blocks = self.core, self.ex.blocks
+        if self.role == "decode":
+            extra = core.load()
+        elif self.role == "prefill":
+            extra = dict(queued_prefill_tokens=core.queued_tokens, running_reqs=core.num_prefilling,
+                         waiting_reqs=len(core.done))
+        else:
+            extra = dict(queued_prefill_tokens=core.packer.queued_tokens, running_reqs=len(core.running),
+                         waiting_reqs=core.num_waiting)
+        return dict(role=self.role, free_blocks=blocks.num_free, total_blocks=blocks.num_blocks,
+                    block_size=blocks.block_size, **extra)
+
+
+def token_batch(worker_id: int, sampled) -> TokenBatch:
+    batch = TokenBatch(worker_id=worker_id, req_ids=[], choices=[], token_ids=[], finish_reasons=[], logprobs=[])
+    for st in sampled:
+        seq = st.seq
+        batch.req_ids.append(seq.req_id)
+        batch.choices.append(seq.choice)
+        batch.token_ids.append(st.token)
+        batch.finish_reasons.append(seq.finish_reason.value if st.finished else None)
+        batch.logprobs.append(seq.logprobs[-1] if seq.params.logprobs is not None else None)
+    return batch
