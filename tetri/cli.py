@@ -69,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-sched-batch", type=int, default=16)
     g.add_argument("--decode-policy", default="greedy", choices=["greedy", "reserve-static", "reserve-dynamic", "mlfq"])
     g.add_argument("--heavy-decode-tokens", type=int, default=128)
+    g.add_argument("--predictor", default="none",
+                   help="output-length predictor: none | oracle (the forced length of ignore_eos requests) | model:DIR")
+    g.add_argument("--bucket-tokens", type=int, default=200, help="predictor bucket width in tokens")
+    g.add_argument("--flip", action="store_true", help="flip idle prefill/decode workers to the saturated role")
+    g.add_argument("--flip-window-s", type=float, default=5.0, help="how long an imbalance must hold before a flip")
+    g.add_argument("--log-lengths", default=None, metavar="DIR",
+                   help="log (prompt, hidden state, output length) of served requests to retrain the predictor")
     g.add_argument("--max-queue", type=int, default=1024, help="admission bound: requests in flight before 429")
+    g.add_argument("--request-timeout-s", type=float, default=600.0,
+                   help="deadline of every request in every state: past it, it ends with an error")
     g = ap.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
@@ -132,9 +141,33 @@ def build_engine(args):
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy)
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
                         prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
-                        dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens)
-    launch = LaunchConfig(workers=tuple(specs), threads_per_worker=threads)
-    return RuntimeClient(model, cache, sched, front, launch, max_queue=args.max_queue, seed=args.seed)
+                        dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens,
+                        request_timeout_s=args.request_timeout_s)
+    predictor, probe = _predictor(args)
+    launch = LaunchConfig(workers=tuple(specs), threads_per_worker=threads,
+                          collect_hidden=probe or bool(args.log_lengths))
+    flip = None
+    if args.flip:
+        from tetri.sched.flip import FlipPolicy
+
+        flip = FlipPolicy(window_s=args.flip_window_s)
+    length_log = None
+    if args.log_lengths:
+        from tetri.server.length_log import LengthLog
+
+        length_log = LengthLog(args.log_lengths)
+    return RuntimeClient(model, cache, sched, front, launch, max_queue=args.max_queue, seed=args.seed,
+                         predictor=predictor, flip=flip, length_log=length_log)
+
+
+def _predictor(args):
+    """(predictor or None, whether it needs the prefill workers' hidden states)."""
+    if args.predictor == "none":
+        return None, False
+    from tetri.sched.predictor import make_predictor
+
+    predictor = make_predictor(args.predictor, bucket_tokens=args.bucket_tokens)
+    return predictor, getattr(predictor, "kind", None) == "probe"
 
 
 def serve_main(argv: list[str] | None = None) -> None:

@@ -52,9 +52,19 @@ def token_ids(out):
     return getattr(ch, "token_ids", None) or (ch.model_extra or {}).get("token_ids")
 
 
-@pytest.fixture(scope="module", params=["disagg", "colocated"])
+TETRI_POLICIES = ["--prefill-policy", "sjf", "--dispatch-policy", "tetri", "--decode-policy", "reserve-dynamic",
+                  "--flip", "--prefill", "1", "--decode", "2"]
+
+
+@pytest.fixture(scope="module", params=["disagg", "colocated", "tetri-policies"])
 def server(request, default_model_dir):
-    srv = ServerProc("--device", "cpu", "--workers", "2", "--mode", request.param, "--chunk-size", str(CHUNK))
+    args = ["--device", "cpu", "--chunk-size", str(CHUNK)]
+    if request.param == "tetri-policies":  # TetriInfer's policies with a learned probe predictor
+        model_dir, _ = request.getfixturevalue("probe_dir")
+        args += [*TETRI_POLICIES, "--predictor", f"model:{model_dir}"]
+    else:
+        args += ["--workers", "2", "--mode", request.param]
+    srv = ServerProc(*args)
     srv.start()
     srv.model = srv.openai().models.list().data[0].id
     yield srv

@@ -6,6 +6,8 @@ without locks or messages. A seqlock keeps readers from using a torn row:
 
     writer: version += 1 (odd: writing) -> write fields -> version += 1 (even: stable)
     reader: v1 = version (retry while odd) -> read fields -> v2 = version; retry unless v1 == v2
+A writer can be descheduled mid-write (or die there), so a reader that keeps seeing a torn
+row yields, and after `TORN_WAIT_S` uses the row's last stable snapshot instead of waiting.
 
 Row layout (little-endian, 8-byte fields, 128-byte stride):
     version, heartbeat_s, role, state, pid, queued_prefill_tokens, running_reqs, waiting_reqs,
@@ -25,6 +27,7 @@ from tetri.sched.load import ROLE_CODES, ROLE_NAMES, STATE_CODES, STATE_NAMES, W
 _VERSION = struct.Struct("<Q")
 _BODY = struct.Struct("<d" + "q" * 13)
 ROW_BYTES = 128
+TORN_WAIT_S = 0.05
 FIELDS = ("heartbeat_s", "role", "state", "pid", "queued_prefill_tokens", "running_reqs", "waiting_reqs",
           "free_blocks", "total_blocks", "predicted_decode_tokens", "heavy_decodes", "light_decodes",
           "block_size", "restarts")
@@ -36,6 +39,7 @@ class LoadBoard:
         self.num_workers = num_workers
         self._owner = owner
         self._buf = shm.buf
+        self._last_good: dict[int, dict] = {}
 
     @property
     def name(self) -> str:
@@ -82,15 +86,21 @@ class LoadBoard:
     # ---- reader side -----------------------------------------------------------------
     def read_raw(self, worker_id: int) -> dict:
         off = worker_id * ROW_BYTES
-        for _ in range(10000):
+        deadline = None
+        while True:
             (v1,) = _VERSION.unpack_from(self._buf, off)
-            if v1 % 2:
-                continue
-            body = _BODY.unpack_from(self._buf, off + 8)
-            (v2,) = _VERSION.unpack_from(self._buf, off)
-            if v1 == v2:
-                return dict(zip(FIELDS, body), version=v1)
-        raise RuntimeError(f"load board row {worker_id} stayed torn")
+            if not v1 % 2:
+                body = _BODY.unpack_from(self._buf, off + 8)
+                (v2,) = _VERSION.unpack_from(self._buf, off)
+                if v1 == v2:
+                    row = dict(zip(FIELDS, body), version=v1)
+                    self._last_good[worker_id] = row
+                    return row
+            now = time.monotonic()
+            deadline = deadline or now + TORN_WAIT_S
+            if now > deadline:
+                return dict(self._last_good.get(worker_id) or dict.fromkeys(FIELDS, 0) | {"version": 0})
+            time.sleep(0)  # let the writer finish
 
     def read(self, worker_id: int) -> WorkerLoad:
         row = self.read_raw(worker_id)

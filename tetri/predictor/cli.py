@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--bucket-tokens", type=int, default=200)
     t.add_argument("--tokenizer", default=None, help="HF tokenizer dir to count response tokens")
+    t.add_argument("--features", choices=("text", "hidden"), default="text",
+                   help="text: the prompt; hidden: each line's `hidden` vector (from `tetri-serve --log-lengths`)")
     t.add_argument("--epochs", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--hidden-dim", type=int, default=0, help="0: linear; >0: one ReLU hidden layer")
@@ -50,9 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hidden_records(path: str) -> tuple[list[list[float]], list[int]]:
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    rows = [r for r in rows if r.get("hidden") is not None and r.get("output_tokens") is not None]
+    if not rows:
+        raise SystemExit(f"{path}: no lines with both `hidden` and `output_tokens`")
+    return [r["hidden"] for r in rows], [int(r["output_tokens"]) for r in rows]
+
+
 def _train(args) -> dict:
     from tetri.predictor.features import FeatureConfig
-    from tetri.predictor.train import train_text
+    from tetri.predictor.train import train_probe, train_text
+
+    if args.features == "hidden":
+        import numpy as np
+
+        vecs, lengths = _hidden_records(args.data)
+        pred = train_probe(np.asarray(vecs, dtype=np.float32), lengths, bucket_tokens=args.bucket_tokens,
+                           epochs=args.epochs, seed=args.seed, hidden_dim=args.hidden_dim,
+                           extra_meta={"train_data": str(args.data)})
+        pred.save(args.out)
+        return {"out": str(args.out), "n": len(lengths), "kind": "probe", "num_buckets": pred.num_buckets,
+                "majority_bucket": pred.meta["majority_bucket"]}
 
     data = load_examples(args.data, LengthCounter(args.tokenizer))
     cfg = FeatureConfig(use_generator=args.use_generator)
@@ -71,8 +92,10 @@ def _eval(args) -> dict:
     from tetri.predictor.model import load_predictor
 
     pred = load_predictor(args.model)
-    if pred.kind != "text":
-        raise SystemExit("eval on JSONL needs a text model (a probe needs hidden-state vectors)")
+    if pred.kind == "probe":
+        vecs, lengths = _hidden_records(args.data)
+        buckets = pred.predict_buckets_hidden(vecs)
+        return eval_metrics(buckets, lengths, pred.bucket_tokens, pred.num_buckets, pred.meta["majority_bucket"])
     data = load_examples(args.data, LengthCounter(args.tokenizer or pred.meta.get("tokenizer")))
     gens = None
     if pred.feature_config.use_generator:

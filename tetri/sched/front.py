@@ -23,9 +23,10 @@ import random
 from dataclasses import dataclass, field, replace
 
 from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
-                            Release, SubmitMixed)
+                            Release, SetRole, SubmitMixed)
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
+from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.types import SamplingParams
 
@@ -46,6 +47,8 @@ class FrontConfig:
     dispatch_policy: str = "least-loaded"
     heavy_decode_tokens: int = 128
     handoff_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    """No request lives longer than this in any state: it fails with an error instead of hanging."""
     chunks_ahead: int = 2
     """Chunks outstanding per prefill worker: the one running plus one queued behind it."""
 
@@ -66,6 +69,7 @@ class FrontReq:
     deadline_s: float = float("inf")
     predicted_low_tokens: int | None = None
     expected_output_tokens: int | None = None
+    prompt_text: str | None = None
 
 
 @dataclass
@@ -83,10 +87,16 @@ class Actions:
 
 
 class FrontScheduler:
-    def __init__(self, cfg: FrontConfig, rng: random.Random, predictor=None) -> None:
+    """`predictor`: a `tetri.sched.predictor.LengthPredictor` (or None), consulted when a
+    prompt's prefill ends. `flip`: a `FlipPolicy` (or None); instance flips then run through
+    a `FlipPlan` that tracks which worker holds which request (see `flip_tick`)."""
+
+    def __init__(self, cfg: FrontConfig, rng: random.Random, predictor=None, flip: FlipPolicy | None = None) -> None:
         self.cfg = cfg
         self.rng = rng
         self.predictor = predictor
+        self.flip_policy = flip
+        self.flip_plan: FlipPlan | None = None
         self.level1 = make_prefill_dispatch(cfg.global_policy, rng)
         self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
         self.reqs: dict[str, FrontReq] = {}
@@ -101,19 +111,41 @@ class FrontScheduler:
         return self.packers[wid]
 
     def _view(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
-        """Board rows plus the tokens still waiting in our own packers."""
+        """Board rows plus the tokens still waiting in our own packers; draining workers
+        shown as such while a flip is under way."""
+        if self.flip_policy is not None:
+            if self.flip_plan is None:
+                self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in ("prefill", "decode")})
+            loads = self.flip_plan.view(loads)
         return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
+
+    def _owned(self, req: FrontReq, wid: int) -> None:
+        if self.flip_plan is not None and wid in self.flip_plan._workers:
+            self.flip_plan.on_dispatch(req.req_id, wid)
+
+    def _released(self, req_id: str, wid: int | None) -> None:
+        if self.flip_plan is not None and wid is not None:
+            self.flip_plan.on_done(req_id, wid)
+
+    def _drop(self, req_id: str) -> FrontReq | None:
+        req = self.reqs.pop(req_id, None)
+        if req is not None:
+            self._released(req_id, req.prefill_worker)
+            self._released(req_id, req.decode_worker)
+        return req
 
     # ---- arrivals ----------------------------------------------------------------------
     def add(self, req: FrontReq, loads: list[WorkerLoad], now: float) -> Actions:
         """Place a new request; raises NoWorker when no live worker can take it."""
         info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s)
-        wid = self.level1.pick(self._view(loads), info)
-        role = next(w.role for w in loads if w.worker_id == wid)
+        view = self._view(loads)
+        wid = self.level1.pick(view, info)
+        role = next(w.role for w in view if w.worker_id == wid)
         req.open_choices = set(range(req.params.n))
         req.prefill_worker = wid
         self.reqs[req.req_id] = req
+        self._owned(req, wid)
         acts = Actions()
         if role == "mixed":
             req.state, req.decode_worker = ReqState.DECODING, wid
@@ -161,23 +193,36 @@ class FrontScheduler:
                 req.open_choices.discard(choice)
         if not req.open_choices:  # done after one token: nothing to hand off
             acts.send(wid, Release(req_id=req.req_id))
-            self.reqs.pop(req.req_id)
+            self._drop(req.req_id)
             return
-        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens,
-                       predicted_low_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s)
+        info = self._predict(req, res)
         try:
-            did = self.level2.pick([w for w in loads if w.role == "decode"], info)
+            did = self.level2.pick([w for w in self._view(loads) if w.role == "decode"], info)
         except NoWorker:
             acts.send(wid, Release(req_id=req.req_id))
             acts.fails.append((req.req_id, "no live decode worker"))
-            self.reqs.pop(req.req_id)
+            self._drop(req.req_id)
             return
         req.state, req.decode_worker = ReqState.AWAIT_DECODE, did
+        self._owned(req, did)
         req.deadline_s = now + self.cfg.handoff_timeout_s
         acts.send(did, Handoff(req_id=req.req_id, src_worker=wid, block_ids=res.block_ids,
                                prompt_token_ids=req.prompt_token_ids, params=req.params,
                                first_tokens=res.first_tokens, open_choices=sorted(req.open_choices),
                                predicted_output_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s))
+
+    def _predict(self, req: FrontReq, res: PrefillResult) -> ReqInfo:
+        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s)
+        if self.predictor is None:
+            return info
+        features = {"expected_output_tokens": req.expected_output_tokens, "hidden": res.hidden,
+                    "prompt": req.prompt_text}
+        pred = self.predictor.predict(info, features)
+        if pred is None:
+            return info
+        req.predicted_low_tokens = min(pred.low_tokens, req.params.max_tokens)
+        return ReqInfo(req.req_id, info.prompt_tokens, info.max_tokens, req.predicted_low_tokens,
+                       pred.high_tokens, req.arrival_s)
 
     def on_kv_copied(self, msg: KVCopied) -> Actions:
         acts = Actions()
@@ -187,6 +232,7 @@ class FrontScheduler:
         if req is not None and req.holds_prefill_blocks:
             acts.send(req.prefill_worker, Release(req_id=req.req_id))
             req.holds_prefill_blocks = False
+            self._released(req.req_id, req.prefill_worker)
         return acts
 
     def on_dropped(self, req_id: str) -> Actions:
@@ -196,7 +242,7 @@ class FrontScheduler:
         if req is not None and req.aborting:
             if req.holds_prefill_blocks:
                 acts.send(req.prefill_worker, Release(req_id=req_id))
-            self.reqs.pop(req_id)
+            self._drop(req_id)
         return acts
 
     def on_choice_finished(self, req_id: str, choice: int) -> None:
@@ -205,7 +251,7 @@ class FrontScheduler:
             return
         req.open_choices.discard(choice)
         if not req.open_choices and not req.aborting:
-            self.reqs.pop(req_id)
+            self._drop(req_id)
 
     # ---- aborts, deaths, deadlines -----------------------------------------------------
     def abort(self, req_id: str, choice: int | None = None) -> Actions:
@@ -223,19 +269,21 @@ class FrontScheduler:
             self.packers[req.prefill_worker].remove(req_id)
             if req.state is ReqState.PREFILLING:
                 acts.send(req.prefill_worker, Abort(req_id=req_id))
-            self.reqs.pop(req_id)
+            self._drop(req_id)
         elif req.state is ReqState.AWAIT_DECODE:
             req.aborting = True  # Release the prefill copy once the decode worker says Dropped
             acts.send(req.decode_worker, Abort(req_id=req_id))
         else:
             acts.send(req.decode_worker, Abort(req_id=req_id))
-            self.reqs.pop(req_id)
+            self._drop(req_id)
         return acts
 
     def on_worker_dead(self, wid: int) -> Actions:
         acts = Actions()
         self.packers.pop(wid, None)
         self.outstanding.pop(wid, None)
+        if self.flip_plan is not None:
+            self.flip_plan.cancel(wid)
         for req in list(self.reqs.values()):
             if req.decode_worker == wid and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING):
                 if req.holds_prefill_blocks and req.prefill_worker != wid:
@@ -249,20 +297,48 @@ class FrontScheduler:
         return acts
 
     def _fail(self, req: FrontReq, why: str, acts: Actions) -> None:
-        self.reqs.pop(req.req_id, None)
+        self._drop(req.req_id)
         if not req.aborting:
             acts.fails.append((req.req_id, why))
 
     def expire(self, now: float) -> Actions:
+        """Every state has a deadline: the handoff must be admitted within handoff_timeout_s,
+        and no request outlives request_timeout_s."""
         acts = Actions()
         for req in list(self.reqs.values()):
-            if req.state is ReqState.AWAIT_DECODE and now > req.deadline_s and not req.aborting:
+            if req.aborting:
+                continue
+            if req.state is ReqState.AWAIT_DECODE and now > req.deadline_s:
                 acts.extend(self.abort(req.req_id))
                 acts.fails.append((req.req_id, f"KV handoff not admitted within {self.cfg.handoff_timeout_s:.0f} s"))
+            elif now - req.arrival_s > self.cfg.request_timeout_s:
+                acts.extend(self.abort(req.req_id))
+                acts.fails.append((req.req_id, f"request exceeded its {self.cfg.request_timeout_s:.0f} s deadline"))
         return acts
 
     def fail_request(self, req_id: str, why: str) -> Actions:
         """A worker reported an error for this request: drop it everywhere."""
         acts = self.abort(req_id)
         acts.fails.append((req_id, why))
+        return acts
+
+    # ---- instance flip -----------------------------------------------------------------
+    def flip_tick(self, loads: list[WorkerLoad], now: float) -> Actions:
+        """Start a flip when the policy says so; order the role change once the draining
+        worker holds nothing; resume dispatch once its board row shows the new role."""
+        acts = Actions()
+        if self.flip_policy is None:
+            return acts
+        view = self._view(loads)
+        plan = self.flip_plan
+        for w in loads:
+            if plan.state_of(w.worker_id) == "flipped" and w.role == plan._workers[w.worker_id].to_role:
+                plan.on_flipped(w.worker_id)
+        decision = self.flip_policy.decide(view, now)
+        if decision is not None:
+            plan.begin(decision)
+        for order in plan.poll(loads):  # every request it held is done, so our packer for it is empty
+            self.packers.pop(order.worker_id, None)
+            self.outstanding.pop(order.worker_id, None)
+            acts.send(order.worker_id, SetRole(role=order.to_role))
         return acts

@@ -45,6 +45,8 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     arrival_s: float = 0.0
     expected_output_tokens: int | None = None
     """The true output length where a benchmark supplies it (for the oracle predictor)."""
+    prompt_text: str | None = None
+    """The prompt as text (the length predictor's text features, and the length log)."""
 
 
 class ChoiceDelta(msgspec.Struct, kw_only=True):

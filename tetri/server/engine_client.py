@@ -39,7 +39,8 @@ SUPERVISE_EVERY_S = 0.1
 
 class RuntimeClient:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: EngineSchedConfig, front: FrontConfig,
-                 launch: LaunchConfig, max_queue: int = 1024, seed: int = 0) -> None:
+                 launch: LaunchConfig, max_queue: int = 1024, seed: int = 0, predictor=None,
+                 flip=None, length_log=None) -> None:
         from tetri.workers.executor import resolve_model_dir
 
         self.model_dir = resolve_model_dir(model.model)
@@ -48,7 +49,10 @@ class RuntimeClient:
         self.cache_cfg, self.sched_cfg, self.launch_cfg = cache, sched, launch
         self.max_queue = max_queue
         self.max_model_len = model.max_model_len or 0
-        self.scheduler = FrontScheduler(front, random.Random(seed))
+        self.scheduler = FrontScheduler(front, random.Random(seed), predictor=predictor, flip=flip)
+        self.length_log = length_log  # tetri.server.length_log.LengthLog or None
+        self.wants_prompt_text = length_log is not None or getattr(predictor, "kind", None) == "text"
+        self._tok = None
         self.metrics = None  # set by create_app
         self.streams: dict[str, RequestStream] = {}
         self.ready: dict[int, Ready] = {}
@@ -118,6 +122,8 @@ class RuntimeClient:
         self._unlink_pools(self.ready)
         self.board.close()
         self.procs.remove_ipc_dir()
+        if self.length_log is not None:
+            self.length_log.close()
 
     def _unlink_pools(self, workers) -> None:
         """Workers unlink their own pools; this catches those of workers that were killed."""
@@ -137,19 +143,29 @@ class RuntimeClient:
             raise Unavailable("server is shutting down")
         if len(self.scheduler.reqs) >= self.max_queue:
             raise Overloaded(f"admission queue full ({self.max_queue} requests)")
+        expected = req.expected_output_tokens
+        if expected is None and req.params.ignore_eos:
+            expected = req.params.max_tokens  # the length is forced: what an oracle would know
+        text = req.prompt_text
+        if text is None and self.wants_prompt_text:
+            text = self._tokenizer().decode(req.prompt_token_ids)
         front_req = FrontReq(req.req_id, list(req.prompt_token_ids), req.params, req.arrival_s or time.monotonic(),
-                             expected_output_tokens=req.expected_output_tokens)
+                             expected_output_tokens=expected, prompt_text=text)
         try:
             acts = self.scheduler.add(front_req, self._loads(), time.monotonic())
         except NoWorker as e:
             raise Unavailable("no live worker can take the request") from e
         stream = RequestStream(req.req_id, req.params.n)
         self.streams[req.req_id] = stream
+        if self.length_log is not None:
+            self.length_log.start(req.req_id, text, len(req.prompt_token_ids))
         self._apply(acts)
         return stream
 
     def abort(self, req_id: str, index: int | None = None) -> None:
         self._apply(self.scheduler.abort(req_id, index))
+        if self.length_log is not None and index is None:
+            self.length_log.forget(req_id)
         if index is None:
             self.streams.pop(req_id, None)
             self._dispatched.pop(req_id, None)
@@ -177,6 +193,13 @@ class RuntimeClient:
         return rows
 
     # ---- internals -----------------------------------------------------------------------
+    def _tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._tok
+
     def _loads(self):
         return [w if w.worker_id not in self.dead else _dead(w) for w in self.board.read_all()]
 
@@ -238,6 +261,8 @@ class RuntimeClient:
 
     def _on_chunk_done(self, msg: ChunkDone) -> None:
         for res in msg.finished:  # first tokens go out before the handoff is even ordered
+            if self.length_log is not None:
+                self.length_log.on_prefilled(res.req_id, res.hidden, res.first_tokens, res.finish_reasons)
             stream = self.streams.get(res.req_id)
             if stream is None:
                 continue
@@ -256,6 +281,8 @@ class RuntimeClient:
             per_req.setdefault(req_id, []).append(ChoiceDelta(
                 index=msg.choices[i], token_ids=[msg.token_ids[i]], logprobs=[lp] if lp is not None else None,
                 finish_reason=msg.finish_reasons[i]))
+            if self.length_log is not None:
+                self.length_log.on_token(req_id, msg.choices[i], msg.finish_reasons[i])
             if msg.finish_reasons[i] is not None:
                 self.scheduler.on_choice_finished(req_id, msg.choices[i])
         for req_id, choices in per_req.items():
@@ -278,6 +305,8 @@ class RuntimeClient:
                 if not self.procs.alive(wid) or stale:
                     self._on_dead(wid, "exited" if not self.procs.alive(wid) else "stopped heartbeating")
             self._apply(self.scheduler.expire(now))
+            if self.scheduler.flip_policy is not None:
+                self._apply(self.scheduler.flip_tick(self._loads(), now))
 
     def _on_dead(self, wid: int, how: str) -> None:
         log.error("worker %d %s; failing or releasing what it held", wid, how)
