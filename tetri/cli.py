@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-lengths", default=None, metavar="DIR",
                    help="log (prompt, hidden state, output length) of served requests to retrain the predictor")
     g.add_argument("--max-queue", type=int, default=1024, help="admission bound: requests in flight before 429")
+    g.add_argument("--no-migrate", action="store_true",
+                   help="end the requests of a dead worker with an error instead of resuming them elsewhere")
+    g.add_argument("--max-restarts", type=int, default=5, help="restarts per worker (with back-off) before giving up")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds in-flight requests may finish before they are ended with an error")
     g.add_argument("--request-timeout-s", type=float, default=600.0,
                    help="deadline of every request in every state: past it, it ends with an error")
     g = ap.add_argument_group("server")
@@ -157,7 +162,8 @@ def build_engine(args):
 
         length_log = LengthLog(args.log_lengths)
     return RuntimeClient(model, cache, sched, front, launch, max_queue=args.max_queue, seed=args.seed,
-                         predictor=predictor, flip=flip, length_log=length_log)
+                         predictor=predictor, flip=flip, length_log=length_log, migrate=not args.no_migrate,
+                         max_restarts=args.max_restarts)
 
 
 def _predictor(args):
@@ -180,7 +186,7 @@ def serve_main(argv: list[str] | None = None) -> None:
     from tetri.server.app import run_server
 
     cfg = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key)
-    run_server(cfg, engine)
+    run_server(cfg, engine, shutdown_timeout=args.shutdown_timeout)
 
 
 if __name__ == "__main__":

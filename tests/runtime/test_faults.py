@@ -26,7 +26,9 @@ def _long_stream(server, model, max_tokens=4000):
 
 
 def test_sigkill_decode_worker_fails_its_requests_and_keeps_serving(default_model_dir):
-    srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2", "--max-model-len", "4096").start()
+    """--no-migrate and no restarts: the requests on the killed worker end with a clear error."""
+    srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2", "--max-model-len", "4096",
+                     "--no-migrate", "--max-restarts", "0").start()
     try:
         model = srv.openai().models.list().data[0].id
         with cf.ThreadPoolExecutor(4) as pool:
@@ -79,3 +81,51 @@ def test_shutdown_leaves_nothing_behind(default_model_dir, sig):
     assert [n for n in _leftovers(before) if n.startswith("tetri-")] == []
     assert "Traceback" not in srv.log_tail(200), srv.log_tail(200)
     del ipc_dirs_before
+
+
+def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_dir):
+    """With migration (the default) the streams on the killed worker resume elsewhere: every
+    client gets its full output, token-identical to the offline engine; the worker restarts."""
+    from tetri import LLM, SamplingParams
+
+    srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2").start()
+    try:
+        model = srv.openai().models.list().data[0].id
+        prompts = [[5 + i, 6, 7, 8 + i] for i in range(4)]
+        client = srv.openai(timeout=120)
+
+        def stream(p):
+            ids = []
+            for chunk in client.completions.create(model=model, prompt=p, max_tokens=300, temperature=0.0, stream=True,
+                                                   extra_body={"ignore_eos": True, "return_token_ids": True}):
+                for ch in chunk.choices:
+                    ids.extend((ch.model_extra or {}).get("token_ids") or [])
+            return ids
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(stream, p) for p in prompts]
+            victim = None
+            deadline = time.monotonic() + 60
+            while victim is None and time.monotonic() < deadline:
+                busy = [w for w in srv.workers() if w["role"] == "decode" and w["running"] > 0]
+                victim = busy[0] if busy else None
+                time.sleep(0.05)
+            assert victim is not None
+            os.kill(victim["pid"], signal.SIGKILL)
+            got = [f.result(timeout=120) for f in futs]
+        want = LLM(default_model_dir).generate(prompts, SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))
+        assert got == [w.token_ids for w in want]  # nothing duplicated, nothing missing
+        status, metrics = srv.get("/metrics")
+        migrated = [line for line in metrics.splitlines() if line.startswith("tetri:requests_migrated_total")]
+        assert migrated and float(migrated[0].split()[-1]) >= 1
+        deadline = time.monotonic() + 60
+        row = None
+        while time.monotonic() < deadline:
+            row = next(w for w in srv.workers() if w["worker_id"] == victim["worker_id"])
+            if row["state"] == "ready" and row["restarts"] == 1:
+                break
+            time.sleep(0.3)
+        assert row["state"] == "ready" and row["restarts"] == 1, row
+        assert srv.wait_idle()
+    finally:
+        srv.stop()

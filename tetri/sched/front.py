@@ -10,9 +10,11 @@ decisions from load-board snapshots. It performs no I/O: each method returns `Ac
     abort:  QUEUED: unqueue | PREFILLING: unqueue + Abort(prefill) |
             AWAIT_DECODE: Abort(decode), Release(prefill) once decode says Dropped |
             DECODING: Abort(decode)
-    death of the prefill worker: its QUEUED/PREFILLING/AWAIT_DECODE requests fail;
-    death of the decode worker: its requests fail, prefill blocks of pending handoffs Released;
-    AWAIT_DECODE past `handoff_timeout_s`: fails like an abort.
+    death of a worker: each request it held is migrated (n = 1: re-queued for prefill as
+    prompt + the tokens already emitted, under the same id, so the client's stream goes on
+    with nothing duplicated or missing) or, with migrate off or n > 1, failed; blocks other
+    workers held for it are Released / Aborted.
+    AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails.
 Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
 """
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import enum
 import random
+
+import msgspec
 from dataclasses import dataclass, field, replace
 
 from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
@@ -29,6 +33,10 @@ from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_di
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.types import SamplingParams
+
+
+def replace_params(params: SamplingParams, **changes) -> SamplingParams:
+    return msgspec.structs.replace(params, **changes)
 
 
 class ReqState(enum.IntEnum):
@@ -70,6 +78,9 @@ class FrontReq:
     predicted_low_tokens: int | None = None
     expected_output_tokens: int | None = None
     prompt_text: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    """Tokens of choice 0 already sent to the client (what a migration re-prefills)."""
+    migrations: int = 0
 
 
 @dataclass
@@ -100,6 +111,7 @@ class FrontScheduler:
         self.level1 = make_prefill_dispatch(cfg.global_policy, rng)
         self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
         self.reqs: dict[str, FrontReq] = {}
+        self.migrated_total = 0
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
         self._chunk_ids = 0
@@ -278,23 +290,64 @@ class FrontScheduler:
             self._drop(req_id)
         return acts
 
-    def on_worker_dead(self, wid: int) -> Actions:
+    def record_output(self, req_id: str, choice: int, token_ids: list[int]) -> None:
+        req = self.reqs.get(req_id)
+        if req is not None and choice == 0:
+            req.output_ids.extend(token_ids)
+
+    def owns(self, req_id: str, worker_id: int, decoding: bool) -> bool:
+        """Whether `worker_id` currently holds the request for that phase: output from a
+        worker that lost it (died, or the request migrated) is stale and must be ignored."""
+        req = self.reqs.get(req_id)
+        if req is None:
+            return False
+        return req.decode_worker == worker_id if decoding else req.prefill_worker == worker_id
+
+    def on_worker_dead(self, wid: int, loads: list[WorkerLoad] | None = None, migrate: bool = False) -> Actions:
         acts = Actions()
         self.packers.pop(wid, None)
         self.outstanding.pop(wid, None)
-        if self.flip_plan is not None:
-            self.flip_plan.cancel(wid)
+        if self.flip_plan is not None and wid in self.flip_plan._workers:
+            self.flip_plan.remove_worker(wid)
         for req in list(self.reqs.values()):
-            if req.decode_worker == wid and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING):
-                if req.holds_prefill_blocks and req.prefill_worker != wid:
-                    acts.send(req.prefill_worker, Release(req_id=req.req_id))
-                self._fail(req, f"worker {wid} died while decoding this request", acts)
-            elif req.prefill_worker == wid and req.state in (ReqState.QUEUED, ReqState.PREFILLING):
-                self._fail(req, f"prefill worker {wid} died while prefilling this request", acts)
-            elif req.prefill_worker == wid and req.state is ReqState.AWAIT_DECODE:
-                acts.send(req.decode_worker, Abort(req_id=req.req_id))
-                self._fail(req, f"prefill worker {wid} died before its KV was handed off", acts)
+            lost = (req.decode_worker == wid and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING)) or \
+                   (req.prefill_worker == wid and req.state in (ReqState.QUEUED, ReqState.PREFILLING, ReqState.AWAIT_DECODE))
+            if not lost or req.aborting:
+                continue
+            self._let_go(req, wid, acts)
+            if migrate and req.params.n == 1 and loads is not None and self._migrate(req, loads, acts):
+                continue
+            phase = "decoding" if req.decode_worker == wid else "prefilling"
+            self._fail(req, f"worker {wid} died while {phase} this request", acts)
         return acts
+
+    def _let_go(self, req: FrontReq, dead: int, acts: Actions) -> None:
+        """Tell the surviving holder of a request on a dead worker to drop its part."""
+        if req.prefill_worker != dead and req.holds_prefill_blocks:
+            acts.send(req.prefill_worker, Release(req_id=req.req_id))
+        if req.decode_worker not in (None, dead):
+            acts.send(req.decode_worker, Abort(req_id=req.req_id))
+        if req.prefill_worker != dead and req.state is ReqState.PREFILLING and req.prefill_worker in self.packers:
+            self.packers[req.prefill_worker].remove(req.req_id)
+            acts.send(req.prefill_worker, Abort(req_id=req.req_id))
+
+    def _migrate(self, req: FrontReq, loads: list[WorkerLoad], acts: Actions) -> bool:
+        """Re-queue as a continuation: prompt + emitted tokens, the remaining token budget."""
+        emitted = len(req.output_ids)
+        p = req.params
+        params = replace_params(p, max_tokens=p.max_tokens - emitted, min_tokens=max(0, p.min_tokens - emitted))
+        self._released(req.req_id, req.prefill_worker)
+        self._released(req.req_id, req.decode_worker)
+        self.reqs.pop(req.req_id)
+        cont = FrontReq(req.req_id, req.prompt_token_ids + req.output_ids, params, req.arrival_s,
+                        expected_output_tokens=req.expected_output_tokens, prompt_text=req.prompt_text,
+                        output_ids=list(req.output_ids), migrations=req.migrations + 1)
+        try:
+            acts.extend(self.add(cont, loads, 0.0))
+        except NoWorker:
+            return False
+        self.migrated_total += 1
+        return True
 
     def _fail(self, req: FrontReq, why: str, acts: Actions) -> None:
         self._drop(req.req_id)

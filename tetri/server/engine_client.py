@@ -40,7 +40,7 @@ SUPERVISE_EVERY_S = 0.1
 class RuntimeClient:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: EngineSchedConfig, front: FrontConfig,
                  launch: LaunchConfig, max_queue: int = 1024, seed: int = 0, predictor=None,
-                 flip=None, length_log=None) -> None:
+                 flip=None, length_log=None, migrate: bool = True, max_restarts: int = 5) -> None:
         from tetri.workers.executor import resolve_model_dir
 
         self.model_dir = resolve_model_dir(model.model)
@@ -58,6 +58,9 @@ class RuntimeClient:
         self.ready: dict[int, Ready] = {}
         self.dead: set[int] = set()
         self._dispatched: dict[str, float] = {}
+        self.migrate = migrate
+        self.max_restarts = max_restarts
+        self._restart_at: dict[int, float] = {}
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -69,6 +72,7 @@ class RuntimeClient:
         self.zctx = zmq.asyncio.Context()
         self.pull = self.zctx.socket(zmq.PULL)
         self.pull.bind(self.procs.front_endpoint)
+        self._pull_now = zmq.Socket.shadow(self.pull.underlying)  # synchronous view, for draining
         self.push: dict[int, zmq.Socket] = {}
         for wid in range(n):
             sock = self.zctx.socket(zmq.PUSH)
@@ -241,6 +245,10 @@ class RuntimeClient:
                 log.exception("error handling %s", type(msg).__name__)
 
     def _on_message(self, msg) -> None:
+        if msg is None:
+            return
+        if getattr(msg, "worker_id", None) in self.dead and not isinstance(msg, Ready):
+            return  # sent before it died; what it held has been failed or migrated
         match msg:
             case TokenBatch():
                 self._on_tokens(msg)
@@ -257,10 +265,13 @@ class RuntimeClient:
                 if msg.req_id is not None:
                     self._apply(self.scheduler.fail_request(msg.req_id, msg.message))
             case Ready():
-                self.ready[msg.worker_id] = msg
+                self._on_ready(msg)
 
     def _on_chunk_done(self, msg: ChunkDone) -> None:
         for res in msg.finished:  # first tokens go out before the handoff is even ordered
+            if not self.scheduler.owns(res.req_id, msg.worker_id, decoding=False):
+                continue
+            self.scheduler.record_output(res.req_id, 0, res.first_tokens[:1])
             if self.length_log is not None:
                 self.length_log.on_prefilled(res.req_id, res.hidden, res.first_tokens, res.finish_reasons)
             stream = self.streams.get(res.req_id)
@@ -277,6 +288,9 @@ class RuntimeClient:
     def _on_tokens(self, msg: TokenBatch) -> None:
         per_req: dict[str, list[ChoiceDelta]] = {}
         for i, req_id in enumerate(msg.req_ids):
+            if not self.scheduler.owns(req_id, msg.worker_id, decoding=True):
+                continue  # stale: the request was aborted or migrated away from this worker
+            self.scheduler.record_output(req_id, msg.choices[i], [msg.token_ids[i]])
             lp = msg.logprobs[i] if msg.logprobs else None
             per_req.setdefault(req_id, []).append(ChoiceDelta(
                 index=msg.choices[i], token_ids=[msg.token_ids[i]], logprobs=[lp] if lp is not None else None,
@@ -300,6 +314,8 @@ class RuntimeClient:
             now = time.monotonic()
             for wid in range(len(self.launch_cfg.workers)):
                 if wid in self.dead:
+                    if wid in self._restart_at and now >= self._restart_at[wid]:
+                        self._restart(wid)
                     continue
                 stale = now - self.board.read(wid).heartbeat_s > self.launch_cfg.heartbeat_timeout_s
                 if not self.procs.alive(wid) or stale:
@@ -308,13 +324,55 @@ class RuntimeClient:
             if self.scheduler.flip_policy is not None:
                 self._apply(self.scheduler.flip_tick(self._loads(), now))
 
+    def _drain_pending(self) -> None:
+        """Handle every message already delivered, so what a dead worker sent before dying
+        is counted before its requests are migrated."""
+        while True:
+            try:
+                raw = self._pull_now.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(self._decode(raw))
+            except Exception:
+                log.exception("error handling a drained message")
+
     def _on_dead(self, wid: int, how: str) -> None:
-        log.error("worker %d %s; failing or releasing what it held", wid, how)
+        log.error("worker %d %s; %s what it held", wid, how, "migrating" if self.migrate else "failing")
+        self._drain_pending()
+        role = self.board.read(wid).role
         self.dead.add(wid)
         self.procs.kill(wid)
         self.board.set_state(wid, "dead")
-        self._apply(self.scheduler.on_worker_dead(wid))
+        migrated_before = self.scheduler.migrated_total
+        self._apply(self.scheduler.on_worker_dead(wid, self._loads(), migrate=self.migrate))
+        if self.metrics is not None:
+            self.metrics.observe_migrations(self.scheduler.migrated_total - migrated_before)
         self._unlink_pools([wid])
+        self._dead_role = getattr(self, "_dead_role", {})
+        self._dead_role[wid] = role
+        restarts = self.procs.restarts.get(wid, 0)
+        if restarts < self.max_restarts:
+            self._restart_at[wid] = time.monotonic() + min(30.0, 2.0 ** restarts)  # back-off
+        else:
+            log.error("worker %d died %d times; not restarting it", wid, restarts + 1)
+
+    def _restart(self, wid: int) -> None:
+        del self._restart_at[wid]
+        self.procs.restarts[wid] = self.procs.restarts.get(wid, 0) + 1
+        log.warning("restarting worker %d as %s (restart %d)", wid, self._dead_role[wid], self.procs.restarts[wid])
+        self.procs.spawn(wid, role=self._dead_role[wid])
+        if self.metrics is not None:
+            self.metrics.observe_restart()
+
+    def _on_ready(self, msg: Ready) -> None:
+        """A restarted worker is up: revive it and tell every worker where its pool is."""
+        self.ready[msg.worker_id] = msg
+        if msg.worker_id in self.dead:
+            self.dead.discard(msg.worker_id)
+            if self.scheduler.flip_plan is not None:
+                self.scheduler.flip_plan.add_worker(msg.worker_id, msg.role)
+            self._broadcast_pools()
 
 
 def _dead(w):

@@ -37,6 +37,8 @@ class Metrics:
         self.request_success = Counter("tetri:request_success", "Finished choices by finish reason.", ["finished_reason"], registry=r)
         self.kv_handoffs = Counter("tetri:kv_handoffs", "Prefill->decode KV handoffs completed.", registry=r)
         self.kv_transfer_bytes = Counter("tetri:kv_transfer_bytes", "Bytes of KV copied between workers.", registry=r)
+        self.migrated = Counter("tetri:requests_migrated", "Requests resumed on another worker after a worker died.", registry=r)
+        self.restarts = Counter("tetri:worker_restarts", "Worker processes restarted by the supervisor.", registry=r)
         self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
         self.running = Gauge("tetri:num_requests_running", "Requests running per worker.", _WORKER_LABELS, registry=r)
         self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
@@ -81,6 +83,12 @@ class Metrics:
         self.kv_handoffs.inc()
         self.kv_transfer_bytes.inc(num_bytes)
         self.kv_transfer.observe(seconds)
+
+    def observe_migrations(self, count: int) -> None:
+        self.migrated.inc(count)
+
+    def observe_restart(self) -> None:
+        self.restarts.inc()
 
     # -- scrape --------------------------------------------------------------------------
 

@@ -108,10 +108,11 @@ class WorkerNode:
         return []
 
     def _peers(self, msg: PeerPools) -> None:
-        self.peer_infos = dict(msg.pools)
+        """(Re)open peer pools; a restarted peer comes back with a new segment."""
+        old, self.peer_infos = self.peer_infos, dict(msg.pools)
         if self.role == "decode":
             for wid, info in msg.pools.items():
-                if wid != self.worker_id and wid not in self.core.peers:
+                if wid != self.worker_id and (wid not in self.core.peers or old.get(wid) != info):
                     self.core.add_peer(wid, self.pool_opener(info))
 
     def _set_role(self, role: str) -> None:
