@@ -105,3 +105,48 @@ def test_n2_and_seeded_sampling(server):
 def test_idle_server_holds_no_blocks(server):
     complete(server, prompts()[0])
     assert server.wait_idle(), server.workers()
+
+
+def test_include_usage_counts_the_streamed_tokens(server):
+    client = server.openai()
+    stream = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=9, temperature=0.0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True, "return_token_ids": True})
+    streamed, usage = [], None
+    for chunk in stream:
+        for ch in chunk.choices:
+            streamed.extend((ch.model_extra or {}).get("token_ids") or [])
+        usage = chunk.usage or usage
+    assert len(streamed) == 9 and usage.completion_tokens == 9
+    assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + 9
+
+
+def test_stop_string_ends_the_choice_and_is_not_returned(server):
+    client = server.openai()
+    full = client.completions.create(model=server.model, prompt=prompts()[4], max_tokens=16, temperature=0.0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[5:8]
+    assert stop
+    cut = client.completions.create(model=server.model, prompt=prompts()[4], max_tokens=16, temperature=0.0,
+                                    stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+    assert server.wait_idle()
+
+
+def test_clients_disconnecting_mid_stream_leave_nothing_running(server):
+    import http.client
+    import json as _json
+
+    rng = random.Random(5)
+    for i in range(6):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"model": server.model, "prompt": prompts()[i % len(LENGTHS)], "max_tokens": 400, "stream": True,
+                "temperature": 0.0, "ignore_eos": True}
+        conn.request("POST", "/v1/completions", _json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        for _ in range(rng.randrange(0, 6)):  # read a few events, sometimes none
+            resp.readline()
+        conn.close()  # the client goes away mid-stream
+    assert server.wait_idle(timeout_s=20), server.workers()
