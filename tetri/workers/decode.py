@@ -6,7 +6,7 @@ Each step:
      acked with `KVCopied` (the prefill worker then frees its copy); n choices get n copies;
   2. the policy picks which running sequences step (and which to preempt: their blocks are
      freed and they are re-prefilled here from prompt + output before resuming);
-  3. one forward pass over the decodes (and any re-prefills); one `TokenBatch` out.
+  3. one forward pass over the decodes (and any re-prefills); the node sends one `TokenBatch`.
 A request is never read from a peer pool after an Abort was processed: copies happen
 synchronously inside the step, and the step never runs between an Abort and its `Dropped`.
 """
@@ -16,10 +16,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tetri.protocol import Handoff, KVCopied, TokenBatch
+from tetri.protocol import Handoff, KVCopied
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
-from tetri.workers.executor import Executor
+from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.kv_pool import KVPool
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
@@ -82,7 +82,7 @@ class DecodeCore:
                     light_decodes=len(self.predicted) - heavy)
 
     # ---- one step ------------------------------------------------------------------
-    def step(self, now: float) -> tuple[TokenBatch | None, list[KVCopied]]:
+    def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
         acks = self._admit(now)
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
@@ -92,24 +92,18 @@ class DecodeCore:
             samplers.append([s])
             s.num_computed += 1
         if not segments:
-            return None, acks
+            return [], acks
         sampled = self.ex.run(segments, [x for x in samplers if x])
         self.policy.on_step([s.key for s in decodes], now)
-        batch = TokenBatch(worker_id=self.worker_id, req_ids=[], choices=[], token_ids=[], finish_reasons=[], logprobs=[])
         for st in sampled:
             seq = st.seq
-            batch.req_ids.append(seq.req_id)
-            batch.choices.append(seq.choice)
-            batch.token_ids.append(st.token)
-            batch.finish_reasons.append(seq.finish_reason.value if st.finished else None)
-            batch.logprobs.append(seq.logprobs[-1] if seq.params.logprobs is not None else None)
             if st.finished:
                 self.running.pop(seq.key, None)
                 self.ex.free(seq)
                 self.policy.forget(seq.key)
                 if not any(s.req_id == seq.req_id for s in self.running.values()):
                     self.predicted.pop(seq.req_id, None)
-        return batch, acks
+        return sampled, acks
 
     def _view(self, seq: Seq) -> DecodeReqView:
         return DecodeReqView(seq.key, seq.num_tokens, len(seq.output_ids), seq.params.max_tokens,

@@ -132,10 +132,10 @@ class WorkerNode:
             done = self.core.step()
             return [done] if done is not None else []
         if self.role == "decode":
-            batch, acks = self.core.step(now)
-            return [*acks, batch] if batch is not None else list(acks)
-        sampled = self.core.step()
-        return [token_batch(self.worker_id, sampled)] if sampled else []
+            sampled, out = self.core.step(now)
+        else:
+            sampled, out = self.core.step(), []
+        return [*out, token_batch(self.worker_id, sampled)] if sampled else list(out)
 
     def board_fields(self) -> dict:
         core, blocks = self.core, self.ex.blocks
