@@ -95,7 +95,8 @@ class Cluster:
         self.predictor = NoisyPredictor(cfg.predictor or "none", rng, cfg.predictor_accuracy, cfg.bucket_tokens)
         self.flip = FlipControl(self, cfg) if cfg.flip and cfg.mode in ("disagg", "tetri") else None
         self.pending = 0
-        self.max_tokens_per_req = self.env.num_blocks * self.env.block_size
+        self.on_finish = None
+        """Optional callback(req) when a request finishes (the simulator's early stop)."""
 
     def start(self) -> None:
         if self.flip is not None:
@@ -146,3 +147,5 @@ class Cluster:
     def finished(self, req: SimRequest, worker: SimWorker) -> None:
         self.pending -= 1
         self._done(req, worker.worker_id)
+        if self.on_finish is not None:
+            self.on_finish(req)

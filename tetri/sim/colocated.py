@@ -11,7 +11,9 @@ newest running requests drop their KV and go back to the FRONT of the waiting qu
 each step runs every scheduled decode plus prompt pieces from the real `ChunkPacker`
 filling the rest of a `chunk_size` token budget (decodes count one token each). A prompt's
 blocks are reserved when its first piece is packed; preempted requests re-enter the packer
-(at the back) to recompute.
+(at the back) to recompute. When running decodes cannot grow, half-prefilled prompts give
+their blocks back first (newest first; they restart later): otherwise a running request
+and a half-prefilled one can preempt each other forever, neither making progress.
 
 Both use the real greedy decode policy (`tetri.sched.decode_policy`) for batch selection
 and preemption.
@@ -117,7 +119,8 @@ class ChunkedWorker(SimWorker):
         self.policy = make_decode_policy("greedy")
         self.packer = ChunkPacker(env.chunk_size_tokens, env.prefill_policy, env.sched_batch)
         self.prefilling: dict[str, SimRequest] = {}
-        self.started: set[str] = set()
+        self.started: dict[str, None] = {}
+        """Prompts being prefilled that hold their blocks (an ordered set, oldest first)."""
         self.running: dict[str, SimRequest] = {}
 
     def add(self, req: SimRequest) -> None:
@@ -145,11 +148,28 @@ class ChunkedWorker(SimWorker):
                     for later in reversed(pieces[i:]):
                         self.packer.push_front(later)
                     return pieces[:i]
-                self.started.add(piece.req_id)
+                self.started[piece.req_id] = None
                 active += 1
         return pieces
 
+    def _make_room(self) -> None:
+        """Release half-prefilled prompts (newest first) until the decodes can grow."""
+        if not self.started or self.blocks.num_free >= len(self.running):
+            return
+        bs = self.env.block_size
+        need = sum(1 for r in self.running.values() if r.prompt_tokens + r.generated_tokens + 1 > self.held(r) * bs)
+        for req_id in reversed(list(self.started)):
+            if self.blocks.num_free >= need:
+                return
+            req = self.prefilling[req_id]
+            del self.started[req_id]
+            self.packer.remove(req_id)
+            self.free_blocks(req)
+            self.packer.add(req_id, req.kv_tokens)
+            self.stats.preemptions += 1
+
     def plan_step(self, now: float) -> Plan | None:
+        self._make_room()
         run = self.decode_round(self.running, self.policy, now, self.add_preempted)
         pieces = self._pack(self.env.chunk_size_tokens - len(run))
         if not run and not pieces:
@@ -171,7 +191,7 @@ class ChunkedWorker(SimWorker):
             if not piece.is_last:
                 continue
             req = self.prefilling.pop(piece.req_id)
-            self.started.discard(piece.req_id)
+            self.started.pop(piece.req_id, None)
             if req.recompute:
                 req.recompute = False
             elif req.emit(end_s):

@@ -2,18 +2,22 @@
 
 One iteration (a prefill chunk, a decode step, or both fused) costs
 
-    compute_flops = 2 * layer_params * (prefill_tokens + decode_reqs)        dense matmuls
-                  + 2 * hidden * vocab * sampled_rows                          lm_head
-                  + 4 * layers * q_width * attended_pairs                      QK^T and AV
-    memory_bytes  = weight_bytes_read + kv_bytes_per_token * kv_tokens_touched
-    time_s        = max(compute_flops / (peak * compute_eff), memory_bytes / (bw * memory_eff))
-                  + overhead_s
+    dense_flops  = 2 * layer_params * (prefill_tokens + decode_reqs)         batched GEMMs
+                 + 2 * hidden * vocab * sampled_rows                           lm_head
+    attn_flops   = 4 * layers * q_width * attended_pairs                       QK^T and AV
+    weight_bytes = layer weights + lm_head (read once per pass)
+    kv_bytes     = kv_bytes_per_token * kv_tokens (context read + new KV written)
+    time_s = max(dense_flops / (peak * compute_eff), weight_bytes / (bw * memory_eff))
+           + attn_flops / (peak * compute_eff) + kv_bytes / (bw * memory_eff)
+           + overhead_s + prefill_pieces * piece_overhead_s
 
-where `attended_pairs` sums, over every new token, the context it attends to (a prefill piece
-of l tokens starting at position s attends l*s + l*(l+1)/2 pairs; a decode token its whole
-context) and `kv_tokens_touched` counts the KV read (context) plus written (new tokens).
-Prefill iterations use `prefill_compute_eff` / `prefill_overhead_s`, decode-only ones
-`decode_compute_eff` / `decode_overhead_s`. KV handoff: bytes / link bandwidth + latency.
+The GEMMs see every token of the batch at once, so they are either compute or weight-bandwidth
+bound (the roofline max); attention runs per sequence in its own kernels, so its cost adds.
+`attended_pairs` sums, over every new token, the context it attends to (a prefill piece of l
+tokens starting at position s: l*s + l*(l+1)/2; a decode token: its whole context).
+Prefill iterations (any prompt tokens) use `prefill_compute_eff` / `prefill_overhead_s`,
+decode-only ones `decode_compute_eff` / `decode_overhead_s`. KV handoff between GPUs:
+bytes / link bandwidth + latency.
 
 Check against DistServe's fitted A100 OPT-13B numbers (papers.md §2.5): a 512-token prefill
 is 71 + 2 = 73 ms here (DistServe engine 72 ms, vLLM 96 ms); a decode step at batch 32,
@@ -47,6 +51,8 @@ class HardwareSpec:
     memory_eff: float = 0.7
     prefill_overhead_s: float = 2e-3
     decode_overhead_s: float = 2e-3
+    piece_overhead_s: float = 0.0
+    """Extra time per prompt piece in a pass (per-sequence launches; calibrated on CPU)."""
     memory_utilization: float = 0.9
     kv_cache_bytes: float | None = None
     """Fixed KV pool size (the CPU engine's default pool); None: memory * util - weights."""
@@ -147,17 +153,26 @@ class StepShape(NamedTuple):
     kv_tokens: int = 0
     sampled_rows: int = 0
     decode_reqs: int = 0
+    prefill_pieces: int = 0
+
+
+class Features(NamedTuple):
+    dense_flops: float
+    attn_flops: float
+    weight_bytes: float
+    kv_bytes: float
+    pieces: int
 
 
 def piece_shape(new_tokens: int, start_tokens: int, sample: bool = True) -> StepShape:
     """A prefill piece: `new_tokens` prompt tokens after `start_tokens` already cached."""
     pairs = new_tokens * start_tokens + new_tokens * (new_tokens + 1) // 2
-    return StepShape(new_tokens, pairs, start_tokens + new_tokens, int(sample), 0)
+    return StepShape(new_tokens, pairs, start_tokens + new_tokens, int(sample), 0, 1)
 
 
 def decode_shape(batch_reqs: int, context_tokens: int) -> StepShape:
     """`batch_reqs` decode tokens whose contexts sum to `context_tokens` (each includes itself)."""
-    return StepShape(0, context_tokens, context_tokens, batch_reqs, batch_reqs)
+    return StepShape(0, context_tokens, context_tokens, batch_reqs, batch_reqs, 0)
 
 
 def add_shapes(a: StepShape, b: StepShape) -> StepShape:
@@ -169,22 +184,23 @@ class CostModel:
         self.model = model
         self.hw = hardware
 
-    def features(self, shape: StepShape) -> tuple[float, float]:
-        """(compute FLOPs, memory bytes) of one forward pass."""
+    def features(self, shape: StepShape) -> Features:
         m = self.model
-        flops = (2.0 * m.layer_params * (shape.prefill_tokens + shape.decode_reqs)
-                 + 2.0 * m.hidden * m.vocab * shape.sampled_rows
-                 + 4.0 * m.layers * m.heads * m.head_dim * shape.attended_pairs)
-        memory = m.read_weight_bytes + m.kv_bytes_per_token * shape.kv_tokens
-        return flops, memory
+        dense = (2.0 * m.layer_params * (shape.prefill_tokens + shape.decode_reqs)
+                 + 2.0 * m.hidden * m.vocab * shape.sampled_rows)
+        attn = 4.0 * m.layers * m.heads * m.head_dim * shape.attended_pairs
+        return Features(dense, attn, float(m.read_weight_bytes), float(m.kv_bytes_per_token * shape.kv_tokens),
+                        shape.prefill_pieces)
 
     def step_s(self, shape: StepShape) -> float:
         hw = self.hw
-        flops, memory = self.features(shape)
+        f = self.features(shape)
         prefill = shape.prefill_tokens > 0
-        eff = hw.prefill_compute_eff if prefill else hw.decode_compute_eff
+        s_per_flop = 1.0 / (hw.peak_flops * (hw.prefill_compute_eff if prefill else hw.decode_compute_eff))
+        s_per_byte = 1.0 / (hw.hbm_bytes_s * hw.memory_eff)
         overhead_s = hw.prefill_overhead_s if prefill else hw.decode_overhead_s
-        return max(flops / (hw.peak_flops * eff), memory / (hw.hbm_bytes_s * hw.memory_eff)) + overhead_s
+        return (max(f.dense_flops * s_per_flop, f.weight_bytes * s_per_byte) + f.attn_flops * s_per_flop
+                + f.kv_bytes * s_per_byte + overhead_s + f.pieces * hw.piece_overhead_s)
 
     def prefill_s(self, prompt_tokens: list[int]) -> float:
         """One batch of whole prompts, prefilled from scratch."""

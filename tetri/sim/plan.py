@@ -3,14 +3,15 @@
 For each candidate (colocated-chunked with a chunk size; tetri with a prefill:decode split,
 a chunk size and a decode policy) it finds the highest Poisson rate whose SLO attainment is
 at least 90% (DistServe's goodput): bracket by doubling/halving from a cost-model estimate,
-then bisect to 10%. Or, with --rates, it evaluates exactly those rates. Goodput per GPU =
+then bisect to 15%. Or, with --rates, it evaluates exactly those rates. Goodput per GPU =
 that rate / GPUs. The search is staged to stay within --budget-s:
-  1. colocated-chunked at chunk 512, and tetri at every split 1..gpus-1 (chunk 512,
-     reserve-dynamic);
+  1. colocated-chunked at chunk 512, then tetri at every split 1..gpus-1 (chunk 512,
+     reserve-dynamic), nearest first to the split that balances the cost model's prefill
+     and decode GPU-seconds;
   2. the other chunk sizes for colocated-chunked and the two best splits;
   3. the other decode policies for the best tetri placement.
-A candidate in stages 2-3 is first run at the best rate so far; if it misses 90% there it
-cannot win and is not searched further. Every run reuses the same request lengths and
+After the first candidate, each one is first run at the best rate so far; if it misses 90%
+there it cannot win and is not searched further (it is ranked by that attainment). Every run reuses the same request lengths and
 arrival pattern (Poisson arrivals at rate 1, divided by the rate). A run at rate R holds
 R * --window-s requests (at least --num-requests, at most --max-requests): a fixed count
 would let a fast enough burst pass any SLO, so the run must last long enough for an
@@ -39,7 +40,7 @@ from tetri.sim.costmodel import CostModel
 from tetri.sim.simulator import sim_report, simulate
 
 ATTAINMENT_TARGET = 0.9
-BISECT_RATIO = 1.1
+BISECT_RATIO = 1.15
 MAX_BRACKET_STEPS = 8
 
 
@@ -80,7 +81,7 @@ class Evaluation:
 
 class Search:
     def __init__(self, base_reqs: list[Request], cost: CostModel, slo: Slo, gpus: int, budget_s: float,
-                 target: float = ATTAINMENT_TARGET, window_s: float = 10.0, min_requests: int = 200,
+                 target: float = ATTAINMENT_TARGET, window_s: float = 8.0, min_requests: int = 200,
                  **sim_fields) -> None:
         """`base_reqs`: Poisson arrivals at rate 1 (the most any run uses); `sim_fields`:
         further SimConfig fields every candidate shares (seed, num_blocks, ...)."""
@@ -114,20 +115,29 @@ class Search:
 
     def attainment(self, cand: Candidate, rate: float, ev: Evaluation) -> float:
         reqs = self.requests_at(rate)
-        result = simulate(reqs, self.config(cand), self.cost)
+        result = simulate(reqs, self.config(cand), self.cost, early_stop=(self.slo, self.target))
         self.sims += 1
         ev.attainment[rate] = sim_report(result, self.slo)["slo_attainment"]
         return ev.attainment[rate]
 
-    def estimate_rate(self) -> float:
-        """Cluster rate at which the GPUs would be about half busy (a starting point only)."""
+    def _phase_s(self) -> tuple[float, float]:
+        """GPU-seconds one average request spends in prefill and in decode (batch 64)."""
         n = len(self.base_reqs)
         prompt = sum(r.prompt_tokens for r in self.base_reqs) / n
         output = sum(r.output_tokens for r in self.base_reqs) / n
-        per_prefill_token_s = self.cost.prefill_s([512]) / 512
         batch = 64
         per_decode_token_s = self.cost.decode_s(batch, int(batch * (prompt + output / 2))) / batch
-        return 0.5 * self.gpus / (prompt * per_prefill_token_s + output * per_decode_token_s)
+        return prompt * self.cost.prefill_s([512]) / 512, output * per_decode_token_s
+
+    def estimate_rate(self) -> float:
+        """Cluster rate at which the GPUs would be about half busy (a starting point only)."""
+        return 0.5 * self.gpus / sum(self._phase_s())
+
+    def split_order(self) -> list[int]:
+        """Prefill worker counts 1..gpus-1, nearest first to the cost-balanced split."""
+        prefill_s, decode_s = self._phase_s()
+        ideal = self.gpus * prefill_s / (prefill_s + decode_s)
+        return sorted(range(1, self.gpus), key=lambda p: (abs(p - ideal), p))
 
     def _bracket(self, cand: Candidate, start: float, ev: Evaluation) -> tuple[float | None, float]:
         """(highest passing rate seen or None, lowest failing rate seen)."""
@@ -189,15 +199,18 @@ def _evaluate(search: Search, cand: Candidate, rates: list[float] | None, staged
     search.max_rate(cand, start, floor=best.max_rate if (staged and best is not None) else None)
 
 
+def _rank_key(ev: Evaluation) -> tuple[float, float]:
+    return (ev.max_rate or 0.0, max(ev.attainment.values(), default=0.0))
+
+
 def run_search(search: Search, chunk_sizes: list[int], decode_policies: list[str],
                rates: list[float] | None = None) -> Search:
     gpus, base_chunk = search.gpus, 512 if 512 in chunk_sizes else chunk_sizes[0]
     first_policy = decode_policies[0]
     _evaluate(search, Candidate("colocated-chunked", base_chunk), rates, staged=False)
-    for p in range(1, gpus):
-        _evaluate(search, Candidate("tetri", base_chunk, p, gpus - p, first_policy), rates, staged=False)
-    tetri = sorted((e for e in search.results if e.candidate.mode == "tetri" and e.max_rate is not None),
-                   key=lambda e: -e.max_rate)[:2]
+    for p in search.split_order():
+        _evaluate(search, Candidate("tetri", base_chunk, p, gpus - p, first_policy), rates, staged=True)
+    tetri = sorted((e for e in search.results if e.candidate.mode == "tetri"), key=_rank_key, reverse=True)[:2]
     for chunk in chunk_sizes:
         _evaluate(search, Candidate("colocated-chunked", chunk), rates, staged=True)
         for ev in tetri:
@@ -254,16 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(p)
     add_cluster_args(p)
     p.set_defaults(num_requests=200)
-    p.add_argument("--window-s", type=_positive_float, default=10.0,
+    p.add_argument("--window-s", type=_positive_float, default=8.0,
                    help="seconds of arrivals per run (requests = rate * window, >= --num-requests)")
-    p.add_argument("--max-requests", type=int, default=3000, help="cap on requests per run")
+    p.add_argument("--max-requests", type=int, default=5000, help="cap on requests per run")
     p.add_argument("--slo", type=_slo, required=True, help="ttft=SECONDS,tpot=SECONDS")
     p.add_argument("--rates", type=_floats, help="evaluate only these cluster rates (req/s), no bisection")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--decode-policies", nargs="+", choices=DECODE_POLICIES,
                    default=["reserve-dynamic", "reserve-static", "greedy"])
     p.add_argument("--attainment", type=float, default=ATTAINMENT_TARGET)
-    p.add_argument("--budget-s", type=_positive_float, default=120.0, help="wall-clock budget for the search")
+    p.add_argument("--budget-s", type=_positive_float, default=300.0, help="wall-clock budget for the search")
     p.add_argument("--json", dest="json_path")
     return p
 

@@ -8,11 +8,16 @@
 a request without an arrival time (closed loop) arrives at 0. The run is deterministic for
 a config (the seed feeds every random choice) and bounded: it stops when every request has
 finished or at `max_sim_s` of simulated time (unfinished requests are then failed records).
+`early_stop=(slo, target)` also stops it as soon as the verdict "attainment >= target" is
+certain either way: so many requests missed the SLO that `target` is out of reach, or so
+many met it that it is reached (tetri-plan's rate search needs only that verdict; the
+unfinished requests are then failed records, so use such a run for nothing else).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -36,6 +41,42 @@ class SimResult:
     stats: dict[str, Any]
 
 
+class MissCounter:
+    """Counts SLO misses as they become certain (no first token by arrival + TTFT SLO, or a
+    finished request over either limit) and hits; stops the loop once the verdict is known."""
+
+    def __init__(self, loop: EventLoop, slo: Slo, target: float, num_reqs: int) -> None:
+        self.loop = loop
+        self.slo = slo
+        self.needed = math.ceil(target * num_reqs - 1e-9)
+        self.allowed = num_reqs - self.needed
+        self.missed: set[str] = set()
+        self.met = 0
+
+    def miss(self, req: SimRequest) -> None:
+        self.missed.add(req.req_id)
+        if len(self.missed) > self.allowed:
+            self.loop.stop()
+
+    def watch(self, req: SimRequest) -> None:
+        if math.isfinite(self.slo.ttft_s):
+            self.loop.at(req.arrival_s + self.slo.ttft_s, self._ttft_check, req)
+
+    def _ttft_check(self, req: SimRequest) -> None:
+        if req.generated_tokens == 0:
+            self.miss(req)
+
+    def finished(self, req: SimRequest) -> None:
+        if req.req_id in self.missed:
+            return
+        if not self.slo.met_by(req.record()):
+            self.miss(req)
+            return
+        self.met += 1
+        if self.met >= self.needed:
+            self.loop.stop()
+
+
 def _stats(cluster: Cluster, loop: EventLoop, duration_s: float) -> dict[str, Any]:
     workers = cluster.env.stats
     busy_s = sum(w.busy_s for w in workers.values())
@@ -51,22 +92,30 @@ def _stats(cluster: Cluster, loop: EventLoop, duration_s: float) -> dict[str, An
         "flips": len(cluster.flip.flips) if cluster.flip is not None else 0,
         "predictions": cluster.predictor.predictions,
         "mispredictions": cluster.predictor.misses,
+        "stopped_early": loop.stopped,
     }
 
 
-def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel) -> SimResult:
+def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
+             early_stop: tuple[Slo, float] | None = None) -> SimResult:
     cfg = cfg.resolved()
     loop = EventLoop()
     cluster = Cluster(cfg, cost, loop, random.Random(cfg.seed))
     reqs = [make_sim_request(i, r.prompt_tokens, r.output_tokens, float(r.arrival_s or 0.0), cost.model.max_model_len)
             for i, r in enumerate(requests)]
+    misses = MissCounter(loop, early_stop[0], early_stop[1], len(reqs)) if early_stop else None
+    cluster.on_finish = misses.finished if misses else None
     for req in reqs:
         loop.at(req.arrival_s, cluster.arrive, req)
+        if misses is not None:
+            misses.watch(req)
     cluster.start()
     finished = loop.run(until_s=cfg.max_sim_s)
+    why = "stopped early: the SLO verdict was already certain" if loop.stopped else \
+        f"not finished after {cfg.max_sim_s:g} s of simulated time"
     for req in reqs:
         if req.done_s is None and req.error is None:
-            req.error = f"not finished after {cfg.max_sim_s:g} s of simulated time"
+            req.error = why
     ends = [r.done_s for r in reqs if r.done_s is not None] + [r.arrival_s for r in reqs]
     duration_s = max(ends) if ends else 0.0
     records = [r.record() for r in reqs]

@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import BlockAllocator, blocks_for_tokens
 from tetri.sched.load import WorkerLoad
 from tetri.sim.costmodel import CostModel
@@ -28,13 +29,17 @@ class EventLoop:
         self._heap: list = []
         self._seq = itertools.count()
         self.events = 0
+        self.stopped = False
 
     def at(self, time_s: float, fn: Callable, *args) -> None:
         heapq.heappush(self._heap, (max(time_s, self.now), next(self._seq), fn, args))
 
+    def stop(self) -> None:
+        self.stopped = True
+
     def run(self, until_s: float = float("inf")) -> bool:
-        """Run events up to `until_s`; True when the heap emptied (everything finished)."""
-        while self._heap:
+        """Run events up to `until_s` or a stop(); True when the heap emptied (all done)."""
+        while self._heap and not self.stopped:
             time_s, _, fn, args = self._heap[0]
             if time_s > until_s:
                 return False
@@ -42,7 +47,7 @@ class EventLoop:
             self.now = time_s
             self.events += 1
             fn(*args)
-        return True
+        return not self.stopped
 
 
 class ClusterHooks(Protocol):
@@ -175,9 +180,13 @@ class SimWorker:
         blocks are freed for recompute); reserve the blocks the stepping ones grow into."""
         if not running:
             return []
-        views = [r.view(self.held(r)) for r in running.values()]
-        run_ids, preempt_ids = policy.schedule(views, self.env.max_num_seqs, self.blocks.num_free,
-                                               self.env.block_size, now)
+        held = self.held_blocks.get
+        # SimRequest.view() inlined: this line runs once per request per step.
+        views = [DecodeReqView(r.req_id, r.prompt_tokens + r.generated_tokens, r.generated_tokens, r.max_tokens,
+                               r.info.predicted_low_tokens, r.arrival_s, held(r.req_id, 0))
+                 for r in running.values()]
+        bs = self.env.block_size
+        run_ids, preempt_ids = policy.schedule(views, self.env.max_num_seqs, self.blocks.num_free, bs, now)
         for req_id in preempt_ids:
             req = running.pop(req_id)
             self.free_blocks(req)
@@ -187,7 +196,8 @@ class SimWorker:
         run = []
         for req_id in run_ids:
             req = running[req_id]
-            if self.try_reserve(req, req.prompt_tokens + req.generated_tokens):
+            tokens = req.prompt_tokens + req.generated_tokens
+            if tokens <= held(req_id, 0) * bs or self.try_reserve(req, tokens):
                 run.append(req)
         return run
 
@@ -198,7 +208,11 @@ class SimWorker:
         self.stats.decode_tokens += len(run)
         done = []
         for req in run:
-            if req.emit(end_s):
+            # SimRequest.emit() inlined (hot loop).
+            req.token_times_s.append(end_s)
+            req.generated_tokens += 1
+            if req.generated_tokens >= req.output_tokens:
+                req.done_s = end_s
                 running.pop(req.req_id, None)
                 self.free_blocks(req)
                 policy.forget(req.req_id)
