@@ -37,7 +37,7 @@ class PoolInfo(msgspec.Struct, kw_only=True):
     head_dim: int
     dtype: str
     shm_name: str | None = None  # CPU: named shared-memory segment
-    cuda_ipc: list | None = None  # CUDA: torch's IPC storage handle fields (see workers/ipc.py)
+    cuda_ipc: bytes | None = None  # CUDA: the pool's IPC memory handle (not built yet: no GPU here)
 
 
 class NewReq(msgspec.Struct, kw_only=True):
@@ -195,3 +195,13 @@ from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
 
 def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
+
+
+def decode_or_none(decoder: msgspec.msgpack.Decoder, raw: bytes):
+    """Decode a message, or None when it is malformed in any way. msgspec raises DecodeError
+    for most bad input but UnicodeDecodeError or RecursionError for some: a hostile or
+    corrupted message must never take a process down."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError, TypeError, OverflowError):
+        return None

@@ -312,9 +312,12 @@ class FrontScheduler:
         for req in list(self.reqs.values()):
             lost = (req.decode_worker == wid and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING)) or \
                    (req.prefill_worker == wid and req.state in (ReqState.QUEUED, ReqState.PREFILLING, ReqState.AWAIT_DECODE))
-            if not lost or req.aborting:
+            if not lost:
                 continue
             self._let_go(req, wid, acts)
+            if req.aborting:  # its Dropped will never come: the prefill copy was just released
+                self._drop(req.req_id)
+                continue
             if migrate and req.params.n == 1 and loads is not None and self._migrate(req, loads, acts):
                 continue
             phase = "decoding" if req.decode_worker == wid else "prefilling"
@@ -360,6 +363,10 @@ class FrontScheduler:
         acts = Actions()
         for req in list(self.reqs.values()):
             if req.aborting:
+                if now > req.deadline_s:  # the decode worker never confirmed the drop
+                    if req.holds_prefill_blocks:
+                        acts.send(req.prefill_worker, Release(req_id=req.req_id))
+                    self._drop(req.req_id)
                 continue
             if req.state is ReqState.AWAIT_DECODE and now > req.deadline_s:
                 acts.extend(self.abort(req.req_id))

@@ -144,19 +144,45 @@ def run_server(
     *,
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
 ) -> None:
-    """Serve until SIGINT/SIGTERM on uvloop, then shut down gracefully (see module doc)."""
+    """Serve until SIGINT/SIGTERM on uvloop, then shut down gracefully:
+    stop admitting (503) -> let running requests finish for `shutdown_timeout` -> end the rest
+    with an error event (the engine aborts them on every worker) -> tear everything down."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    web.run_app(
-        create_app(cfg, engine, metrics),
-        host=cfg.host,
-        port=cfg.port,
-        loop=loop,
-        shutdown_timeout=shutdown_timeout,
-        handler_cancellation=True,  # a client that hangs up cancels its handler -> engine abort
-        access_log=None,
-        print=lambda msg: log.info("%s", msg),
-    )
+    try:
+        loop.run_until_complete(_serve(create_app(cfg, engine, metrics), cfg, shutdown_timeout))
+    finally:
+        loop.close()
+
+
+async def _serve(app: web.Application, cfg: ServerConfig, shutdown_timeout: float) -> None:
+    import signal
+
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        log.info("======== Running on http://%s:%d ========", cfg.host, cfg.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await _drain(app, shutdown_timeout)
+    finally:
+        await runner.cleanup()
+
+
+async def _drain(app: web.Application, timeout_s: float) -> None:
+    app[STATE].draining = True
+    engine = app[ENGINE]
+    deadline = time.monotonic() + timeout_s
+    while engine.num_running() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.num_running() and hasattr(engine, "fail_all"):
+        log.warning("ending %d unfinished requests at shutdown", engine.num_running())
+        engine.fail_all("the server shut down before this request finished")
+        await asyncio.sleep(0.5)  # let the handlers write their error events and [DONE]
 
 
 async def start_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:

@@ -19,7 +19,6 @@ import logging
 import random
 import time
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -27,7 +26,7 @@ from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.control.load_board import LoadBoard
 from tetri.launch import LaunchConfig, WorkerProcs
 from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPools, Ready, Shutdown, TokenBatch,
-                            WorkerError, encode, from_worker_decoder)
+                            WorkerError, decode_or_none, encode, from_worker_decoder)
 from tetri.sched.dispatch import NoWorker
 from tetri.sched.front import Actions, FrontConfig, FrontReq, FrontScheduler
 from tetri.server.engine_api import (ChoiceDelta, EngineError, EngineOutput, EngineRequest, Overloaded,
@@ -174,6 +173,11 @@ class RuntimeClient:
             self.streams.pop(req_id, None)
             self._dispatched.pop(req_id, None)
 
+    def fail_all(self, why: str) -> None:
+        """End every running request with an error (shutdown past its timeout)."""
+        for req_id in list(self.scheduler.reqs):
+            self._apply(self.scheduler.fail_request(req_id, why))
+
     def healthy(self) -> bool:
         if self._closed or not self.ready:
             return False
@@ -224,25 +228,25 @@ class RuntimeClient:
                         self._dispatched[p.req_id] = now - p.new.arrival_s
             self._send(wid, msg)
         for req_id, why in acts.fails:
+            self._dispatched.pop(req_id, None)
             stream = self.streams.pop(req_id, None)
             if stream is not None:
                 stream.put(EngineOutput(req_id=req_id, choices=[], error=why))
 
     @staticmethod
     def _decode(raw: bytes):
-        try:
-            return from_worker_decoder.decode(raw)
-        except msgspec.DecodeError as e:
-            log.warning("dropped a malformed worker message: %s", e)
-            return None
+        msg = decode_or_none(from_worker_decoder, raw)
+        if msg is None:
+            log.warning("dropped a malformed worker message (%d bytes)", len(raw))
+        return msg
 
     async def _recv_loop(self) -> None:
         while True:
-            msg = self._decode(await self.pull.recv())
+            raw = await self.pull.recv()
             try:
-                self._on_message(msg)
-            except Exception:  # a bug handling one message must not stop the loop
-                log.exception("error handling %s", type(msg).__name__)
+                self._on_message(self._decode(raw))
+            except Exception:  # one bad message must never stop the loop
+                log.exception("error handling a worker message")
 
     def _on_message(self, msg) -> None:
         if msg is None:

@@ -20,7 +20,7 @@ import traceback
 import msgspec
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
-from tetri.protocol import Ready, WorkerError, encode, to_worker_decoder
+from tetri.protocol import Ready, WorkerError, decode_or_none, encode, to_worker_decoder
 
 log = logging.getLogger("tetri.worker")
 HEARTBEAT_S = 0.1
@@ -85,10 +85,9 @@ class WorkerShell:
         self.push.send(encode(msg))
 
     def handle(self, raw: bytes) -> None:
-        try:
-            msg = to_worker_decoder.decode(raw)
-        except msgspec.DecodeError as e:  # malformed or unknown: logged and dropped, never fatal
-            log.warning("worker %d dropped a malformed message: %s", self.args.worker_id, e)
+        msg = decode_or_none(to_worker_decoder, raw)
+        if msg is None:  # malformed or unknown: logged and dropped, never fatal
+            log.warning("worker %d dropped a malformed message (%d bytes)", self.args.worker_id, len(raw))
             return
         for out in self.node.handle(msg, time.monotonic()):
             self.send(out)

@@ -34,8 +34,9 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self._generator = torch.Generator().manual_seed(seed)
 
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
-        logits = logits.float()
+        logits = logits.float().clone()  # processed in place below
         for i, row in enumerate(rows):
             self._process_row(logits, i, row)
         want_logprobs = [r.params.logprobs is not None for r in rows]
@@ -54,7 +55,8 @@ class Sampler:
         if p.has_penalties and (row.output_token_ids or p.repetition_penalty != 1.0):
             _apply_penalties(logits[i], row)
         if len(row.output_token_ids) < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+            vocab = logits.shape[-1]
+            banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else self.eos_token_ids)) if t < vocab]
             if banned:
                 logits[i, banned] = -float("inf")
 
@@ -72,6 +74,9 @@ class Sampler:
             probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        total = float(probs.sum())
+        if not (total > 0.0 and total < float("inf")):  # degenerate (e.g. extreme penalties): fall back to greedy
+            return int(torch.argmax(torch.nan_to_num(row_logits, nan=-float("inf"))))
         gen = self._generator
         if p.seed is not None:
             key = hash((p.seed, row.choice, len(row.output_token_ids))) & _MASK64
