@@ -149,3 +149,29 @@ def test_handoff_deadline_expires_into_an_abort(cluster):
     cluster.apply(cluster.front.expire(now=1e9))
     assert "not admitted" in cluster.failed["a"]
     finish_and_check(cluster)
+
+
+def test_requests_of_the_only_prefill_worker_wait_for_its_restart(cluster):
+    """Migration with no live worker of the role parks the request until one is back."""
+    cluster.submit("a", LONG)
+    cluster.deliver(0)
+    cluster.step(0)
+    cluster.dead.add(0)
+    cluster.apply(cluster.front.on_worker_dead(0, cluster.loads(), migrate=True))
+    assert cluster.front.parked == ["a"] and "a" not in cluster.failed
+    cluster.nodes[0].core.seqs.clear()  # the restarted process starts empty
+    cluster.nodes[0].core.chunks.clear()
+    cluster.nodes[0].ex.blocks.free("a/0")
+    cluster.dead.discard(0)
+    cluster.to_workers[0].clear()
+    cluster.apply(cluster.front.unpark(cluster.loads()))
+    assert cluster.front.parked == []
+    finish_and_check(cluster, ["a"])
+
+
+def test_a_parked_request_can_be_aborted(cluster):
+    cluster.submit("a", LONG)
+    cluster.dead.add(0)
+    cluster.apply(cluster.front.on_worker_dead(0, cluster.loads(), migrate=True))
+    cluster.abort("a")
+    assert cluster.front.reqs == {} and cluster.front.parked == []

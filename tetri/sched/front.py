@@ -111,6 +111,8 @@ class FrontScheduler:
         self.level1 = make_prefill_dispatch(cfg.global_policy, rng)
         self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
         self.reqs: dict[str, FrontReq] = {}
+        self.parked: list[str] = []
+        """Migrated requests waiting for a live worker of the role (a restart); deadline-bound."""
         self.migrated_total = 0
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
@@ -277,7 +279,10 @@ class FrontScheduler:
                 if req.state is ReqState.DECODING:
                     acts.send(req.decode_worker, Abort(req_id=req_id, choice=choice))
                 return acts
-        if req.state in (ReqState.QUEUED, ReqState.PREFILLING) and req.prefill_worker in self.packers:
+        if req.prefill_worker is None:  # parked after a migration: nothing was sent anywhere
+            self.parked = [r for r in self.parked if r != req_id]
+            self._drop(req_id)
+        elif req.state in (ReqState.QUEUED, ReqState.PREFILLING) and req.prefill_worker in self.packers:
             self.packers[req.prefill_worker].remove(req_id)
             if req.state is ReqState.PREFILLING:
                 acts.send(req.prefill_worker, Abort(req_id=req_id))
@@ -347,13 +352,31 @@ class FrontScheduler:
                         output_ids=list(req.output_ids), migrations=req.migrations + 1)
         try:
             acts.extend(self.add(cont, loads, 0.0))
-        except NoWorker:
-            return False
+        except NoWorker:  # no live worker of the role: wait for the supervisor's restart
+            cont.prefill_worker = None
+            self.reqs[cont.req_id] = cont
+            self.parked.append(cont.req_id)
         self.migrated_total += 1
         return True
 
+    def unpark(self, loads: list[WorkerLoad]) -> Actions:
+        """A worker came back: place the parked requests (those still waiting)."""
+        acts = Actions()
+        waiting, self.parked = self.parked, []
+        for req_id in waiting:
+            req = self.reqs.pop(req_id, None)
+            if req is None:
+                continue
+            try:
+                acts.extend(self.add(req, loads, 0.0))
+            except NoWorker:
+                self.reqs[req_id] = req
+                self.parked.append(req_id)
+        return acts
+
     def _fail(self, req: FrontReq, why: str, acts: Actions) -> None:
         self._drop(req.req_id)
+        self.parked = [r for r in self.parked if r != req.req_id]
         if not req.aborting:
             acts.fails.append((req.req_id, why))
 

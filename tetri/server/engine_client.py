@@ -325,6 +325,8 @@ class RuntimeClient:
                 if not self.procs.alive(wid) or stale:
                     self._on_dead(wid, "exited" if not self.procs.alive(wid) else "stopped heartbeating")
             self._apply(self.scheduler.expire(now))
+            if self.scheduler.parked:
+                self._apply(self.scheduler.unpark(self._loads()))
             if self.scheduler.flip_policy is not None:
                 self._apply(self.scheduler.flip_tick(self._loads(), now))
 
@@ -377,6 +379,7 @@ class RuntimeClient:
             if self.scheduler.flip_plan is not None:
                 self.scheduler.flip_plan.add_worker(msg.worker_id, msg.role)
             self._broadcast_pools()
+            self._apply(self.scheduler.unpark(self._loads()))
 
 
 def _dead(w):
