@@ -139,7 +139,10 @@ def build_engine(args):
 
     specs = worker_specs(args)
     device = specs[0].device.split(":")[0]
-    threads = max(1, (os.cpu_count() or 1) // len(specs)) if device == "cpu" else 1
+    # CPU: share the cores among workers, leaving one for the front process when there are
+    # enough (torch's OpenMP threads spin badly when oversubscribed).
+    cores = os.cpu_count() or 1
+    threads = max(1, (cores - 1) // len(specs) if cores > len(specs) else cores // len(specs)) if device == "cpu" else 1
     model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed)
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization)
