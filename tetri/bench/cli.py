@@ -19,41 +19,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tetri.bench import client, workload
-from tetri.bench.records import RequestRecord, Slo
+from tetri.bench.records import RequestRecord
 from tetri.bench.report import build_report, max_rate_at, plot_latency_cdfs, plot_sweep, print_report, sweep_entry
+from tetri.bench.argtypes import positive_float as _positive_float, positive_int as _positive_int
+from tetri.bench.argtypes import positive_floats as _rates, slo as _slo
 
 ATTAINMENT_TARGET = 0.9
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
-    return value
-
-
-def _slo(text: str) -> Slo:
-    try:
-        return Slo.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _rates(text: str) -> list[float]:
-    try:
-        rates = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad rate list {text!r}") from exc
-    if not rates or any(not r > 0 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be > 0 (got {text!r})")
-    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:

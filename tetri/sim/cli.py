@@ -27,40 +27,11 @@ from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
 from tetri.sim.config import MODES, SimConfig
 from tetri.sim.costmodel import HARDWARE_PRESETS, MODEL_PRESETS, CostModel, lookup, with_overrides
 from tetri.sim.simulator import sim_report, simulate
+from tetri.bench.argtypes import positive_float as _positive_float, positive_int as _positive_int
+from tetri.bench.argtypes import positive_floats as _floats, slo as _slo
 
 ATTAINMENT_TARGET = 0.9
 GB = 1e9
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {text})")
-    return value
-
-
-def _slo(text: str) -> Slo:
-    try:
-        return Slo.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad list {text!r}") from exc
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be > 0 (got {text!r})")
-    return values
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
