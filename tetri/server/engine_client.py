@@ -60,6 +60,7 @@ class RuntimeClient:
         self.migrate = migrate
         self.max_restarts = max_restarts
         self._restart_at: dict[int, float] = {}
+        self._dead_role: dict[int, str] = {}  # role to restart a dead worker in
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -355,7 +356,6 @@ class RuntimeClient:
         if self.metrics is not None:
             self.metrics.observe_migrations(self.scheduler.migrated_total - migrated_before)
         self._unlink_pools([wid])
-        self._dead_role = getattr(self, "_dead_role", {})
         self._dead_role[wid] = role
         restarts = self.procs.restarts.get(wid, 0)
         if restarts < self.max_restarts:
