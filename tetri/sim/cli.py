@@ -6,6 +6,8 @@ Examples:
   tetri-sim --mode colocated --trace azure_llm_2023/AzureLLMInferenceTrace_conv.csv --time-scale 20
   tetri-sim --mode colocated-chunked --workload mixed --sweep-rates 50,100,200 --slo ttft=1,tpot=0.05
   tetri-sim profile --out calib.json            (time the real engine on CPU)
+  tetri-sim fit-serving --real live.json --mode disagg --gpus 2 --prefill 1 --decode 1 \\
+      --workload mixed --rate 2 --calibration calib.json   (fit the live server's latencies)
   tetri-sim --mode tetri --gpus 2 --workload random --rate 5 --calibration calib.json
 """
 
@@ -52,7 +54,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=_positive_int, default=8)
     p.add_argument("--model-preset", choices=sorted(MODEL_PRESETS), help="default llama3-8b")
     p.add_argument("--hardware", choices=sorted(HARDWARE_PRESETS), help="default h200 (cpu with --calibration)")
-    p.add_argument("--calibration", help="JSON from `tetri-sim profile`: fit the cpu preset to it")
+    p.add_argument("--calibration", help="JSON from `tetri-sim profile` (and `fit-serving`): fit the cpu preset to it")
     p.add_argument("--link-gb-s", type=_positive_float, help="override the GPU-GPU KV link bandwidth (GB/s)")
     p.add_argument("--max-num-seqs", type=_positive_int, default=256)
     p.add_argument("--max-batched-tokens", type=_positive_int, default=8192,
@@ -90,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cost_model_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> CostModel:
+def cost_model_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, serving: bool = True) -> CostModel:
+    """`serving=False`: a calibration's bare engine, without the live-server latencies it holds."""
     if args.calibration:
         from tetri.sim.calibrate import load_calibration
 
         if args.hardware not in (None, "cpu"):
             parser.error("--calibration fits the cpu preset; drop --hardware or use --hardware cpu")
-        model, fit = load_calibration(args.calibration)
+        model, fit = load_calibration(args.calibration, mode=getattr(args, "mode", None) if serving else None)
         hw = fit.hardware
         if args.model_preset:
             model = MODEL_PRESETS[args.model_preset]
@@ -170,12 +173,43 @@ def write_outputs(report: dict, runs: dict, json_path: str | None, plot_dir: str
             plot_sweep(report["sweep"], Path(plot_dir) / "slo_attainment_vs_rate.png", ATTAINMENT_TARGET)
 
 
+def fit_serving_main(argv: Sequence[str]) -> int:
+    """`tetri-sim fit-serving`: fit the live server's latencies for one mode (see serving_fit)."""
+    from tetri.sim.serving_fit import fit_serving
+
+    parser = build_parser()
+    parser.prog = "tetri-sim fit-serving"
+    parser.add_argument("--real", required=True, help="tetri-bench JSON of a live run of this workload")
+    parser.add_argument("--out", help="calibration JSON to write (default: update --calibration)")
+    args = parser.parse_args(argv)
+    if not args.calibration:
+        parser.error("fit-serving needs --calibration (a `tetri-sim profile` JSON)")
+    try:
+        real = json.loads(Path(args.real).read_text())
+        data = json.loads(Path(args.calibration).read_text())
+        cost = cost_model_from_args(args, parser, serving=False)
+        fit = fit_serving(build_requests(args, args.rate, args.time_scale), sim_config(args), cost, real)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"tetri-sim: error: {exc}", file=sys.stderr)
+        return 2
+    data.setdefault("serving", {})[args.mode] = {**fit.to_dict(), "fitted_on": args.real}
+    out = Path(args.out or args.calibration)
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"{args.mode}: request latency {fit.request_latency_s * 1e3:.2f} ms, step latency "
+          f"{fit.step_latency_s * 1e3:.3f} ms (mean TTFT {fit.sim_ttft_s * 1e3:.2f} vs live "
+          f"{fit.real_ttft_s * 1e3:.2f} ms, mean TPOT {fit.sim_tpot_s * 1e3:.3f} vs {fit.real_tpot_s * 1e3:.3f} ms); "
+          f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "profile":
         from tetri.sim.profile_cli import profile_main
 
         return profile_main(argv[1:])
+    if argv and argv[0] == "fit-serving":
+        return fit_serving_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.sweep_rates and not args.slo:

@@ -9,7 +9,13 @@ One iteration (a prefill chunk, a decode step, or both fused) costs
     kv_bytes     = kv_bytes_per_token * kv_tokens (context read + new KV written)
     time_s = max(dense_flops / (peak * compute_eff), weight_bytes / (bw * memory_eff))
            + attn_flops / (peak * compute_eff) + kv_bytes / (bw * memory_eff)
-           + overhead_s + prefill_pieces * piece_overhead_s
+           + overhead_s + prefill_pieces * piece_overhead_s + step_latency_s
+
+`step_latency_s` and `request_latency_s` are the serving stack's share: what a live server adds
+to each engine step (worker-loop I/O, the front's work competing for the host) and to each
+request (HTTP, dispatch, first-token delivery; the simulator delays a request's arrival at
+the scheduler by it). They are 0 in the presets (the engine-only view) and fitted from one
+live run by `tetri-sim fit-serving` (`tetri.sim.serving_fit`).
 
 The GEMMs see every token of the batch at once, so they are either compute or weight-bandwidth
 bound (the roofline max); attention runs per sequence in its own kernels, so its cost adds.
@@ -53,6 +59,10 @@ class HardwareSpec:
     decode_overhead_s: float = 2e-3
     piece_overhead_s: float = 0.0
     """Extra time per prompt piece in a pass (per-sequence launches; calibrated on CPU)."""
+    step_latency_s: float = 0.0
+    """What a live server adds to every engine step (fitted by `tetri-sim fit-serving`)."""
+    request_latency_s: float = 0.0
+    """What a live server adds to every request before its first token (HTTP, dispatch)."""
     memory_utilization: float = 0.9
     kv_cache_bytes: float | None = None
     """Fixed KV pool size (the CPU engine's default pool); None: memory * util - weights."""
@@ -200,7 +210,7 @@ class CostModel:
         s_per_byte = 1.0 / (hw.hbm_bytes_s * hw.memory_eff)
         overhead_s = hw.prefill_overhead_s if prefill else hw.decode_overhead_s
         return (max(f.dense_flops * s_per_flop, f.weight_bytes * s_per_byte) + f.attn_flops * s_per_flop
-                + f.kv_bytes * s_per_byte + overhead_s + f.pieces * hw.piece_overhead_s)
+                + f.kv_bytes * s_per_byte + overhead_s + f.pieces * hw.piece_overhead_s + hw.step_latency_s)
 
     def prefill_s(self, prompt_tokens: list[int]) -> float:
         """One batch of whole prompts, prefilled from scratch."""

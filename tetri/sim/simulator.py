@@ -106,7 +106,7 @@ def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
     misses = MissCounter(loop, early_stop[0], early_stop[1], len(reqs)) if early_stop else None
     cluster.on_finish = misses.finished if misses else None
     for req in reqs:
-        loop.at(req.arrival_s, cluster.arrive, req)
+        loop.at(req.arrival_s + cost.hw.request_latency_s, cluster.arrive, req)  # latencies count from arrival_s
         if misses is not None:
             misses.watch(req)
     cluster.start()
