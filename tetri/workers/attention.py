@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tetri.workers.decode_stage import DecodeStage
 from tetri.workers.kv_pool import KVPool
+from tetri.workers.seq import new_uid
+
+STAGE_BUDGET_SHARE = 0.5
+"""The torch backend's decode staging may hold up to this share of the pool's bytes."""
 
 
 @dataclass
@@ -46,6 +51,9 @@ class AttnBatch:
     decode_block_base: torch.Tensor | None = None  # [D * max_blocks] decode_tables * layers * 2
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
+    stage_len: int = 0  # keys the staged attention reads (the longest context; 0: gather instead)
+    stage_rows: torch.Tensor | None = None  # [D] row of each new token in a staged layer's K (or V)
+    stage_slots: torch.Tensor | None = None  # [D] decode row -> stage slot; None: row i is slot i
 
 
 class TorchAttention:
@@ -63,6 +71,31 @@ class TorchAttention:
         # Gathered K/V land in one reused buffer: a fresh multi-MB tensor per call costs more
         # in page faults than the copy itself.
         self._scratch = torch.empty(0, self._blocks.shape[1], dtype=self._blocks.dtype, device=self._blocks.device)
+        self._stage = DecodeStage(pool.data, self._bs, STAGE_BUDGET_SHARE * pool.data.nbytes)
+
+    def stage_decodes(self, batch: AttnBatch, segs, context_lens: list[int]) -> bool:
+        """Attend this step's decodes over staged K/V (see `DecodeStage`): sets the batch's
+        stage fields and slot-ordered mask; False when the stage declines (then gather)."""
+        uids = [seg.uid if seg.uid is not None else new_uid() for seg in segs]  # None: a 1-token prefill piece
+        slots = self._stage.plan(uids, context_lens, [seg.block_ids for seg in segs])
+        if slots is None:
+            return False
+        device = self._blocks.device
+        by_slot = [0] * len(slots)
+        for slot, ctx in zip(slots, context_lens):
+            by_slot[slot] = ctx
+        batch.stage_len = max(context_lens)
+        keys = torch.arange(batch.stage_len, device=device)
+        batch.decode_mask = (keys[None, :] < torch.tensor(by_slot, device=device)[:, None])[:, None, None, :]
+        cap = self._stage.capacity
+        batch.stage_rows = torch.tensor([s * cap + c - 1 for s, c in zip(slots, context_lens)], dtype=torch.long,
+                                        device=device)
+        in_order = slots == list(range(len(slots)))
+        batch.stage_slots = None if in_order else torch.tensor(slots, dtype=torch.long, device=device)
+        return True
+
+    def step_failed(self) -> None:
+        self._stage.reset()
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.batch
@@ -72,10 +105,10 @@ class TorchAttention:
         self._tokens.index_copy_(0, k_rows + self._bs, v.reshape(t, -1))
         d = b.num_decodes
         if d == t:
-            return self._decode(layer, q, b)
+            return self._decode(layer, q, k, v, b)
         out = torch.empty_like(q)
         if d:
-            out[:d] = self._decode(layer, q[:d], b)
+            out[:d] = self._decode(layer, q[:d], k[:d], v[:d], b)
         for piece in b.prefill:
             out[piece.begin:piece.end] = self._prefill(layer, piece, q, k, v)
         return out
@@ -108,11 +141,27 @@ class TorchAttention:
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)
 
-    def _decode(self, layer: int, q: torch.Tensor, b: AttnBatch) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: AttnBatch) -> torch.Tensor:
+        if b.stage_len:
+            return self._staged_decode(layer, q, k, v, b)
         ks, vs = self._gather(b.decode_block_base, layer, b.num_decodes)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
                                            attn_mask=b.decode_mask, scale=self.scale, enable_gqa=True)
         return o.squeeze(2)
+
+
+    def _staged_decode(self, layer: int, q, k, v, b: AttnBatch) -> torch.Tensor:
+        d, n, slots = q.shape[0], b.stage_len, b.stage_slots
+        kv = self._stage.kv[layer]  # [2, slots, capacity, width]
+        kv[0].view(-1, kv.shape[-1]).index_copy_(0, b.stage_rows, k.reshape(d, -1))
+        kv[1].view(-1, kv.shape[-1]).index_copy_(0, b.stage_rows, v.reshape(d, -1))
+        ks = kv[0, :d, :n].view(d, n, *self._kv_shape).transpose(1, 2)
+        vs = kv[1, :d, :n].view(d, n, *self._kv_shape).transpose(1, 2)
+        if slots is not None:
+            q = torch.empty_like(q).index_copy_(0, slots, q)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask, scale=self.scale,
+                                           enable_gqa=True).squeeze(2)
+        return o if slots is None else o.index_select(0, slots)
 
 
 def flash_available(device: str) -> bool:
@@ -141,7 +190,10 @@ class FlashAttention(TorchAttention):
                                        block_table=piece.block_table[None].int(), softmax_scale=self.scale,
                                        causal=True)[0]
 
-    def _decode(self, layer, q, b):
+    def stage_decodes(self, batch, segs, context_lens) -> bool:
+        return False  # the block table is read in place
+
+    def _decode(self, layer, q, k, v, b):
         from flash_attn import flash_attn_with_kvcache
 
         kv = self.pool.layer(layer)

@@ -13,7 +13,7 @@ from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
 from tetri.workers.sampler import Sampler, SampleRow
-from tetri.workers.seq import Seq, check_stop
+from tetri.workers.seq import Seq, check_stop, new_uid
 
 CPU_DEFAULT_KV_GB = 1.0
 CPU_MAX_DEFAULT_BLOCKS = 8192
@@ -105,8 +105,9 @@ class Executor:
         dst.num_computed = src.num_computed
 
     def free(self, seq: Seq) -> int:
+        seq.uid = new_uid()  # its KV is gone: whatever was staged for it is stale
         return self.blocks.free(seq.key)
 
     def decode_segment(self, seq: Seq) -> Segment:
         pos = seq.num_tokens - 1
-        return Segment([seq.token_at(pos)], pos, self.blocks.blocks_of(seq.key), True)
+        return Segment([seq.token_at(pos)], pos, self.blocks.blocks_of(seq.key), True, seq.uid)

@@ -25,6 +25,9 @@ class Segment:
     block_ids: list[int]
     """The sequence's whole block table; covers start_pos + len(token_ids) tokens."""
     sample: bool
+    uid: int | None = None
+    """The decoding sequence's `Seq.uid` (lets the attention backend keep its K/V staged
+    across steps); None: not staged."""
 
 
 class ModelRunner:
@@ -84,17 +87,24 @@ class ModelRunner:
         batch.decode_tables = self._tensor(tables)
         batch.decode_block_base = batch.decode_tables.reshape(-1) * (2 * self.num_layers)
         ctx_t = self._tensor(ctx)
+        batch.decode_context_lens = ctx_t.to(torch.int32)
+        if self.attn.stage_decodes(batch, segs, ctx):
+            return
         keys = torch.arange(max_blocks * bs, device=self.device)
         batch.decode_mask = (keys[None, :] < ctx_t[:, None])[:, None, None, :]
-        batch.decode_context_lens = ctx_t.to(torch.int32)
 
     @torch.inference_mode()
     def run(self, segments: list[Segment]) -> torch.Tensor:
         """Logits `[num_sampling_rows, vocab]` (float32), rows in segment order."""
         ids, positions, batch, sample_rows = self.build(segments)
         self.attn.batch = batch
-        hidden = self.model(ids, positions, self.attn)
-        self.attn.batch = None
+        try:
+            hidden = self.model(ids, positions, self.attn)
+        except BaseException:
+            self.attn.step_failed()
+            raise
+        finally:
+            self.attn.batch = None
         picked = hidden[self._tensor(sample_rows)] if sample_rows else hidden[:0]
         self.last_hidden = picked
         return self.model.compute_logits(picked)

@@ -6,9 +6,17 @@ then the others fork its KV blocks. A sequence's block owner key is `Seq.key`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from tetri.types import FinishReason, SamplingParams, TokenLogprob
+
+
+_uids = itertools.count()
+
+
+def new_uid() -> int:
+    return next(_uids)
 
 
 def seq_key(req_id: str, choice: int) -> str:
@@ -29,6 +37,9 @@ class Seq:
     arrival_s: float = 0.0
     recompute: bool = False
     """Preempted: re-prefilling prompt + outputs before decoding resumes."""
+    uid: int = field(default_factory=new_uid)
+    """Unique in the process for this sequence's current KV: renewed whenever its blocks are
+    freed (the attention backend's decode staging keys on it)."""
 
     @property
     def key(self) -> str:

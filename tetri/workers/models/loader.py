@@ -126,10 +126,7 @@ def _fuse(spec: ArchSpec, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         out[ours + "down_proj.weight"] = raw[mlp + "down_proj.weight"]
         out[ours + "input_layernorm.weight"] = raw[hf + "input_layernorm.weight"]
         out[ours + "post_attention_layernorm.weight"] = raw[hf + "post_attention_layernorm.weight"]
-    # Linear weights are stored transposed ([in, out]); see `llama.Linear`.
-    return {(k[: -len("weight")] + "weight_t" if k.endswith("proj.weight") or k == "lm_head.weight" else k):
-            (v.t().contiguous() if k.endswith("proj.weight") or k == "lm_head.weight" else v)
-            for k, v in out.items()}
+    return out
 
 
 def load_model(model_dir: str, dtype: str = "auto", device: str = "cpu", max_positions: int | None = None) -> LoadedModel:
