@@ -25,7 +25,7 @@ from tetri.workers.decode_stage import DecodeStage
 from tetri.workers.kv_pool import KVPool
 from tetri.workers.seq import new_uid
 
-STAGE_BUDGET_SHARE = 0.5
+STAGE_BUDGET_SHARE = 1.0
 """The torch backend's decode staging may hold up to this share of the pool's bytes."""
 
 
@@ -52,7 +52,7 @@ class AttnBatch:
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
     stage_len: int = 0  # keys the staged attention reads (the longest context; 0: gather instead)
-    stage_rows: torch.Tensor | None = None  # [D] row of each new token in a staged layer's K (or V)
+    stage_rows: torch.Tensor | None = None  # [D] row of each new token's layer-0 K in the stage buffer
     stage_slots: torch.Tensor | None = None  # [D] decode row -> stage slot; None: row i is slot i
 
 
@@ -87,9 +87,9 @@ class TorchAttention:
         batch.stage_len = max(context_lens)
         keys = torch.arange(batch.stage_len, device=device)
         batch.decode_mask = (keys[None, :] < torch.tensor(by_slot, device=device)[:, None])[:, None, None, :]
-        cap = self._stage.capacity
-        batch.stage_rows = torch.tensor([s * cap + c - 1 for s, c in zip(slots, context_lens)], dtype=torch.long,
-                                        device=device)
+        slot_rows = 2 * self._stage.layers * self._stage.capacity  # rows of `stage.buf` per slot
+        batch.stage_rows = torch.tensor([s * slot_rows + c - 1 for s, c in zip(slots, context_lens)],
+                                        dtype=torch.long, device=device)
         in_order = slots == list(range(len(slots)))
         batch.stage_slots = None if in_order else torch.tensor(slots, dtype=torch.long, device=device)
         return True
@@ -152,11 +152,13 @@ class TorchAttention:
 
     def _staged_decode(self, layer: int, q, k, v, b: AttnBatch) -> torch.Tensor:
         d, n, slots = q.shape[0], b.stage_len, b.stage_slots
-        kv = self._stage.kv[layer]  # [2, slots, capacity, width]
-        kv[0].view(-1, kv.shape[-1]).index_copy_(0, b.stage_rows, k.reshape(d, -1))
-        kv[1].view(-1, kv.shape[-1]).index_copy_(0, b.stage_rows, v.reshape(d, -1))
-        ks = kv[0, :d, :n].view(d, n, *self._kv_shape).transpose(1, 2)
-        vs = kv[1, :d, :n].view(d, n, *self._kv_shape).transpose(1, 2)
+        stage = self._stage
+        rows = stage.buf.view(-1, stage.width)  # one row per (slot, layer, k|v, position)
+        k_rows = b.stage_rows + 2 * layer * stage.capacity
+        rows.index_copy_(0, k_rows, k.reshape(d, -1))
+        rows.index_copy_(0, k_rows + stage.capacity, v.reshape(d, -1))
+        ks = stage.kv[:d, layer, 0, :n].view(d, n, *self._kv_shape).transpose(1, 2)
+        vs = stage.kv[:d, layer, 1, :n].view(d, n, *self._kv_shape).transpose(1, 2)
         if slots is not None:
             q = torch.empty_like(q).index_copy_(0, slots, q)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask, scale=self.scale,

@@ -6,19 +6,22 @@ decode context into one padded batch each step reads and writes as many bytes as
 attention then reads: on CPU, at batch 16 and 256 tokens of context, a fifth of the step.
 
 A `DecodeStage` keeps that padded batch alive between steps instead. Each decoding
-sequence owns a slot `[layers, 2, slot, capacity, kv_heads * head_dim]`; a step appends the
+sequence owns a slot `[layers, 2, capacity, kv_heads * head_dim]`; a step appends the
 new token's K/V to its slot (as well as to the pool, which stays the source of truth) and
 attends over the slots in place. A sequence is gathered from the pool only when it first
 decodes here, or when its slot no longer matches (it was preempted, which gives it a new
 `Seq.uid`, or missed a step). Slots are kept dense (a leaving sequence's slot is refilled by
-the last one); when a context outgrows the capacity or the batch outgrows the slots, the
-stage grows (doubling) and regathers. Past `budget_bytes` it declines, and the backend falls
-back to the per-step gather.
+the last one). More slots double the buffer and keep the staged ones; a context past the
+capacity picks a larger one and regathers. Past `budget_bytes` it declines, and the backend
+falls back to the per-step gather.
 """
 
 from __future__ import annotations
 
 import torch
+
+MIN_SLOTS = 16
+"""Slots the first buffer holds: each regrowth pays fresh pages, expensive on this CPU."""
 
 
 class DecodeStage:
@@ -28,33 +31,53 @@ class DecodeStage:
         self.bs = block_size
         self.layers = pool_data.shape[1]
         self.width = pool_data.shape[4] * pool_data.shape[5]
-        self.budget_bytes = budget_bytes
-        self.kv = torch.empty(self.layers, 2, 0, 0, self.width, dtype=pool_data.dtype, device=pool_data.device)
+        self.budget_numel = int(budget_bytes // pool_data.element_size())
+        # One flat buffer, slot-major: slot s is `[layers, 2, capacity, width]` at s * slot_numel,
+        # so more slots fit without moving the ones in use.
+        self.buf = torch.zeros(0, dtype=pool_data.dtype, device=pool_data.device)
+        self.capacity = 0
+        self.kv = self.buf.view(0, self.layers, 2, 0, self.width)  # [slots, layers, 2, capacity, width]
         self.owner: list[int] = []  # uid of each slot's sequence
         self.staged: list[int] = []  # tokens present in each slot
 
-    @property
-    def capacity(self) -> int:
-        return self.kv.shape[3]
+    def _slot_numel(self, capacity: int) -> int:
+        return self.layers * 2 * capacity * self.width
 
-    def _fits(self, slots: int, capacity: int) -> bool:
-        bytes_per_token = self.layers * 2 * self.width * self.kv.element_size()
-        return slots * capacity * bytes_per_token <= self.budget_bytes
+    def _view(self) -> None:
+        slots = self.buf.numel() // self._slot_numel(self.capacity) if self.capacity else 0
+        self.kv = self.buf[:slots * self._slot_numel(self.capacity)].view(slots, self.layers, 2, self.capacity,
+                                                                          self.width)
 
-    def _grow(self, slots: int, capacity: int) -> None:
-        slots, capacity = max(slots, 2 * self.kv.shape[2]), max(capacity, 2 * self.capacity)
-        capacity = -(-capacity // self.bs) * self.bs
-        if not self._fits(slots, capacity):
-            slots, capacity = max(slots, self.kv.shape[2]), max(capacity, self.capacity)
-        # Zeros, not empty: the padded keys past a context are masked, but garbage there could
-        # be NaN, which a mask does not cancel.
-        self.kv = torch.zeros(self.layers, 2, slots, capacity, self.width, dtype=self.pool.dtype,
-                              device=self.pool.device)
-        self.owner, self.staged = [], []
+    def _fit(self, need_slots: int, need_cap: int) -> bool:
+        """Make room for `need_slots` slots of `need_cap` tokens within the budget. More slots
+        double the buffer and keep the staged ones; a longer context takes a power-of-two
+        capacity, or what the budget allows, and a new capacity empties every slot. False
+        (and an empty stage) when even the need does not fit."""
+        cap = self.capacity
+        if need_cap > cap:
+            cap = max(1 << (need_cap - 1).bit_length(), self.bs)
+        if need_slots * self._slot_numel(cap) > self.budget_numel:
+            cap = self.budget_numel // max(1, need_slots * self._slot_numel(1)) // self.bs * self.bs
+        if cap < need_cap:
+            self.buf, self.capacity, self.owner, self.staged = self.buf[:0], 0, [], []
+            self._view()
+            return False
+        if cap != self.capacity:
+            self.capacity, self.owner, self.staged = cap, [], []
+        numel = need_slots * self._slot_numel(cap)
+        if numel > self.buf.numel():
+            numel = max(numel, 2 * self.buf.numel(), MIN_SLOTS * self._slot_numel(cap))
+            numel = min(numel, self.budget_numel // self._slot_numel(cap) * self._slot_numel(cap))
+            grown = torch.zeros(numel, dtype=self.buf.dtype, device=self.buf.device)
+            used = len(self.owner) * self._slot_numel(cap)
+            grown[:used] = self.buf[:used]
+            self.buf = grown
+        self._view()
+        return True
 
     def _move(self, src: int, dst: int) -> None:
         n = self.staged[src]
-        self.kv[:, :, dst, :n] = self.kv[:, :, src, :n]
+        self.kv[dst, :, :, :n] = self.kv[src, :, :, :n]
         self.owner[dst], self.staged[dst] = self.owner[src], n
 
     def _gather(self, slot: int, table: list[int], tokens: int) -> None:
@@ -63,7 +86,7 @@ class DecodeStage:
             ids = torch.tensor(table[:blocks], dtype=torch.long, device=self.pool.device)
             src = self.pool.index_select(0, ids)  # [blocks, layers, 2, bs, heads, dim]
             src = src.permute(1, 2, 0, 3, 4, 5).reshape(self.layers, 2, blocks * self.bs, self.width)
-            self.kv[:, :, slot, :tokens] = src[:, :, :tokens]
+            self.kv[slot, :, :, :tokens] = src[:, :, :tokens]
         self.staged[slot] = tokens
 
     def plan(self, uids: list[int], context_lens: list[int], tables: list[list[int]]) -> list[int] | None:
@@ -72,12 +95,8 @@ class DecodeStage:
         would exceed its budget (then it is emptied and the caller gathers)."""
         rows = len(uids)
         need_cap = max(context_lens)
-        if not self._fits(rows, -(-need_cap // self.bs) * self.bs):
-            self.kv = self.kv[:, :, :0, :0]
-            self.owner, self.staged = [], []
+        if (rows > self.kv.shape[0] or need_cap > self.capacity) and not self._fit(rows, need_cap):
             return None
-        if rows > self.kv.shape[2] or need_cap > self.capacity:
-            self._grow(rows, need_cap)
         wanted = {uid: i for i, uid in enumerate(uids)}
         # Keep the slots of sequences still decoding; move the last kept ones into the holes.
         kept = [uid in wanted and self.staged[s] == context_lens[wanted[uid]] - 1 for s, uid in enumerate(self.owner)]
