@@ -28,7 +28,7 @@ what they hold) never sum to more than `free_blocks`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Iterable, Protocol
 
 from tetri.sched.kv_blocks import blocks_for_tokens
 
@@ -61,14 +61,7 @@ class GreedyDecodePolicy:
     name = "greedy"
 
     def admit(self, waiting, running, free_blocks, block_size, now):
-        admitted = []
-        for req in waiting:
-            need = blocks_for_tokens(req.context_tokens + 1, block_size)
-            if need > free_blocks:
-                break
-            free_blocks -= need
-            admitted.append(req.req_id)
-        return admitted
+        return admit_in_order(waiting, free_blocks, lambda req: blocks_for_tokens(req.context_tokens + 1, block_size))
 
     def schedule(self, running, max_seqs, free_blocks, block_size, now):
         run = list(running[:max_seqs])
@@ -87,6 +80,20 @@ class GreedyDecodePolicy:
 
     def forget(self, req_id: str) -> None:
         """No state to drop."""
+
+
+def admit_in_order(reqs: Iterable[DecodeReqView], free_blocks: int,
+                   need_blocks: Callable[[DecodeReqView], int]) -> list[str]:
+    """Ids of `reqs`, in order, while each one's `need_blocks` fits in what is left of
+    `free_blocks`; stops at the first that does not (no overtaking)."""
+    admitted = []
+    for req in reqs:
+        need = need_blocks(req)
+        if need > free_blocks:
+            break
+        free_blocks -= need
+        admitted.append(req.req_id)
+    return admitted
 
 
 def admit_need_blocks(req: DecodeReqView, block_size: int) -> int:
@@ -113,15 +120,11 @@ class ReserveStaticPolicy(GreedyDecodePolicy):
     name = "reserve-static"
 
     def admit(self, waiting, running, free_blocks, block_size, now):
-        admitted = []
-        for req in waiting:
+        def need(req: DecodeReqView) -> int:
             reserve = blocks_for_tokens(req.context_tokens + predicted_remaining_tokens(req), block_size)
-            need = max(admit_need_blocks(req, block_size), reserve - req.held_blocks)
-            if need > free_blocks:
-                break
-            free_blocks -= need
-            admitted.append(req.req_id)
-        return admitted
+            return max(admit_need_blocks(req, block_size), reserve - req.held_blocks)
+
+        return admit_in_order(waiting, free_blocks, need)
 
 
 def blocks_at_step(reqs: list[DecodeReqView], steps: int, block_size: int) -> int:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tetri.sched.decode_policy import DecodeReqView, admit_need_blocks
+from tetri.sched.decode_policy import DecodeReqView, admit_in_order, admit_need_blocks
 
 
 @dataclass
@@ -118,14 +118,8 @@ class MLFQDecodePolicy:
 
     def admit(self, waiting, running, free_blocks, block_size, now):
         self._track(list(waiting), now)
-        admitted = []
-        for req in self._priority_order(list(waiting)):
-            need = admit_need_blocks(req, block_size)
-            if need > free_blocks:
-                break
-            free_blocks -= need
-            admitted.append(req.req_id)
-        return admitted
+        return admit_in_order(self._priority_order(list(waiting)), free_blocks,
+                              lambda req: admit_need_blocks(req, block_size))
 
     def schedule(self, running, max_seqs, free_blocks, block_size, now):
         self._track(list(running), now)

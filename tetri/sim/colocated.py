@@ -102,13 +102,7 @@ class ColocatedWorker(SimWorker):
     def _end_prefill(self, batch: list[SimRequest], end_s: float) -> None:
         self.in_prefill = []
         for req in batch:
-            if req.recompute:
-                req.recompute = False
-            elif req.emit(end_s):
-                self.free_blocks(req)
-                self.env.hooks.finished(req, self)
-                continue
-            self.running[req.req_id] = req
+            _prompt_done(self, req, end_s)
 
 
 class ChunkedWorker(SimWorker):
@@ -192,10 +186,16 @@ class ChunkedWorker(SimWorker):
                 continue
             req = self.prefilling.pop(piece.req_id)
             self.started.pop(piece.req_id, None)
-            if req.recompute:
-                req.recompute = False
-            elif req.emit(end_s):
-                self.free_blocks(req)
-                self.env.hooks.finished(req, self)
-                continue
-            self.running[req.req_id] = req
+            _prompt_done(self, req, end_s)
+
+
+def _prompt_done(worker: SimWorker, req: SimRequest, end_s: float) -> None:
+    """A prompt's last piece ran on a colocated worker: a recompute resumes decoding; a new
+    request emits its first token and decodes on, unless that token finished it."""
+    if req.recompute:
+        req.recompute = False
+    elif req.emit(end_s):
+        worker.free_blocks(req)
+        worker.env.hooks.finished(req, worker)
+        return
+    worker.running[req.req_id] = req
