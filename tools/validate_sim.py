@@ -52,12 +52,9 @@ def main() -> None:
     ap.add_argument("--calibration", default=None, help="reuse a `tetri-sim profile` JSON")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="tetri-validate-")
-    calib = os.path.join(tmp, "calib.json")
-    if args.calibration:
-        with open(args.calibration) as src, open(calib, "w") as dst:
-            dst.write(src.read())
-    else:
-        sim_main(["profile", "--out", calib])
+    engine_calib = args.calibration or os.path.join(tmp, "engine.json")
+    if not args.calibration:
+        sim_main(["profile", "--out", engine_calib])
     fit_load = _load(args, args.fit_seed, args.fit_rate or args.rate)
     load = _load(args, args.seed, args.rate)
     rows = []
@@ -71,12 +68,11 @@ def main() -> None:
         finally:
             srv.stop()
         sim = [*sim_flags, "--hardware", "cpu", "--model-preset", "tiny-default", "--chunk-size", str(args.chunk_size)]
-        engine_calib = os.path.join(tmp, f"engine-{name}.json")
-        with open(calib) as src, open(engine_calib, "w") as dst:
-            dst.write(src.read())
-        sim_main(["fit-serving", *sim, *fit_load, "--calibration", calib, "--real", real_json["fit"]])
+        served_calib = os.path.join(tmp, f"served-{name}.json")
+        sim_main(["fit-serving", *sim, *fit_load, "--calibration", engine_calib, "--real", real_json["fit"],
+                  "--out", served_calib])
         sims = {}
-        for kind, path in (("engine only", engine_calib), ("+ serving fit", calib)):
+        for kind, path in (("engine only", engine_calib), ("+ serving fit", served_calib)):
             out = os.path.join(tmp, f"sim-{name}-{kind[0]}.json")
             sim_main([*sim, *load, "--calibration", path, "--json", out])
             sims[kind] = json.load(open(out))

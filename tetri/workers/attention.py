@@ -56,6 +56,12 @@ class AttnBatch:
     stage_slots: torch.Tensor | None = None  # [D] decode row -> stage slot; None: row i is slot i
 
 
+def key_mask(context_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """`[rows, 1, 1, num_keys]` bool: row i attends to its first `context_lens[i]` keys."""
+    keys = torch.arange(num_keys, device=context_lens.device)
+    return (keys[None, :] < context_lens[:, None])[:, None, None, :]
+
+
 class TorchAttention:
     name = "torch"
 
@@ -85,8 +91,7 @@ class TorchAttention:
         for slot, ctx in zip(slots, context_lens):
             by_slot[slot] = ctx
         batch.stage_len = max(context_lens)
-        keys = torch.arange(batch.stage_len, device=device)
-        batch.decode_mask = (keys[None, :] < torch.tensor(by_slot, device=device)[:, None])[:, None, None, :]
+        batch.decode_mask = key_mask(torch.tensor(by_slot, device=device), batch.stage_len)
         slot_rows = 2 * self._stage.layers * self._stage.capacity  # rows of `stage.buf` per slot
         batch.stage_rows = torch.tensor([s * slot_rows + c - 1 for s, c in zip(slots, context_lens)],
                                         dtype=torch.long, device=device)

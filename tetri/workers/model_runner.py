@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tetri.workers.attention import AttnBatch, PrefillPiece, make_attention
+from tetri.workers.attention import AttnBatch, PrefillPiece, key_mask, make_attention
 from tetri.workers.kv_pool import KVPool
 from tetri.workers.models.loader import LoadedModel
 
@@ -81,17 +81,15 @@ class ModelRunner:
     def _add_decodes(self, batch: AttnBatch, segs: list[Segment]) -> None:
         bs = self.block_size
         ctx = [s.start_pos + 1 for s in segs]
+        batch.num_decodes = len(segs)
+        batch.decode_context_lens = self._tensor(ctx, torch.int32)
+        if self.attn.stage_decodes(batch, segs, ctx):
+            return  # staged: no block tables to read
         max_blocks = -(-max(ctx) // bs)
         tables = [s.block_ids[: -(-c // bs)] + [0] * (max_blocks - (-(-c // bs))) for s, c in zip(segs, ctx)]
-        batch.num_decodes = len(segs)
         batch.decode_tables = self._tensor(tables)
         batch.decode_block_base = batch.decode_tables.reshape(-1) * (2 * self.num_layers)
-        ctx_t = self._tensor(ctx)
-        batch.decode_context_lens = ctx_t.to(torch.int32)
-        if self.attn.stage_decodes(batch, segs, ctx):
-            return
-        keys = torch.arange(max_blocks * bs, device=self.device)
-        batch.decode_mask = (keys[None, :] < ctx_t[:, None])[:, None, None, :]
+        batch.decode_mask = key_mask(self._tensor(ctx), max_blocks * bs)
 
     @torch.inference_mode()
     def run(self, segments: list[Segment]) -> torch.Tensor:

@@ -55,11 +55,14 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+        """`contiguous=False` may return the `(W @ x^T)^T` path's transposed view (no copy)."""
         rows = x.shape[0]
         if not (x.is_cpu and self.MIN_ROWS_T <= rows <= self.MAX_ROWS_T):
             return F.linear(x, self.weight, self.bias)
-        out = (self.weight @ x.t()).t().contiguous()
+        out = (self.weight @ x.t()).t()
+        if contiguous or self.bias is not None:
+            out = out.contiguous()
         return out if self.bias is None else out.add_(self.bias)
 
 
@@ -130,7 +133,4 @@ class LlamaFamilyModel(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.lm_head
-        if hidden.is_cpu and head.MIN_ROWS_T <= hidden.shape[0] <= head.MAX_ROWS_T:
-            return (head.weight @ hidden.t()).t().float()  # [rows, vocab] view: no transposing copy
-        return head(hidden).float()
+        return self.lm_head(hidden, contiguous=False).float()  # the sampler reads a view as well
