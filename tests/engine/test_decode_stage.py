@@ -15,17 +15,18 @@ BLOCKS, LAYERS, BS, HEADS, DIM = 96, 2, 4, 2, 3
 
 
 def _pool_tokens(pool: torch.Tensor, table: list[int], tokens: int) -> torch.Tensor:
-    """`[layers, 2, tokens, heads*dim]` of a sequence, read from the pool block by block."""
+    """`[layers, 2, heads, tokens, dim]` of a sequence (a slot's layout), read from the pool
+    block by block."""
     rows = [pool[b] for b in table]  # each [layers, 2, bs, heads, dim]
-    seq = torch.cat(rows, dim=2).reshape(LAYERS, 2, len(table) * BS, HEADS * DIM)
-    return seq[:, :, :tokens]
+    seq = torch.cat(rows, dim=2).transpose(2, 3)
+    return seq[:, :, :, :tokens]
 
 
 def _write_token(pool, stage, table, pos, slot) -> None:
     """What one decode step does for one sequence: new K/V into the pool and into its slot."""
     value = torch.randn(LAYERS, 2, HEADS, DIM)
     pool[table[pos // BS], :, :, pos % BS] = value
-    stage.kv[slot, :, :, pos] = value.reshape(LAYERS, 2, HEADS * DIM)
+    stage.kv[slot, :, :, :, pos] = value
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -80,7 +81,7 @@ def test_stage_matches_the_pool_through_joins_leaves_growth_and_preemption(seed)
             _write_token(pool, stage, seqs[u]["table"], c - 1, slot)
             seqs[u]["len"] = c
         for u, c, slot in zip(decoding, ctx, slots):
-            assert torch.equal(stage.kv[slot, :, :, :c], _pool_tokens(pool, seqs[u]["table"], c)), (u, slot)
+            assert torch.equal(stage.kv[slot, :, :, :, :c], _pool_tokens(pool, seqs[u]["table"], c)), (u, slot)
     assert stage.capacity >= 16 and regathers < 120  # it grew, and mostly appended
 
 
@@ -94,7 +95,7 @@ def test_stage_declines_past_its_budget_and_recovers():
     slots = stage.plan([0, 1, 2], [6, 6, 6], tables[:3])
     assert sorted(slots) == [0, 1, 2]
     for uid, slot in zip([0, 1, 2], slots):
-        assert torch.equal(stage.kv[slot, :, :, :5], _pool_tokens(pool, tables[uid], 5))
+        assert torch.equal(stage.kv[slot, :, :, :, :5], _pool_tokens(pool, tables[uid], 5))
 
 
 def test_a_failed_step_forgets_every_slot():
@@ -104,7 +105,7 @@ def test_a_failed_step_forgets_every_slot():
     stage.reset()
     pool[0] = 0.0  # the pool changed while the stage was not told: a reset regathers
     stage.plan([7], [4], [[0, 1]])
-    assert torch.equal(stage.kv[0, :, :, :3], _pool_tokens(pool, [0, 1], 3))
+    assert torch.equal(stage.kv[0, :, :, :, :3], _pool_tokens(pool, [0, 1], 3))
 
 
 def test_more_slots_keep_the_staged_ones_and_the_budget_trims_capacity():
@@ -113,10 +114,10 @@ def test_more_slots_keep_the_staged_ones_and_the_budget_trims_capacity():
     stage = DecodeStage(pool, BS, budget_bytes=6 * 8 * per_token)
     tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(8)]
     stage.plan([0], [5], tables[:1])  # capacity 8 (a power of two), one slot
-    stage.kv[0, :, :, 4] = 7.0  # as if the step wrote its token
+    stage.kv[0, :, :, :, 4] = 7.0  # as if the step wrote its token
     assert stage.capacity == 8
     stage.plan([0, 1], [6, 5], tables[:2])  # a second slot: the first one is kept, not regathered
-    assert stage.owner[0] == 0 and bool((stage.kv[0, :, :, 4] == 7.0).all())
+    assert stage.owner[0] == 0 and bool((stage.kv[0, :, :, :, 4] == 7.0).all())
     slots = stage.plan([0, 1, 2, 3, 4, 5], [7, 6, 5, 5, 5, 5], tables[:6])  # 6 x 8 tokens: the whole budget
     assert sorted(slots) == list(range(6)) and stage.kv.shape[0] == 6
     assert stage.plan([0, 1, 2, 3, 4, 5, 6], [8] * 7, tables[:7]) is None  # 7 x 8 does not fit

@@ -52,7 +52,7 @@ class AttnBatch:
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
     stage_len: int = 0  # keys the staged attention reads (the longest context; 0: gather instead)
-    stage_rows: torch.Tensor | None = None  # [D] row of each new token's layer-0 K in the stage buffer
+    stage_rows: torch.Tensor | None = None  # [D * kv_heads] row of each new token's layer-0 K per head in the stage buffer
     stage_slots: torch.Tensor | None = None  # [D] decode row -> stage slot; None: row i is slot i
 
 
@@ -90,11 +90,14 @@ class TorchAttention:
         by_slot = [0] * len(slots)
         for slot, ctx in zip(slots, context_lens):
             by_slot[slot] = ctx
+        stage = self._stage
         batch.stage_len = max(context_lens)
         batch.decode_mask = key_mask(torch.tensor(by_slot, device=device), batch.stage_len)
-        slot_rows = 2 * self._stage.layers * self._stage.capacity  # rows of `stage.buf` per slot
-        batch.stage_rows = torch.tensor([s * slot_rows + c - 1 for s, c in zip(slots, context_lens)],
-                                        dtype=torch.long, device=device)
+        slot_rows = 2 * stage.layers * stage.heads * stage.capacity  # head_dim-wide rows of `stage.buf` per slot
+        first = torch.tensor([s * slot_rows + c - 1 for s, c in zip(slots, context_lens)], dtype=torch.long,
+                             device=device)
+        heads = torch.arange(stage.heads, device=device) * stage.capacity
+        batch.stage_rows = (first[:, None] + heads).reshape(-1)
         in_order = slots == list(range(len(slots)))
         batch.stage_slots = None if in_order else torch.tensor(slots, dtype=torch.long, device=device)
         return True
@@ -158,12 +161,12 @@ class TorchAttention:
     def _staged_decode(self, layer: int, q, k, v, b: AttnBatch) -> torch.Tensor:
         d, n, slots = q.shape[0], b.stage_len, b.stage_slots
         stage = self._stage
-        rows = stage.buf.view(-1, stage.width)  # one row per (slot, layer, k|v, position)
-        k_rows = b.stage_rows + 2 * layer * stage.capacity
-        rows.index_copy_(0, k_rows, k.reshape(d, -1))
-        rows.index_copy_(0, k_rows + stage.capacity, v.reshape(d, -1))
-        ks = stage.kv[:d, layer, 0, :n].view(d, n, *self._kv_shape).transpose(1, 2)
-        vs = stage.kv[:d, layer, 1, :n].view(d, n, *self._kv_shape).transpose(1, 2)
+        rows = stage.buf.view(-1, stage.head_dim)  # one row per (slot, layer, k|v, head, position)
+        k_rows = b.stage_rows + 2 * layer * stage.heads * stage.capacity
+        rows.index_copy_(0, k_rows, k.reshape(-1, stage.head_dim))
+        rows.index_copy_(0, k_rows + stage.heads * stage.capacity, v.reshape(-1, stage.head_dim))
+        ks = stage.kv[:d, layer, 0, :, :n]  # [d, kv_heads, n, head_dim]
+        vs = stage.kv[:d, layer, 1, :, :n]
         if slots is not None:
             q = torch.empty_like(q).index_copy_(0, slots, q)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask, scale=self.scale,

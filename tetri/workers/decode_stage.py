@@ -6,8 +6,9 @@ decode context into one padded batch each step reads and writes as many bytes as
 attention then reads: on CPU, at batch 16 and 256 tokens of context, a fifth of the step.
 
 A `DecodeStage` keeps that padded batch alive between steps instead. Each decoding
-sequence owns a slot `[layers, 2, capacity, kv_heads * head_dim]`; a step appends the
-new token's K/V to its slot (as well as to the pool, which stays the source of truth) and
+sequence owns a slot `[layers, 2, kv_heads, capacity, head_dim]` (head-major: the attention
+reads each head's keys as one contiguous run, 1.3x faster than token-major rows at batch 64);
+a step appends the new token's K/V to its slot (as well as to the pool, which stays the source of truth) and
 attends over the slots in place. A sequence is gathered from the pool only when it first
 decodes here, or when its slot no longer matches (it was preempted, which gives it a new
 `Seq.uid`, or missed a step). Slots are kept dense (a leaving sequence's slot is refilled by
@@ -18,10 +19,21 @@ falls back to the per-step gather.
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 MIN_SLOTS = 16
 """Slots the first buffer holds: each regrowth pays fresh pages, expensive on this CPU."""
+
+
+def _zeros(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeros; on CPU fresh anonymous pages, which read as zero and are only materialized
+    where written (`torch.zeros` writes all of them up front: 0.1 s per 300 MB here)."""
+    if like.device.type != "cpu" or numel == 0:
+        return torch.zeros(numel, dtype=like.dtype, device=like.device)
+    pages = mmap.mmap(-1, numel * like.element_size())
+    return torch.frombuffer(pages, dtype=like.dtype, count=numel)  # the tensor keeps `pages` alive
 
 
 class DecodeStage:
@@ -29,24 +41,23 @@ class DecodeStage:
         # pool_data: [blocks, layers, 2, block_size, kv_heads, head_dim]
         self.pool = pool_data
         self.bs = block_size
-        self.layers = pool_data.shape[1]
-        self.width = pool_data.shape[4] * pool_data.shape[5]
+        self.layers, self.heads, self.head_dim = pool_data.shape[1], pool_data.shape[4], pool_data.shape[5]
         self.budget_numel = int(budget_bytes // pool_data.element_size())
-        # One flat buffer, slot-major: slot s is `[layers, 2, capacity, width]` at s * slot_numel,
-        # so more slots fit without moving the ones in use.
+        # One flat buffer, slot-major: slot s is `[layers, 2, heads, capacity, head_dim]` at
+        # s * slot_numel, so more slots fit without moving the ones in use.
         self.buf = torch.zeros(0, dtype=pool_data.dtype, device=pool_data.device)
         self.capacity = 0
-        self.kv = self.buf.view(0, self.layers, 2, 0, self.width)  # [slots, layers, 2, capacity, width]
+        self._view()  # self.kv: [slots, layers, 2, heads, capacity, head_dim]
         self.owner: list[int] = []  # uid of each slot's sequence
         self.staged: list[int] = []  # tokens present in each slot
 
     def _slot_numel(self, capacity: int) -> int:
-        return self.layers * 2 * capacity * self.width
+        return self.layers * 2 * self.heads * capacity * self.head_dim
 
     def _view(self) -> None:
         slots = self.buf.numel() // self._slot_numel(self.capacity) if self.capacity else 0
-        self.kv = self.buf[:slots * self._slot_numel(self.capacity)].view(slots, self.layers, 2, self.capacity,
-                                                                          self.width)
+        self.kv = self.buf[:slots * self._slot_numel(self.capacity)].view(
+            slots, self.layers, 2, self.heads, self.capacity, self.head_dim)
 
     def _fit(self, need_slots: int, need_cap: int) -> bool:
         """Make room for `need_slots` slots of `need_cap` tokens within the budget. More slots
@@ -68,7 +79,7 @@ class DecodeStage:
         if numel > self.buf.numel():
             numel = max(numel, 2 * self.buf.numel(), MIN_SLOTS * self._slot_numel(cap))
             numel = min(numel, self.budget_numel // self._slot_numel(cap) * self._slot_numel(cap))
-            grown = torch.zeros(numel, dtype=self.buf.dtype, device=self.buf.device)
+            grown = _zeros(numel, self.buf)
             used = len(self.owner) * self._slot_numel(cap)
             grown[:used] = self.buf[:used]
             self.buf = grown
@@ -77,16 +88,16 @@ class DecodeStage:
 
     def _move(self, src: int, dst: int) -> None:
         n = self.staged[src]
-        self.kv[dst, :, :, :n] = self.kv[src, :, :, :n]
+        self.kv[dst, :, :, :, :n] = self.kv[src, :, :, :, :n]
         self.owner[dst], self.staged[dst] = self.owner[src], n
 
     def _gather(self, slot: int, table: list[int], tokens: int) -> None:
+        """One copy per block straight into the slot: an `index_select` into a temporary and a
+        permuted copy out of it measured 8x slower (fresh pages, strided writes)."""
         blocks = -(-tokens // self.bs)
-        if blocks:
-            ids = torch.tensor(table[:blocks], dtype=torch.long, device=self.pool.device)
-            src = self.pool.index_select(0, ids)  # [blocks, layers, 2, bs, heads, dim]
-            src = src.permute(1, 2, 0, 3, 4, 5).reshape(self.layers, 2, blocks * self.bs, self.width)
-            self.kv[slot, :, :, :tokens] = src[:, :, :tokens]
+        dst = self.kv[slot, :, :, :, :blocks * self.bs].unflatten(3, (blocks, self.bs))
+        for j, block in enumerate(table[:blocks]):
+            dst[:, :, :, j].copy_(self.pool[block].transpose(2, 3))  # [layers, 2, bs, heads, dim]
         self.staged[slot] = tokens
 
     def plan(self, uids: list[int], context_lens: list[int], tables: list[list[int]]) -> list[int] | None:

@@ -42,28 +42,37 @@ class ArchSpec:
 class Linear(nn.Module):
     """`x W^T (+ b)` with W stored `[out, in]`, as in Hugging Face checkpoints.
 
-    On CPU, a batch of `MIN_ROWS_T`..`MAX_ROWS_T` rows runs as `(W @ x^T)^T`: MKL streams the
-    weights 1.2-1.5x faster that way at decode-sized batches than with `F.linear`'s `x @ W^T`
-    (tools/bench_engine.py). One row, and prefill-sized batches, gain nothing from it.
+    `pack()` (CPU, fp32) swaps W for oneDNN's prepacked copy of it: MKL's sgemm re-packs the
+    weight on every call, which dominates at decode-sized batches. Measured interleaved on
+    2 cores against `F.linear` / `(W @ x^T)^T`: a Llama layer's four linears run 1.3-1.7x
+    faster at 16-64 rows, a 32k-vocab lm_head 1.5x; prefill-sized batches run alike.
+    The dense weight is dropped once packed (the packed copy is the same size).
     """
 
-    MIN_ROWS_T = 2
-    MAX_ROWS_T = 128
+    PACK_ROWS_HINT = 16  # oneDNN picks its blocking for this many rows; measured insensitive
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
-        """`contiguous=False` may return the `(W @ x^T)^T` path's transposed view (no copy)."""
-        rows = x.shape[0]
-        if not (x.is_cpu and self.MIN_ROWS_T <= rows <= self.MAX_ROWS_T):
-            return F.linear(x, self.weight, self.bias)
-        out = (self.weight @ x.t()).t()
-        if contiguous or self.bias is not None:
-            out = out.contiguous()
-        return out if self.bias is None else out.add_(self.bias)
+    def pack(self) -> bool:
+        """Prepack the weight for oneDNN; False (and dense kept) where that does not apply."""
+        w = self.weight
+        if w is None or not w.is_cpu or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return False
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.PACK_ROWS_HINT)
+        except (RuntimeError, AttributeError):  # a torch built without the op
+            return False
+        self.weight = None
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -74,6 +83,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused kernel, bit-identical to the steps below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -133,4 +144,8 @@ class LlamaFamilyModel(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden, contiguous=False).float()  # the sampler reads a view as well
+        return self.lm_head(hidden).float()
+
+    def pack_linears(self) -> int:
+        """`Linear.pack()` every linear layer (CPU fp32); returns how many were packed."""
+        return sum(m.pack() for m in self.modules() if isinstance(m, Linear))

@@ -145,4 +145,5 @@ def load_model(model_dir: str, dtype: str = "auto", device: str = "cpu", max_pos
     model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=True, assign=True)
     model = model.to(device=device)
     model.eval()
+    model.pack_linears()
     return LoadedModel(model, spec, hf_config, eos_ids(path, hf_config), torch_dtype, str(path))
