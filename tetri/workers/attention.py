@@ -52,7 +52,7 @@ class AttnBatch:
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
     stage_len: int = 0  # keys the staged attention reads (the longest context; 0: gather instead)
-    stage_rows: torch.Tensor | None = None  # [D * kv_heads] row of each new token's layer-0 K per head in the stage buffer
+    stage_rows: torch.Tensor | None = None  # [D * kv_heads] stage-buffer row of each new token's layer-0 K, per head
     stage_slots: torch.Tensor | None = None  # [D] decode row -> stage slot; None: row i is slot i
 
 
@@ -93,7 +93,7 @@ class TorchAttention:
         stage = self._stage
         batch.stage_len = max(context_lens)
         batch.decode_mask = key_mask(torch.tensor(by_slot, device=device), batch.stage_len)
-        slot_rows = 2 * stage.layers * stage.heads * stage.capacity  # head_dim-wide rows of `stage.buf` per slot
+        slot_rows = 2 * stage.layers * stage.heads * stage.capacity  # head_dim-wide rows per slot
         first = torch.tensor([s * slot_rows + c - 1 for s, c in zip(slots, context_lens)], dtype=torch.long,
                              device=device)
         heads = torch.arange(stage.heads, device=device) * stage.capacity

@@ -7,12 +7,12 @@ attention then reads: on CPU, at batch 16 and 256 tokens of context, a fifth of 
 
 A `DecodeStage` keeps that padded batch alive between steps instead. Each decoding
 sequence owns a slot `[layers, 2, kv_heads, capacity, head_dim]` (head-major: the attention
-reads each head's keys as one contiguous run, 1.3x faster than token-major rows at batch 64);
-a step appends the new token's K/V to its slot (as well as to the pool, which stays the source of truth) and
-attends over the slots in place. A sequence is gathered from the pool only when it first
-decodes here, or when its slot no longer matches (it was preempted, which gives it a new
-`Seq.uid`, or missed a step). Slots are kept dense (a leaving sequence's slot is refilled by
-the last one). More slots double the buffer and keep the staged ones; a context past the
+reads each head's keys as one contiguous run, 1.3x faster than token-major rows at batch
+64); a step appends the new token's K/V to its slot (as well as to the pool, which stays
+the source of truth) and attends over the slots in place. A sequence is gathered from the
+pool only when it first decodes here, or when its slot no longer matches (it was preempted,
+which gives it a new `Seq.uid`, or missed a step). Slots are kept dense (a leaving
+sequence's slot is refilled by the last one). More slots double the buffer and keep the staged ones; a context past the
 capacity picks a larger one and regathers. Past `budget_bytes` it declines, and the backend
 falls back to the per-step gather.
 """
