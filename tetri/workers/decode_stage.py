@@ -12,9 +12,9 @@ reads each head's keys as one contiguous run, 1.3x faster than token-major rows 
 the source of truth) and attends over the slots in place. A sequence is gathered from the
 pool only when it first decodes here, or when its slot no longer matches (it was preempted,
 which gives it a new `Seq.uid`, or missed a step). Slots are kept dense (a leaving
-sequence's slot is refilled by the last one). More slots double the buffer and keep the staged ones; a context past the
-capacity picks a larger one and regathers. Past `budget_bytes` it declines, and the backend
-falls back to the per-step gather.
+sequence's slot is refilled by the last one). More slots double the buffer and keep the
+staged ones; a context past the capacity picks a larger one and regathers. Past
+`budget_bytes` it declines, and the backend falls back to the per-step gather.
 """
 
 from __future__ import annotations
