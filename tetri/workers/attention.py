@@ -157,7 +157,6 @@ class TorchAttention:
                                            attn_mask=b.decode_mask, scale=self.scale, enable_gqa=True)
         return o.squeeze(2)
 
-
     def _staged_decode(self, layer: int, q, k, v, b: AttnBatch) -> torch.Tensor:
         d, n, slots = q.shape[0], b.stage_len, b.stage_slots
         stage = self._stage

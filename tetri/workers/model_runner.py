@@ -82,9 +82,9 @@ class ModelRunner:
         bs = self.block_size
         ctx = [s.start_pos + 1 for s in segs]
         batch.num_decodes = len(segs)
-        batch.decode_context_lens = self._tensor(ctx, torch.int32)
         if self.attn.stage_decodes(batch, segs, ctx):
-            return  # staged: no block tables to read
+            return  # staged: no block tables or context lengths to read
+        batch.decode_context_lens = self._tensor(ctx, torch.int32)
         max_blocks = -(-max(ctx) // bs)
         tables = [s.block_ids[: -(-c // bs)] + [0] * (max_blocks - (-(-c // bs))) for s, c in zip(segs, ctx)]
         batch.decode_tables = self._tensor(tables)
