@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tetri.workers import cpu_kernels
 from tetri.workers.decode_stage import DecodeStage
 from tetri.workers.kv_pool import KVPool
 from tetri.workers.seq import new_uid
@@ -52,6 +53,7 @@ class AttnBatch:
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
     decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
     stage_len: int = 0  # keys the staged attention reads (the longest context; 0: gather instead)
+    stage_lens: torch.Tensor | None = None  # [D] int64 context length of each stage slot
     stage_rows: torch.Tensor | None = None  # [D * kv_heads] stage-buffer row of each new token's layer-0 K, per head
     stage_slots: torch.Tensor | None = None  # [D] decode row -> stage slot; None: row i is slot i
 
@@ -78,6 +80,7 @@ class TorchAttention:
         # in page faults than the copy itself.
         self._scratch = torch.empty(0, self._blocks.shape[1], dtype=self._blocks.dtype, device=self._blocks.device)
         self._stage = DecodeStage(pool.data, self._bs, STAGE_BUDGET_SHARE * pool.data.nbytes)
+        self._kernels = cpu_kernels.load() if self._blocks.is_cpu else None  # staged decodes' attention
 
     def stage_decodes(self, batch: AttnBatch, segs, context_lens: list[int]) -> bool:
         """Attend this step's decodes over staged K/V (see `DecodeStage`): sets the batch's
@@ -92,7 +95,8 @@ class TorchAttention:
             by_slot[slot] = ctx
         stage = self._stage
         batch.stage_len = max(context_lens)
-        batch.decode_mask = key_mask(torch.tensor(by_slot, device=device), batch.stage_len)
+        batch.stage_lens = torch.tensor(by_slot, device=device)
+        batch.decode_mask = key_mask(batch.stage_lens, batch.stage_len)
         slot_rows = 2 * stage.layers * stage.heads * stage.capacity  # head_dim-wide rows per slot
         first = torch.tensor([s * slot_rows + c - 1 for s, c in zip(slots, context_lens)], dtype=torch.long,
                              device=device)
@@ -168,8 +172,11 @@ class TorchAttention:
         vs = stage.kv[:d, layer, 1, :, :n]
         if slots is not None:
             q = torch.empty_like(q).index_copy_(0, slots, q)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask, scale=self.scale,
-                                           enable_gqa=True).squeeze(2)
+        if self._kernels is not None and cpu_kernels.attention_applies(q, stage.heads):
+            o = cpu_kernels.decode_attention(self._kernels, q, ks, vs, b.stage_lens, self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask, scale=self.scale,
+                                               enable_gqa=True).squeeze(2)
         return o if slots is None else o.index_select(0, slots)
 
 
