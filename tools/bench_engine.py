@@ -3,14 +3,18 @@
 Same ~100M-parameter random Llama (hidden 768, 12 layers), batch B, 128-token prompts,
 128 new tokens, greedy, ignore_eos, fp32, 2 threads. Runs alternate HF / tetri and keep
 the best of `--repeats` each, so machine-load drift hits both sides alike. Prints the ratio
-of the bests and, as a check on it, the ratio of the medians.
+of the bests and, as a check on it, the ratio of the medians. `--fallback` also runs the
+engine without its compiled CPU kernels (`TETRI_CPU_KERNELS=0`: oneDNN and SDPA) in the
+same rotation and prints how much faster the kernels are.
 
     python tools/bench_engine.py --batch 16 64
+    python tools/bench_engine.py --batch 16 --fallback
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -40,8 +44,12 @@ def bench_hf(model_dir: str, prompts: torch.Tensor, new_tokens: int) -> float:
     return prompts.shape[0] * new_tokens / elapsed
 
 
-def bench_tetri(model_dir: str, prompts: torch.Tensor, new_tokens: int, chunk_size: int) -> float:
+def bench_tetri(model_dir: str, prompts: torch.Tensor, new_tokens: int, chunk_size: int, kernels: bool = True) -> float:
     from tetri import LLM, SamplingParams
+    from tetri.workers import cpu_kernels
+
+    os.environ["TETRI_CPU_KERNELS"] = "1" if kernels else "0"
+    cpu_kernels.load.cache_clear()
 
     llm = LLM(model_dir, dtype="float32", chunk_size=chunk_size, kv_cache_gb=2.0)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -61,19 +69,26 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fallback", action="store_true", help="also run without the compiled CPU kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
         build_model(d)
-        print(f"{'batch':>6} {'hf tok/s':>10} {'tetri tok/s':>12} {'ratio':>7} {'median ratio':>13}")
+        head = f"{'batch':>6} {'hf tok/s':>10} {'tetri tok/s':>12} {'ratio':>7} {'median ratio':>13}"
+        print(head + (f" {'fallback tok/s':>15} {'kernels/fallback':>17}" if args.fallback else ""))
         for b in args.batch:
             prompts = torch.randint(3, 32000, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(b))
-            hf, ours = [], []
-            for _ in range(args.repeats):  # interleaved, best of N: load drift hits both alike
+            hf, ours, fallback = [], [], []
+            for _ in range(args.repeats):  # interleaved, best of N: load drift hits all alike
                 hf.append(bench_hf(d, prompts, args.new_tokens))
                 ours.append(bench_tetri(d, prompts, args.new_tokens, args.chunk_size))
-            print(f"{b:>6} {max(hf):>10.1f} {max(ours):>12.1f} {max(ours) / max(hf):>6.2f}x "
-                  f"{statistics.median(ours) / statistics.median(hf):>12.2f}x", flush=True)
+                if args.fallback:
+                    fallback.append(bench_tetri(d, prompts, args.new_tokens, args.chunk_size, kernels=False))
+            line = (f"{b:>6} {max(hf):>10.1f} {max(ours):>12.1f} {max(ours) / max(hf):>6.2f}x "
+                    f"{statistics.median(ours) / statistics.median(hf):>12.2f}x")
+            if args.fallback:
+                line += f" {max(fallback):>15.1f} {max(ours) / max(fallback):>16.2f}x"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
