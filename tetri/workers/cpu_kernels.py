@@ -97,12 +97,17 @@ def load() -> ctypes.CDLL | None:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`[out, in]` weight -> panels `[ceil(out / 24), in, 24]`, zero padded past `out`."""
+    """`[out, in]` weight -> panels `[ceil(out / 24), in, 24]`, zero padded past `out`
+    (written in place: no padded temporary beside a large lm_head)."""
     out_features, in_features = weight.shape
-    num_panels = -(-out_features // PANEL)
-    padded = torch.zeros(num_panels * PANEL, in_features, dtype=torch.float32)
-    padded[:out_features] = weight
-    return padded.view(num_panels, PANEL, in_features).transpose(1, 2).contiguous()
+    full = out_features // PANEL
+    panels = torch.empty(-(-out_features // PANEL), in_features, PANEL, dtype=torch.float32)
+    panels[:full].copy_(weight[:full * PANEL].reshape(full, PANEL, in_features).transpose(1, 2))
+    if full < panels.shape[0]:
+        tail = out_features - full * PANEL
+        panels[full].zero_()
+        panels[full, :, :tail].copy_(weight[full * PANEL:].t())
+    return panels
 
 
 def linear(lib: ctypes.CDLL, x: torch.Tensor, panels: torch.Tensor, out_features: int,
