@@ -138,6 +138,7 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torc
     `k, v[rows, kv_heads, >= max(lens), D]`, views whose keys are contiguous per (row, head)."""
     rows, heads, head_dim = q.shape
     assert k.stride() == v.stride() and k.stride(2) == head_dim and k.stride(3) == 1
+    assert lens.dtype == torch.int64 and lens.is_contiguous() and lens.numel() == rows
     q = q.contiguous()
     out = torch.empty_like(q)
     lib.tetri_decode_attn_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), lens.data_ptr(),
