@@ -34,9 +34,10 @@ def test_decode_attention_matches_sdpa(head_dim, heads, kv_heads):
 
 
 def test_attention_applies_only_where_the_kernel_does():
-    assert cpu_kernels.attention_applies(torch.zeros(2, 4, 64), 2)
-    assert not cpu_kernels.attention_applies(torch.zeros(2, 4, 20), 2)  # not a multiple of 8
-    assert not cpu_kernels.attention_applies(torch.zeros(2, 4, 64, dtype=torch.bfloat16), 2)
+    assert cpu_kernels.attention_applies(torch.zeros(2, 4, 64))
+    assert not cpu_kernels.attention_applies(torch.zeros(2, 4, 20))  # not a multiple of 8
+    assert not cpu_kernels.attention_applies(torch.zeros(2, 4, 1024))  # past the kernel's accumulator
+    assert not cpu_kernels.attention_applies(torch.zeros(2, 4, 64, dtype=torch.bfloat16))
 
 
 def test_build_is_cached(tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ class TorchAttention:
         # in page faults than the copy itself.
         self._scratch = torch.empty(0, self._blocks.shape[1], dtype=self._blocks.dtype, device=self._blocks.device)
         self._stage = DecodeStage(pool.data, self._bs, STAGE_BUDGET_SHARE * pool.data.nbytes)
-        self._kernels = cpu_kernels.load() if self._blocks.is_cpu else None  # staged decodes' attention
+        # Staged decodes' attention: the compiled kernel where it handles this pool, else SDPA.
+        self._kernels = cpu_kernels.load() if cpu_kernels.attention_applies(pool.data) else None
 
     def stage_decodes(self, batch: AttnBatch, segs, context_lens: list[int]) -> bool:
         """Attend this step's decodes over staged K/V (see `DecodeStage`): sets the batch's
@@ -172,7 +173,7 @@ class TorchAttention:
         vs = stage.kv[:d, layer, 1, :, :n]
         if slots is not None:
             q = torch.empty_like(q).index_copy_(0, slots, q)
-        if self._kernels is not None and cpu_kernels.attention_applies(q, stage.heads):
+        if self._kernels is not None:
             o = cpu_kernels.decode_attention(self._kernels, q, ks, vs, b.stage_lens, self.scale)
         else:
             o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=b.decode_mask, scale=self.scale,

@@ -125,11 +125,11 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, panels: torch.Tensor, out_features
     return y.view(*lead, out_features)
 
 
-def attention_applies(q: torch.Tensor, kv_heads: int) -> bool:
-    """`decode_attention` handles these queries `[rows, heads, head_dim]`."""
-    head_dim = q.shape[-1]
-    return (q.is_cpu and q.dtype == torch.float32 and head_dim % 8 == 0 and head_dim <= 512
-            and q.shape[1] % kv_heads == 0)
+def attention_applies(kv: torch.Tensor) -> bool:
+    """`decode_attention` handles K/V laid out like `kv` (`[..., head_dim]`): CPU fp32, a
+    head_dim that is a multiple of 8 up to 512."""
+    head_dim = kv.shape[-1]
+    return kv.is_cpu and kv.dtype == torch.float32 and head_dim % 8 == 0 and head_dim <= 512
 
 
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
@@ -137,6 +137,7 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torc
     """Each row's one query `q[rows, heads, D]` over the first `lens[row]` (int64) keys of
     `k, v[rows, kv_heads, >= max(lens), D]`, views whose keys are contiguous per (row, head)."""
     rows, heads, head_dim = q.shape
+    assert heads % k.shape[1] == 0 and q.dtype == k.dtype == torch.float32
     assert k.stride() == v.stride() and k.stride(2) == head_dim and k.stride(3) == 1
     assert lens.dtype == torch.int64 and lens.is_contiguous() and lens.numel() == rows
     q = q.contiguous()
