@@ -35,6 +35,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0: only the sampled one)
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before anything else (OpenAI's semantics, -100..100)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field when a value is out of range."""
@@ -51,6 +53,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative"),
+            ("logit_bias", all(t >= 0 and -100.0 <= b <= 100.0 for t, b in (self.logit_bias or {}).items()),
+             "must map non-negative token ids to biases in [-100, 100]"),
         )
         for name, ok, why in checks:
             if not ok:
