@@ -8,7 +8,6 @@ check) the same tests run the compiled kernels on the GPU."""
 import os
 import sys
 
-import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
