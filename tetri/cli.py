@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-gb", type=float, default=None, help="CPU: KV pool size per worker in GiB")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests decoding at once per worker")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g = ap.add_argument_group("scheduling")
     g.add_argument("--global-policy", default="least-loaded", choices=PREFILL_DISPATCH, help="level-1 dispatch")
     g.add_argument("--dispatch-policy", default="least-loaded", choices=DECODE_DISPATCH, help="level-2 dispatch")
@@ -143,7 +145,8 @@ def build_engine(args):
     # enough (torch's OpenMP threads spin badly when oversubscribed).
     cores = os.cpu_count() or 1
     threads = max(1, (cores - 1) // len(specs) if cores > len(specs) else cores // len(specs)) if device == "cpu" else 1
-    model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed)
+    model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed,
+                        enforce_eager=args.enforce_eager)
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy)

@@ -25,13 +25,17 @@ class LLM:
     def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "auto",
                  chunk_size: int = 512, block_size: int = 16, kv_cache_gb: float | None = None,
                  num_blocks: int | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, seed: int = 0, check_invariants: bool = False) -> None:
+                 max_num_seqs: int = 256, seed: int = 0, check_invariants: bool = False,
+                 attention: str = "auto", enforce_eager: bool = False) -> None:
         model_dir = resolve_model_dir(model)
+        sched = EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs)
         self.executor = Executor(
-            ModelConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed),
+            ModelConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
+                        attention=attention, enforce_eager=enforce_eager),
             CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, num_blocks=num_blocks),
+            sched=sched,
         )
-        self.core = MixedCore(self.executor, EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs))
+        self.core = MixedCore(self.executor, sched)
         self.model_dir = model_dir
         self.check_invariants = check_invariants
         self._tokenizer = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -43,8 +44,7 @@ class RuntimeClient:
         from tetri.workers.executor import resolve_model_dir
 
         self.model_dir = resolve_model_dir(model.model)
-        self.model_cfg = ModelConfig(model=self.model_dir, dtype=model.dtype, max_model_len=model.max_model_len,
-                                     device=model.device, seed=model.seed)
+        self.model_cfg = dataclasses.replace(model, model=self.model_dir)
         self.cache_cfg, self.sched_cfg, self.launch_cfg = cache, sched, launch
         self.max_queue = max_queue
         self.max_model_len = model.max_model_len or 0
