@@ -79,8 +79,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None
-    """Name clients send as `model`; None: the model directory's base name."""
+    served_model_name: str | tuple[str, ...] | None = None
+    """Name(s) clients may send as `model` (the first is reported); None: the model directory's base name."""
     api_key: str | None = None
     """When set, every route but /health needs `Authorization: Bearer <key>`."""
     max_body_bytes: int = 4 * 1024 * 1024

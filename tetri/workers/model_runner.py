@@ -28,6 +28,10 @@ class Segment:
     uid: int | None = None
     """The decoding sequence's `Seq.uid` (lets the attention backend keep its K/V staged
     across steps); None: not staged."""
+    score_ids: list[int] | None = None
+    """Prompt logprobs: the token each row is scored against (`workers/prompt_logprobs.py`)."""
+    score_top: int = 0
+    """How many top alternatives each scored row reports."""
 
 
 class ModelRunner:
@@ -41,6 +45,8 @@ class ModelRunner:
         self.attn = make_attention(pool, loaded.spec.head_dim ** -0.5, device, attention)
         self.last_hidden: torch.Tensor | None = None
         """Final hidden state of each sampling row of the last step (the length predictor's probe)."""
+        self.last_scores: list | None = None
+        """Prompt logprobs of the last step, per segment (None: no segment asked)."""
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -103,6 +109,11 @@ class ModelRunner:
             raise
         finally:
             self.attn.batch = None
+        self.last_scores = None
+        if any(seg.score_ids is not None for seg in segments):
+            from tetri.workers.prompt_logprobs import score_segments
+
+            self.last_scores = score_segments(self.model, hidden, segments)
         picked = hidden[self._tensor(sample_rows)] if sample_rows else hidden[:0]
         self.last_hidden = picked
         return self.model.compute_logits(picked)
