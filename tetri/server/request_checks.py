@@ -35,6 +35,8 @@ def refuse_unsupported(req: SamplingRequest) -> None:
             raise bad_request(f"tools {_NOT_YET}", "tools")
         if req.functions is not None:
             raise bad_request(f"functions {_NOT_YET}", "functions")
+        if req.parallel_tool_calls is not None:
+            raise bad_request(f"parallel_tool_calls {_NOT_YET}", "parallel_tool_calls")
         if req.tool_choice not in (None, "none"):
             raise bad_request(f"tool_choice {req.tool_choice!r} {_NOT_YET}; only \"none\" is accepted", "tool_choice")
         if req.function_call not in (None, "none"):
