@@ -81,8 +81,11 @@ SHARED = {
     "prompt_logprobs": Engine({"prompt_logprobs": 1}),
     "truncate_prompt_tokens": Engine({"truncate_prompt_tokens": 2}),
     "response_format": Refused({"response_format": {"type": "json_object"}}),
-    **{name: Refused({name: {}}) for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                                               "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")},
+    "structured_outputs": Refused({"structured_outputs": {"json": {}}}),
+    "guided_json": Refused({"guided_json": {}}),
+    **{name: Refused({name: "a"}) for name in ("guided_regex", "guided_grammar", "guided_decoding_backend",
+                                                "guided_whitespace_pattern")},
+    "guided_choice": Refused({"guided_choice": ["a"]}),
 }
 CHAT = {
     **SHARED,

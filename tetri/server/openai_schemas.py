@@ -46,7 +46,7 @@ class Message(_Strict, kw_only=True):
     content: Content | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class StreamOptions(_Strict, kw_only=True):
@@ -85,13 +85,13 @@ class SamplingRequest(_Strict, kw_only=True):
     prompt_logprobs: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
     response_format: dict[str, Any] | None = None
-    structured_outputs: Any | None = None
-    guided_json: Any | None = None
-    guided_regex: Any | None = None
-    guided_choice: Any | None = None
-    guided_grammar: Any | None = None
-    guided_decoding_backend: Any | None = None
-    guided_whitespace_pattern: Any | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
@@ -103,11 +103,11 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     echo: bool | None = False
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-    function_call: Any | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
