@@ -124,7 +124,7 @@ def check_chat(req: schemas.ChatCompletionRequest | schemas.TokenizeChatRequest)
                           "continue_final_message")
 
 
-async def render_chat(state, req, max_model_len: int) -> tuple[list[dict], list[int]]:
+async def render_chat(state, req) -> tuple[list[dict], list[int]]:
     """The messages as template dicts and the prompt ids (a template failure is a 400)."""
     check_chat(req)
     messages = schemas.chat_messages(req.messages)
@@ -152,7 +152,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     checks.refuse_unsupported(req)
     checks.check_stream_options(req)
     checks.check_best_of(req)
-    messages, ids = await render_chat(state, req, engine.max_model_len)
+    messages, ids = await render_chat(state, req)
     ids = checks.truncate(ids, req, engine.max_model_len)
     schemas.check_prompt_ids(ids, state.tok.vocab_size, engine.max_model_len, "messages")
     use_mct = req.max_completion_tokens is not None

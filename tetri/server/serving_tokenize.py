@@ -31,7 +31,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if is_chat:
         req = schemas.decode_request(body, schemas.TokenizeChatRequest)
         schemas.check_model(req.model, state.served_names)
-        _, ids = await render_chat(state, req, engine.max_model_len)
+        _, ids = await render_chat(state, req)
         if req.add_special_tokens:
             ids = state.tok.encode(state.tok.decode(ids, skip_special_tokens=False), add_special_tokens=True)
     else:
