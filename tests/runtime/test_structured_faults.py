@@ -15,7 +15,7 @@ import jsonschema
 
 from tests.runtime.server_proc import ServerProc
 
-ITEMS = {"type": "array", "items": {"enum": ["alpha", "beta", "gamma", "delta"]}, "minItems": 40, "maxItems": 40}
+ITEMS = {"type": "array", "items": {"enum": ["alpha", "beta", "gamma", "delta"]}, "minItems": 30, "maxItems": 30}
 STRUCTURED = {"json": ITEMS, "disable_any_whitespace": True}
 
 
@@ -27,9 +27,9 @@ def test_sigkill_mid_stream_keeps_a_constrained_output_valid(default_model_dir):
     try:
         client = srv.openai(timeout=180)
         model = client.models.list().data[0].id
-        prompts = [[5, 6, 7, 8], [9, 10, 11]]
-        got: dict[int, list[int]] = {0: [], 1: []}
-        texts: dict[int, list[str]] = {0: [], 1: []}
+        prompts = [[5, 6, 7, 8]]
+        got: dict[int, list[int]] = {0: []}
+        texts: dict[int, list[str]] = {0: []}
 
         def stream(i: int) -> str | None:
             finish = None
@@ -42,29 +42,28 @@ def test_sigkill_mid_stream_keeps_a_constrained_output_valid(default_model_dir):
                     finish = ch.finish_reason or finish
             return finish
 
-        with cf.ThreadPoolExecutor(2) as pool:
-            futs = [pool.submit(stream, i) for i in range(2)]
+        with cf.ThreadPoolExecutor(1) as pool:
+            futs = [pool.submit(stream, 0)]
             victim = None
             deadline = time.monotonic() + 120
             while victim is None and time.monotonic() < deadline:
-                if min(len(g) for g in got.values()) >= 20:  # both streams are under way
+                if len(got[0]) >= 20:  # the stream is under way
                     busy = [w for w in srv.workers() if w["role"] == "decode" and w["running"] > 0]
                     victim = busy[0] if busy else None
                 time.sleep(0.02)
-            assert victim is not None, "the streams never got going"
+            assert victim is not None, "the stream never got going"
             os.kill(victim["pid"], signal.SIGKILL)
             finishes = [f.result(timeout=300) for f in futs]
         metrics = srv.get("/metrics")[1]
         migrated = next(float(line.split()[-1]) for line in metrics.splitlines()
                         if line.startswith("tetri:requests_migrated_total"))
         assert migrated >= 1  # the kill came mid-stream: a request was resumed elsewhere
-        for i in range(2):
-            assert finishes[i] == "stop"
-            jsonschema.validate(json.loads("".join(texts[i])), ITEMS)
+        assert finishes == ["stop"]
+        jsonschema.validate(json.loads("".join(texts[0])), ITEMS)
         spec = StructuredOutputsParams(json=json.dumps(ITEMS), any_whitespace=False)
         want = LLM(default_model_dir).generate(prompts, SamplingParams(max_tokens=1500, temperature=0.0,
                                                                        structured_outputs=spec))
-        assert [got[0], got[1]] == [w.token_ids for w in want]  # nothing duplicated, nothing missing
+        assert got[0] == want[0].token_ids  # nothing duplicated, nothing missing
         assert srv.wait_idle(30)
     finally:
         srv.stop()
