@@ -7,7 +7,8 @@ T new tokens each, greedy and ignore_eos, so both sides make exactly B x T token
 an object holding an array of at least 200 short strings, which no answer closes within T
 tokens, so every step of the constrained side runs under the grammar. Rounds alternate plain /
 schema in ABBA order (machine-load drift hits both alike); prints the median of each side, their ratio, and
-the share of the constrained runs' time spent in the grammar hook itself (`mask` + `accept`).
+the share of the constrained runs' time spent in the grammar hook itself (`mask` + `accept`) and
+that hook's time per constrained token.
 The schema is compiled once before the rounds (as the worker's cache would hold it).
 
     python tools/bench_structured.py                 # B=16, T=64, 3 rounds
@@ -76,7 +77,7 @@ def bench(llm, batch: int, new_tokens: int, rounds: int) -> None:
     run_once(llm, prompts[:2], plain)  # warm-up
     timer = HookTimer(llm.executor.grammar)
     results = {"plain": [], "schema": []}
-    hook_share = []
+    hook_share, hook_s_per_token = [], []
     for r in range(rounds):
         for side in (("plain", "schema") if r % 2 == 0 else ("schema", "plain")):  # ABBA: linear drift cancels
             if side == "plain":
@@ -85,10 +86,11 @@ def bench(llm, batch: int, new_tokens: int, rounds: int) -> None:
             before, start = timer.seconds, time.perf_counter()
             results["schema"].append(run_once(llm, prompts, schema))
             hook_share.append((timer.seconds - before) / (time.perf_counter() - start))
+            hook_s_per_token.append((timer.seconds - before) / (batch * new_tokens))
     p, s = statistics.median(results["plain"]), statistics.median(results["schema"])
     print(f"batch {batch}, {new_tokens} new tokens, {rounds} rounds: plain {p:.1f} tok/s, json_schema {s:.1f} tok/s, "
           f"ratio {s / p:.3f} (schema/plain); grammar hook {100 * statistics.median(hook_share):.1f}% of the schema "
-          f"runs' time", flush=True)
+          f"runs' time, {1e6 * statistics.median(hook_s_per_token):.0f} us per constrained token", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

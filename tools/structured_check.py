@@ -1,7 +1,8 @@
 """The twenty json_schema prompts (tests/runtime/structured_cases.py) against `tetri-serve` with the
 real default model, in both modes, each streamed and not (80 answers), every answer parsed and
-validated with jsonschema. The suite runs each prompt once per mode (streamed in one mode, not in
-the other: tests/runtime/test_real_structured.py); this runs all of them.
+validated with jsonschema. The suite asks each prompt once (the even ones disaggregated, the odd
+ones colocated, half of each streamed: tests/runtime/test_real_structured.py, to keep the suite's
+time down); this asks all of them in both modes, streamed and not.
 
     python tools/structured_check.py                 # starts a server per mode (SmolLM2 default)
     python tools/structured_check.py --max-tokens 200

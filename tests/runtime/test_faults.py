@@ -1,14 +1,47 @@
 """Worker death and shutdown against a real `tetri-serve` subprocess."""
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import time
 
+import jsonschema
 import openai
 import pytest
 
 from tests.runtime.server_proc import ServerProc
+
+HELD_ITEMS = {"type": "array", "items": {"enum": ["alpha", "beta", "gamma", "delta"]}, "minItems": 40, "maxItems": 40}
+HELD = {"json": HELD_ITEMS, "disable_any_whitespace": True}
+HELD_PROMPT = [9, 10, 11]
+
+
+def _decoders(server) -> list[dict]:
+    return [w for w in server.workers() if w["role"] == "decode"]
+
+
+def _stream_into(client, model, prompt, ids: list[int], texts: list[str], max_tokens: int, **extra) -> str | None:
+    """Stream a greedy completion, appending its token ids and text pieces as they come; its finish_reason."""
+    finish = None
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                           stream=True, extra_body={"return_token_ids": True, **extra}):
+        for ch in chunk.choices:
+            ids.extend((ch.model_extra or {}).get("token_ids") or [])
+            texts.append(ch.text or "")
+            finish = ch.finish_reason or finish
+    return finish
+
+
+def _wait_for(probe, timeout_s: float):
+    """Poll `probe` until it returns something other than None (or the deadline passes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = probe()
+        if found is not None:
+            return found
+        time.sleep(0.02)
+    return None
 
 
 def _long_stream(server, model, max_tokens=4000):
@@ -85,36 +118,49 @@ def test_shutdown_leaves_nothing_behind(default_model_dir, sig):
 
 def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_dir):
     """With migration (the default) the streams on the killed worker resume elsewhere: every
-    client gets its full output, token-identical to the offline engine; the worker restarts."""
+    client gets its full output, token-identical to the offline engine; the worker restarts.
+    One stream is held to a JSON schema and is on the victim when it dies: its grammar resumes
+    after the tokens already streamed, and its output still validates (issue 17)."""
     from tetri import LLM, SamplingParams
+    from tetri.types import StructuredOutputsParams
 
     srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2").start()
     try:
         model = srv.openai().models.list().data[0].id
         prompts = [[5 + i, 6, 7, 8 + i] for i in range(4)]
         client = srv.openai(timeout=120)
+        held_ids: list[int] = []
+        held_text: list[str] = []
 
         def stream(p):
-            ids = []
-            for chunk in client.completions.create(model=model, prompt=p, max_tokens=300, temperature=0.0, stream=True,
-                                                   extra_body={"ignore_eos": True, "return_token_ids": True}):
-                for ch in chunk.choices:
-                    ids.extend((ch.model_extra or {}).get("token_ids") or [])
+            ids: list[int] = []
+            _stream_into(client, model, p, ids, [], max_tokens=300, ignore_eos=True)
             return ids
 
-        with cf.ThreadPoolExecutor(4) as pool:
+        def stream_held():
+            return _stream_into(client, model, HELD_PROMPT, held_ids, held_text, max_tokens=1500, structured_outputs=HELD)
+
+        with cf.ThreadPoolExecutor(5) as pool:
+            held = pool.submit(stream_held)
+            # alone so far, so the one busy decode worker holds the constrained stream
+            victim = _wait_for(lambda: next((w for w in _decoders(srv) if w["running"] > 0), None)
+                               if len(held_ids) >= 10 else None, 60)
+            assert victim is not None, "the constrained stream never got going"
             futs = [pool.submit(stream, p) for p in prompts]
-            victim = None
-            deadline = time.monotonic() + 60
-            while victim is None and time.monotonic() < deadline:
-                busy = [w for w in srv.workers() if w["role"] == "decode" and w["running"] > 0]
-                victim = busy[0] if busy else None
-                time.sleep(0.05)
-            assert victim is not None
+            _wait_for(lambda: sum(w["running"] for w in _decoders(srv)) >= 3 or None, 20)  # plain ones decoding too
+            emitted_at_kill = len(held_ids)
             os.kill(victim["pid"], signal.SIGKILL)
             got = [f.result(timeout=120) for f in futs]
-        want = LLM(default_model_dir).generate(prompts, SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))
+            held_finish = held.result(timeout=300)
+        llm = LLM(default_model_dir)
+        want = llm.generate(prompts, SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))
         assert got == [w.token_ids for w in want]  # nothing duplicated, nothing missing
+        spec = StructuredOutputsParams(json=json.dumps(HELD_ITEMS), any_whitespace=False)
+        held_want = llm.generate([HELD_PROMPT], SamplingParams(max_tokens=1500, temperature=0.0,
+                                                               structured_outputs=spec))[0]
+        assert emitted_at_kill < len(held_ids)  # the kill came mid-stream
+        assert held_finish == "stop" and held_ids == held_want.token_ids
+        jsonschema.validate(json.loads("".join(held_text)), HELD_ITEMS)
         status, metrics = srv.get("/metrics")
         migrated = [line for line in metrics.splitlines() if line.startswith("tetri:requests_migrated_total")]
         assert migrated and float(migrated[0].split()[-1]) >= 1
