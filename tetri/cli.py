@@ -15,6 +15,7 @@ import os
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig, ServerConfig
 from tetri.launch import LaunchConfig, WorkerSpec
 from tetri.sched.chunking import PREFILL_POLICIES
+from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
 from tetri.sched.front import FrontConfig
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dispatch-policy", default="least-loaded", choices=DECODE_DISPATCH, help="level-2 dispatch")
     g.add_argument("--prefill-policy", default="fcfs", choices=PREFILL_POLICIES)
     g.add_argument("--prefill-sched-batch", type=int, default=16)
-    g.add_argument("--decode-policy", default="greedy", choices=["greedy", "reserve-static", "reserve-dynamic", "mlfq"])
+    g.add_argument("--decode-policy", default="greedy", choices=DECODE_POLICIES)
     g.add_argument("--heavy-decode-tokens", type=int, default=128)
     g.add_argument("--predictor", default="none",
                    help="output-length predictor: none | oracle (the forced length of ignore_eos requests) | model:DIR")
@@ -173,7 +174,7 @@ def _predictor(args):
     """(predictor or None, whether it needs the prefill workers' hidden states)."""
     if args.predictor == "none":
         return None, False
-    from tetri.sched.predictor import make_predictor
+    from tetri.predictor.registry import make_predictor
 
     predictor = make_predictor(args.predictor, bucket_tokens=args.bucket_tokens)
     return predictor, getattr(predictor, "kind", None) == "probe"

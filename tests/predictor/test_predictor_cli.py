@@ -11,7 +11,8 @@ from tetri.predictor.data import eval_metrics, load_examples, split_prompts
 from tetri.predictor.model import load_predictor
 from tetri.predictor.train import train_probe
 from tetri.sched.load import ReqInfo
-from tetri.sched.predictor import Prediction, make_predictor
+from tetri.predictor.registry import make_predictor
+from tetri.sched.predictor import Prediction
 from tetri.sched.predictor_cli import main
 
 KEYS = {"accuracy", "accuracy_within_one_bucket", "mae_tokens", "majority_baseline", "n"}
