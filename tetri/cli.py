@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-migrate", action="store_true",
                    help="end the requests of a dead worker with an error instead of resuming them elsewhere")
     g.add_argument("--max-restarts", type=int, default=5, help="restarts per worker (with back-off) before giving up")
+    g.add_argument("--heartbeat-timeout-s", type=float, default=30.0,
+                   help="a live worker whose load-board row has not beaten for this long is declared hung and replaced")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM: seconds in-flight requests may finish before they are ended with an error")
     g.add_argument("--request-timeout-s", type=float, default=600.0,
@@ -154,7 +156,7 @@ def build_engine(args):
                         request_timeout_s=args.request_timeout_s)
     predictor, probe = _predictor(args)
     launch = LaunchConfig(workers=tuple(specs), threads_per_worker=threads,
-                          collect_hidden=probe or bool(args.log_lengths))
+                          collect_hidden=probe or bool(args.log_lengths), heartbeat_timeout_s=args.heartbeat_timeout_s)
     flip = None
     if args.flip:
         from tetri.sched.flip import FlipPolicy

@@ -18,6 +18,16 @@ from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.workers.proc import WorkerArgs, worker_main
 
 
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+
+
+def restart_delay_s(restarts: int) -> float:
+    """Back-off before restarting a worker that already restarted `restarts` times:
+    1, 2, 4, 8, 16, then 30 s for every later one."""
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2.0 ** min(max(0, restarts), 32))
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     role: str  # prefill | decode | mixed

@@ -18,7 +18,7 @@ from tetri.workers.node import WorkerNode, pool_info
 
 class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
-                 decode_policy="greedy") -> None:
+                 decode_policy="greedy", request_timeout_s: float = 600.0) -> None:
         loaded = load_model(model_dir)
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy)
         self.nodes: dict[int, WorkerNode] = {}
@@ -31,7 +31,8 @@ class Cluster:
         for wid, node in self.nodes.items():
             node.pool_opener = _opener(infos, pools)
             node.handle(PeerPools(pools=infos), 0.0)
-        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size), random.Random(0))
+        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s),
+                                    random.Random(0))
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
         self.tokens: dict[str, list[int]] = defaultdict(list)
