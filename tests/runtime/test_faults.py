@@ -90,6 +90,9 @@ def test_shutdown_leaves_nothing_behind(default_model_dir, sig):
     assert any(s.startswith("tetri-kv-") for s in segments) and any(s.startswith("tetri-board") for s in segments), \
         segments
     assert ipc and os.path.isdir(ipc), ipc
+    for pid in pids:  # two workers on their shared cores: idle OpenMP threads sleep (tetri.cli.cpu_threads)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert b"OMP_WAIT_POLICY=PASSIVE" in f.read().split(b"\0") or "OMP_WAIT_POLICY" in os.environ
     rc = srv.stop(sig)
     assert rc == 0, srv.log_tail()
     for pid in pids:  # no orphan worker processes
