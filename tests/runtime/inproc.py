@@ -71,10 +71,11 @@ class Cluster:
     def pump_front(self) -> None:
         while self.to_front:
             msg = self.to_front.popleft()
-            if isinstance(msg, ChunkDone):
+            if isinstance(msg, ChunkDone):  # as the engine client does: only what the owner sent counts
                 for res in msg.finished:
-                    if res.req_id in self.front.reqs:
+                    if self.front.owns(res.req_id, msg.worker_id, decoding=False):
                         self.tokens[res.req_id].append(res.first_tokens[0])
+                        self.front.record_output(res.req_id, 0, res.first_tokens[:1])
                 self.apply(self.front.on_chunk_done(msg, self.loads(), self.now))
             elif isinstance(msg, KVCopied):
                 self.apply(self.front.on_kv_copied(msg))
@@ -82,7 +83,10 @@ class Cluster:
                 self.apply(self.front.on_dropped(msg.req_id))
             elif isinstance(msg, TokenBatch):
                 for r, c, t, f in zip(msg.req_ids, msg.choices, msg.token_ids, msg.finish_reasons):
+                    if not self.front.owns(r, msg.worker_id, decoding=True):
+                        continue
                     self.tokens[r].append(t)
+                    self.front.record_output(r, c, [t])
                     if f is not None:
                         self.finished[r] = f
                         self.front.on_choice_finished(r, c)
