@@ -15,19 +15,33 @@ from tests.reliability.helpers import SERVED, ipc_dir_of, parse_sse, pid_alive, 
 from tests.runtime.server_proc import ServerProc
 
 
-def _long_stream(server, model, stop: threading.Event, max_tokens=4000):
-    """Stream a long generation until it ends or `stop` is set (then hang up); return
-    (tokens received, error text or None)."""
+def _decoding(decoding: threading.Semaphore, n: int) -> None:
+    """Wait until `n` streams got their second token: each is then decoding on a decode
+    worker (the first token comes from the prefill worker)."""
+    for _ in range(n):
+        assert decoding.acquire(timeout=120), "a stream never reached its second token"
+
+
+def _busy_decoder(srv) -> dict | None:
+    """A decode worker's row once it shows a running request (rows are written just after
+    the step's tokens went out, so poll briefly)."""
+    return wait_until(lambda: next((w for w in srv.workers() if w["role"] == "decode" and w["running"]), None),
+                      30, every_s=0.02)
+
+
+def _long_stream(server, model, decoding: threading.Semaphore, max_tokens=4000):
+    """Stream a long generation; return (tokens received, error text or None). `decoding`
+    is released at the second token."""
     client = server.openai(timeout=120)
-    got = 0
+    got, released = 0, False
     try:
         stream = client.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=max_tokens, temperature=0.0,
-                                           stream=True, extra_body={"ignore_eos": True})
+                                           stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
         for chunk in stream:
-            got += 1 if chunk.choices and chunk.choices[0].text is not None else 0
-            if stop.is_set():
-                stream.close()
-                break
+            got += len((chunk.choices[0].model_extra or {}).get("token_ids") or []) if chunk.choices else 0
+            if got >= 2 and not released:
+                released = True
+                decoding.release()
     except (openai.APIError, openai.APIConnectionError) as e:
         return got, str(e)
     return got, None
@@ -35,37 +49,24 @@ def _long_stream(server, model, stop: threading.Event, max_tokens=4000):
 
 def test_sigkill_decode_worker_fails_its_requests_and_keeps_serving(default_model_dir):
     """--no-migrate and no restarts: the requests on the killed worker end with a clear error;
-    those on the other decode worker go on (they are then hung up on: no need to wait for
-    4000 tokens)."""
+    the others finish whole on the other decode worker."""
     srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2", "--max-model-len", "4096",
                      "--no-migrate", "--max-restarts", "0").start()
-    stop = threading.Event()
+    decoding = threading.Semaphore(0)
     try:
         model = srv.openai().models.list().data[0].id
         with cf.ThreadPoolExecutor(4) as pool:
-            futs = [pool.submit(_long_stream, srv, model, stop) for _ in range(4)]
-            deadline = time.monotonic() + 60
-            decoders = []
-            while sum(w["running"] for w in decoders) < 4 and time.monotonic() < deadline:
-                time.sleep(0.2)  # until all four decode (so none joins the victim after the kill)
-                decoders = [w for w in srv.workers() if w["role"] == "decode"]
-            assert sum(w["running"] for w in decoders) == 4, decoders
-            victim = max(decoders, key=lambda w: w["running"])
-            running_on_victim = victim["running"]
+            futs = [pool.submit(_long_stream, srv, model, decoding) for _ in range(4)]
+            _decoding(decoding, 1)
+            victim = _busy_decoder(srv)
+            assert victim is not None, srv.workers()
             os.kill(victim["pid"], signal.SIGKILL)
-            failed = []
-            for f in cf.as_completed(futs, timeout=60):  # never hangs
-                if f.result()[1] is not None:
-                    failed.append(f.result())
-                if len(failed) == running_on_victim:
-                    break
-            stop.set()
-            results = [f.result(timeout=60) for f in futs]
+            results = [f.result(timeout=120) for f in futs]  # never hangs
         failed = [r for r in results if r[1] is not None]
-        assert len(failed) == running_on_victim, results
+        assert failed, results
         want = f"worker {victim['worker_id']} died while decoding this request"
         assert all(want in err for _, err in failed), (want, failed)
-        assert all(got > 0 for got, err in results if err is None), results  # the others kept streaming
+        assert all(got == 4000 for got, err in results if err is None), results  # the others finished whole
         rows = {w["worker_id"]: w for w in srv.workers()}
         assert rows[victim["worker_id"]]["state"] == "dead"
         assert srv.get("/health")[0] == 200  # every role still has a live worker
@@ -75,7 +76,6 @@ def test_sigkill_decode_worker_fails_its_requests_and_keeps_serving(default_mode
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
         assert srv.wait_idle(), srv.workers()
     finally:
-        stop.set()
         srv.stop()
 
 
@@ -115,26 +115,29 @@ def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_di
         prompts = [[5 + i, 6, 7, 8 + i] for i in range(4)]
         client = srv.openai(timeout=120)
 
+        decoding = threading.Semaphore(0)
+
         def stream(p):
-            ids = []
-            for chunk in client.completions.create(model=model, prompt=p, max_tokens=300, temperature=0.0, stream=True,
+            ids, released = [], False
+            for chunk in client.completions.create(model=model, prompt=p, max_tokens=1000, temperature=0.0,
+                                                   stream=True,
                                                    extra_body={"ignore_eos": True, "return_token_ids": True}):
                 for ch in chunk.choices:
                     ids.extend((ch.model_extra or {}).get("token_ids") or [])
+                if len(ids) >= 2 and not released:
+                    released = True
+                    decoding.release()
             return ids
 
         with cf.ThreadPoolExecutor(4) as pool:
             futs = [pool.submit(stream, p) for p in prompts]
-            victim = None
-            deadline = time.monotonic() + 60
-            while victim is None and time.monotonic() < deadline:
-                busy = [w for w in srv.workers() if w["role"] == "decode" and w["running"] > 0]
-                victim = busy[0] if busy else None
-                time.sleep(0.05)
-            assert victim is not None
+            _decoding(decoding, 1)
+            victim = _busy_decoder(srv)
+            assert victim is not None, srv.workers()
             os.kill(victim["pid"], signal.SIGKILL)
             got = [f.result(timeout=120) for f in futs]
-        want = LLM(default_model_dir).generate(prompts, SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))
+        want = LLM(default_model_dir).generate(prompts, SamplingParams(max_tokens=1000, temperature=0.0,
+                                                                       ignore_eos=True))
         assert got == [w.token_ids for w in want]  # nothing duplicated, nothing missing
         status, metrics = srv.get("/metrics")
         migrated = [line for line in metrics.splitlines() if line.startswith("tetri:requests_migrated_total")]
