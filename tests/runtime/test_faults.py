@@ -35,21 +35,36 @@ HELD = {"json": HELD_ITEMS, "disable_any_whitespace": True}
 HELD_PROMPT = [9, 10, 11]
 
 
-def _stream_into(client, model, prompt, ids: list[int], texts: list[str], decoding: threading.Semaphore,
-                 max_tokens: int, **extra) -> str | None:
-    """Stream a greedy completion, appending its token ids and text pieces as they come (`decoding`
-    is released at the tenth token); its finish_reason."""
-    finish, released = None, False
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                           stream=True, extra_body={"return_token_ids": True, **extra}):
-        for ch in chunk.choices:
-            ids.extend((ch.model_extra or {}).get("token_ids") or [])
-            texts.append(ch.text or "")
-            finish = ch.finish_reason or finish
-        if len(ids) >= 10 and not released:
-            released = True
-            decoding.release()
-    return finish
+def _kill_under_a_constrained_stream(srv, client, model) -> tuple[list[int], str, str | None, int]:
+    """Stream HELD_PROMPT under the HELD schema alone and SIGKILL the decode worker holding it once
+    it is decoding; (token ids, text, finish_reason, tokens streamed before the kill)."""
+    ids: list[int] = []
+    texts: list[str] = []
+    decoding = threading.Semaphore(0)
+
+    def stream() -> str | None:
+        finish, released = None, False
+        for chunk in client.completions.create(model=model, prompt=HELD_PROMPT, max_tokens=1500, temperature=0.0,
+                                               stream=True, extra_body={"structured_outputs": HELD,
+                                                                        "return_token_ids": True}):
+            for ch in chunk.choices:
+                ids.extend((ch.model_extra or {}).get("token_ids") or [])
+                texts.append(ch.text or "")
+                finish = ch.finish_reason or finish
+            if len(ids) >= 2 and not released:
+                released = True
+                decoding.release()
+        return finish
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(stream)
+        _decoding(decoding, 1)
+        victim = _busy_decoder(srv)  # the only request: the busy decode worker holds it
+        assert victim is not None, srv.workers()
+        emitted_at_kill = len(ids)
+        os.kill(victim["pid"], signal.SIGKILL)
+        finish = fut.result(timeout=300)
+    return ids, "".join(texts), finish, emitted_at_kill
 
 
 def _long_stream(server, model, decoding: threading.Semaphore, max_tokens=4000):
@@ -130,8 +145,8 @@ def test_shutdown_on_sigint_leaves_nothing_behind(default_model_dir):
 def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_dir):
     """With migration (the default) the streams on the killed worker resume elsewhere: every
     client gets its full output, token-identical to the offline engine; the worker restarts.
-    One stream is held to a JSON schema and is on the victim when it dies: its grammar resumes
-    after the tokens already streamed, and its output still validates (issue 17)."""
+    Then a stream held to a JSON schema loses its decode worker the same way: its grammar
+    resumes after the tokens already streamed, and its output still validates (issue 17)."""
     from tetri import LLM, SamplingParams
     from tetri.types import StructuredOutputsParams
 
@@ -140,36 +155,31 @@ def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_di
         model = srv.openai().models.list().data[0].id
         prompts = [[5 + i, 6, 7, 8 + i] for i in range(4)]
         client = srv.openai(timeout=120)
-        decoding, held_decoding = threading.Semaphore(0), threading.Semaphore(0)
-        held_ids: list[int] = []
-        held_text: list[str] = []
+
+        decoding = threading.Semaphore(0)
 
         def stream(p):
-            ids: list[int] = []
-            _stream_into(client, model, p, ids, [], decoding, max_tokens=1000, ignore_eos=True)
+            ids, released = [], False
+            for chunk in client.completions.create(model=model, prompt=p, max_tokens=1000, temperature=0.0,
+                                                   stream=True,
+                                                   extra_body={"ignore_eos": True, "return_token_ids": True}):
+                for ch in chunk.choices:
+                    ids.extend((ch.model_extra or {}).get("token_ids") or [])
+                if len(ids) >= 2 and not released:
+                    released = True
+                    decoding.release()
             return ids
 
-        with cf.ThreadPoolExecutor(5) as pool:
-            held = pool.submit(_stream_into, client, model, HELD_PROMPT, held_ids, held_text, held_decoding,
-                               max_tokens=1500, structured_outputs=HELD)
-            _decoding(held_decoding, 1)
-            victim = _busy_decoder(srv)  # the constrained stream is alone so far: the busy decoder holds it
-            assert victim is not None, srv.workers()
+        with cf.ThreadPoolExecutor(4) as pool:
             futs = [pool.submit(stream, p) for p in prompts]
-            _decoding(decoding, 2)
-            emitted_at_kill = len(held_ids)
+            _decoding(decoding, 1)
+            victim = _busy_decoder(srv)
+            assert victim is not None, srv.workers()
             os.kill(victim["pid"], signal.SIGKILL)
             got = [f.result(timeout=120) for f in futs]
-            held_finish = held.result(timeout=300)
         llm = LLM(default_model_dir)
         want = llm.generate(prompts, SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True))
         assert got == [w.token_ids for w in want]  # nothing duplicated, nothing missing
-        spec = StructuredOutputsParams(json=json.dumps(HELD_ITEMS), any_whitespace=False)
-        held_want = llm.generate([HELD_PROMPT], SamplingParams(max_tokens=1500, temperature=0.0,
-                                                               structured_outputs=spec))[0]
-        assert emitted_at_kill < len(held_ids)  # the kill came mid-stream
-        assert held_finish == "stop" and held_ids == held_want.token_ids
-        jsonschema.validate(json.loads("".join(held_text)), HELD_ITEMS)
         status, metrics = srv.get("/metrics")
         migrated = [line for line in metrics.splitlines() if line.startswith("tetri:requests_migrated_total")]
         assert migrated and float(migrated[0].split()[-1]) >= 1
@@ -181,6 +191,17 @@ def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_di
                 break
             time.sleep(0.3)
         assert row["state"] == "ready" and row["restarts"] == 1, row
+        assert srv.wait_idle()
+        held_ids, held_text, finish, emitted_at_kill = _kill_under_a_constrained_stream(srv, client, model)
+        spec = StructuredOutputsParams(json=json.dumps(HELD_ITEMS), any_whitespace=False)
+        held_want = llm.generate([HELD_PROMPT], SamplingParams(max_tokens=1500, temperature=0.0,
+                                                               structured_outputs=spec))[0]
+        assert 0 < emitted_at_kill < len(held_ids)  # the kill came mid-stream
+        assert finish == "stop" and held_ids == held_want.token_ids  # nothing duplicated, nothing missing
+        jsonschema.validate(json.loads(held_text), HELD_ITEMS)
+        migrated = [line for line in srv.get("/metrics")[1].splitlines()
+                    if line.startswith("tetri:requests_migrated_total")]
+        assert float(migrated[0].split()[-1]) >= 2
         assert srv.wait_idle()
     finally:
         srv.stop()
