@@ -113,6 +113,18 @@ def test_max_tokens_ends_a_constrained_output_with_length(llm):
     assert out[0].finish_reason == "length" and len(out[0].token_ids) == 5 and re.fullmatch("[a-z]+", out[0].text)
 
 
+def test_a_stop_token_ends_a_constrained_output_with_stop(llm):
+    """A stop token the grammar allows ends the output there (finish_reason "stop"), the tokens
+    before it as the unstopped run made them."""
+    spec = Spec(regex=r"[0-9]{2}(, [0-9]{2}){9}")
+    full = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=64, temperature=0.0, structured_outputs=spec))[0]
+    assert full.finish_reason == "stop" and re.fullmatch(spec.regex, full.text), full.text
+    stop_at = next(i for i in range(2, len(full.token_ids)) if full.token_ids[i] not in full.token_ids[:i])
+    stopped = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=64, temperature=0.0, structured_outputs=spec,
+                                                       stop_token_ids=(full.token_ids[stop_at],)))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[:stop_at + 1]
+
+
 def _text_prefix(tok, ids: list[int]) -> int:
     """How many of `ids` still spell (the start of) valid UTF-8 text."""
     decoder = codecs.getincrementaldecoder("utf-8")()

@@ -96,6 +96,11 @@ def test_choice_and_regex_answers_match(server):
     year = client.completions.create(model=MODEL, prompt="The Eiffel Tower was finished in the year", max_tokens=8,
                                      temperature=0.0, extra_body={"guided_regex": " [0-9]{4}"})
     assert re.fullmatch(" [0-9]{4}", year.choices[0].text), year.choices[0].text
+    cut = year.choices[0].text[2]  # a stop string ends a constrained answer as it ends any other
+    stopped = client.completions.create(model=MODEL, prompt="The Eiffel Tower was finished in the year", max_tokens=8,
+                                        temperature=0.0, stop=[cut], extra_body={"guided_regex": " [0-9]{4}"})
+    text = year.choices[0].text
+    assert stopped.choices[0].text == text[:text.index(cut)] and stopped.choices[0].finish_reason == "stop"
     print(f"\n[{_mode(server)}] choice -> {choice.choices[0].message.content!r}, regex -> {text!r}, "
           f"completions regex -> {year.choices[0].text!r}")
 
