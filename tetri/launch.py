@@ -7,6 +7,7 @@ holding the ZeroMQ ipc:// sockets (mode 0700).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -69,8 +70,7 @@ class WorkerProcs:
 
     def spawn(self, worker_id: int, role: str | None = None) -> mp.Process:
         spec = self.launch.workers[worker_id]
-        model = ModelConfig(model=self.model.model, dtype=self.model.dtype, max_model_len=self.model.max_model_len,
-                            device=spec.device, seed=self.model.seed)
+        model = dataclasses.replace(self.model, device=spec.device)
         args = WorkerArgs(worker_id=worker_id, role=role or spec.role, model=model, cache=self.cache,
                           sched=self.sched, ipc_dir=self.ipc_dir, board_name=self.board_name,
                           num_workers=len(self.launch.workers), parent_pid=os.getpid(),
