@@ -7,7 +7,8 @@
   generate.py  the served model's own greedy lengths + hidden states (`--log-lengths` format)
   crossval.py  K-fold-by-prompt held-back scoring, confusion matrices
   cli.py       `tetri-predictor train | eval | prepare-alpaca | generate | cv`
+  registry.py  `make_predictor(spec)`: none | oracle | model:DIR
 
-`tetri.sched.predictor.make_predictor("model:DIR")` loads a saved model through
+`tetri.predictor.registry.make_predictor("model:DIR")` loads a saved model through
 `tetri.predictor.model.load_predictor`.
 """

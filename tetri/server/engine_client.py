@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.control.load_board import LoadBoard
-from tetri.launch import LaunchConfig, WorkerProcs
+from tetri.launch import LaunchConfig, WorkerProcs, restart_delay_s
 from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPools, Ready, Shutdown, TokenBatch,
                             WorkerError, decode_or_none, encode, from_worker_decoder)
 from tetri.sched.dispatch import NoWorker
@@ -361,7 +361,7 @@ class RuntimeClient:
         self._dead_role[wid] = role
         restarts = self.procs.restarts.get(wid, 0)
         if restarts < self.max_restarts:
-            self._restart_at[wid] = time.monotonic() + min(30.0, 2.0 ** restarts)  # back-off
+            self._restart_at[wid] = time.monotonic() + restart_delay_s(restarts)  # back-off
         else:
             log.error("worker %d died %d times; not restarting it", wid, restarts + 1)
 

@@ -51,7 +51,7 @@ class WorkerNode:
 
             return PrefillCore(self.ex, self.worker_id, collect_hidden=self.collect_hidden)
         if role == "decode":
-            from tetri.sched.decode_policy import make_decode_policy
+            from tetri.sched.decode_registry import make_decode_policy
             from tetri.workers.decode import DecodeCore
 
             core = DecodeCore(self.ex, self.worker_id, make_decode_policy(self.sched.decode_policy),
