@@ -10,7 +10,8 @@ import pytest
 from tetri.predictor.crossval import cross_validate, fold_of_prompts, load_length_records
 from tetri.predictor.model import JointPredictor, load_predictor
 from tetri.sched.load import ReqInfo
-from tetri.sched.predictor import Prediction, make_predictor
+from tetri.predictor.registry import make_predictor
+from tetri.sched.predictor import Prediction
 from tetri.sched.predictor_cli import main
 
 
