@@ -179,3 +179,30 @@ def msgspec_replace(info, **kw):
     import msgspec
 
     return msgspec.structs.replace(info, **kw)
+
+
+def test_a_failing_gpu_probe_or_opener_falls_back_instead_of_raising(monkeypatch, caplog):
+    """Any exception while probing or opening a path is a reason to try the next one: an
+    exception escaping PeerPools handling would kill the worker at every restart (a crash loop)."""
+    pool = KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True)
+    info = msgspec_replace(pool_info(pool), owner_pid=-1)
+    try:
+        def broken_probe(info, end):
+            raise RuntimeError("CUDA driver error: initialization error")
+
+        monkeypatch.setattr(kv_transfer, "probe_facts", broken_probe)
+        src = open_peer(info, LocalEnd(1))
+        assert src.path == "shm" and "GPU probe failed: CUDA driver error" in src.error
+        src.close()
+
+        def broken_shm(info, end):
+            raise TypeError("an unexpected failure inside the opener")
+
+        monkeypatch.setitem(kv_transfer._OPENERS, "shm", broken_shm)
+        with caplog.at_level(logging.WARNING, logger="tetri.kv"):
+            src = open_peer(info, LocalEnd(1))
+        assert src.path == "host_staged" and "shm: an unexpected failure" in src.error
+        assert any("KV path shm to the pool" in r.getMessage() for r in caplog.records)
+        src.close()
+    finally:
+        pool.close()

@@ -125,6 +125,16 @@ def test_allocator_setting_forces_expandable_segments_off_and_keeps_the_rest():
 # ---- the supervisor's restart decision ---------------------------------------------------
 
 
+class _Board:
+    def __init__(self, roles) -> None:
+        self.roles = roles
+
+    def read(self, wid):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(role=self.roles[wid])
+
+
 class _Procs:
     def __init__(self) -> None:
         self.restarts: dict[int, int] = {}
@@ -179,11 +189,14 @@ def test_a_host_staged_pair_makes_the_front_resend_pools_to_the_owner():
     c = _client()
     sent = []
     c._send = lambda wid, msg: sent.append((wid, msg))
+    c.board = _Board({0: "prefill", 1: "decode"})
     c.ready = {w: Ready(worker_id=w, pid=1, role="x", device="cpu", pool=info(**CPU_POOL), max_model_len=8,
                         eos_token_ids=[]) for w in (0, 1)}
     c._on_peer_paths(PeerPaths(worker_id=1, paths={0: "shm"}))
     assert sent == []
     c._on_peer_paths(PeerPaths(worker_id=1, paths={0: "host_staged"}, errors={0: "shm: canary mismatch"}))
     assert [(w, type(m)) for w, m in sent] == [(0, PeerPools)]
+    c._on_peer_paths(PeerPaths(worker_id=0, paths={1: "host_staged"}))  # a decode peer's pool: not resent
+    assert len(sent) == 1  # (a decode worker answers PeerPools with PeerPaths: that would ping-pong)
     assert worker_fields(1, c.failed, c.kv_paths, c.dead) == {
         "kv_transfer": {"0": "host_staged"}, "kv_transfer_errors": {"0": "shm: canary mismatch"}}

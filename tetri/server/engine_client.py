@@ -421,7 +421,8 @@ class RuntimeClient:
         self.kv_paths[msg.worker_id] = msg
         if self.metrics is not None:
             self.metrics.observe_kv_paths(msg.worker_id, msg.paths)
-        staged = [src for src, path in msg.paths.items() if path == "host_staged"]
+        staged = [src for src, path in msg.paths.items()  # prefill owners only: they never answer PeerPaths
+                  if path == "host_staged" and self.board.read(src).role == "prefill"]
         if staged:
             pools = {wid: r.pool for wid, r in self.ready.items() if wid not in self.dead}
             for src in staged:

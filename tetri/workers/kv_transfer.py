@@ -209,11 +209,16 @@ def probe_facts(info: PoolInfo, end: LocalEnd) -> PeerFacts:
 
 def open_peer(info: PoolInfo, end: LocalEnd, allowed: tuple[str, ...] | None = None) -> PeerSource:
     """Open the best path to a peer's pool; never raises (a pair with no path is `none`)."""
-    paths, reasons = candidate_paths(info, probe_facts(info, end), allowed or allowed_paths())
+    try:
+        facts, probe_error = probe_facts(info, end), None
+    except Exception as e:  # e.g. a CUDA query failing: the host path still works
+        facts, probe_error = PeerFacts(cuda_here=False), f"GPU probe failed: {e}"
+    paths, reasons = candidate_paths(info, facts, allowed or allowed_paths())
+    reasons = [probe_error, *reasons] if probe_error else reasons
     for path in paths:
         try:
             source = _OPENERS[path](info, end)
-        except (PeerOpenError, OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # any failure to open is a reason to fall back, never a crash loop
             reasons.append(f"{path}: {e}")
             log.warning("worker %d: KV path %s to the pool of pid %d failed: %s", end.worker_id, path, info.owner_pid, e)
             continue
