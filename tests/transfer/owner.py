@@ -77,3 +77,35 @@ class Owner:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+
+
+def receive(conn, info_msg: bytes, worker_id: int) -> None:
+    """A peer that opens the pool host-staged (its flag set in the owner's mirror) and copies its
+    blocks 0..3 out in a loop until killed (the test SIGKILLs it mid-copy)."""
+    import msgspec
+
+    from tetri.protocol import PoolInfo
+    from tetri.workers.kv_pool import KVPool
+    from tetri.workers.kv_transfer import LocalEnd, layout_of, open_peer
+
+    info = msgspec.msgpack.decode(info_msg, type=PoolInfo)
+    src = open_peer(info, LocalEnd(worker_id), allowed=("host_staged",))
+    dst = KVPool.allocate(layout_of(info))
+    conn.send(src.path)
+    copies = 0
+    while True:
+        src.copy_into(dst, [0, 1, 2, 3], [0, 1, 2, 3])
+        copies += 1
+        if copies == 1:
+            conn.send("copying")
+
+
+def start_receiver(info_msg: bytes, worker_id: int):
+    """(process, first message: the path it opened) for `receive`, spawned."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=receive, args=(child, info_msg, worker_id), daemon=True)
+    proc.start()
+    return proc, conn

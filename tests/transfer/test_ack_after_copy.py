@@ -6,9 +6,10 @@ CUDA event does while the copy stream runs)."""
 import pytest
 
 from tests.runtime.inproc import Cluster
-from tetri.protocol import Dropped, KVCopied
+from tetri.protocol import Dropped, KVCopied, PeerPools
 from tetri.sched.front import ReqState
 from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.workers.node import pool_info
 
 PROMPT = list(range(10, 60))  # 50 tokens: 4 blocks of 16
 
@@ -120,3 +121,46 @@ def test_an_abort_waits_for_the_copy_before_freeing_and_saying_dropped(cluster):
     assert decode.ex.blocks.num_used < used and "r" not in decode.core.copies
     c.run()
     assert c.blocks_used() == {0: 0, 1: 0}
+
+
+def _copy_in_flight(c: Cluster):
+    """A request whose copy into the decode worker started and has not completed."""
+    decode = c.nodes[1]
+    c.submit("long", [5, 6, 7], max_tokens=24)
+    until(c, lambda: any(s.req_id == "long" for s in decode.core.running.values()))
+    c.submit("r", PROMPT, max_tokens=6)
+    until(c, lambda: "r" in decode.core.copies)
+    return decode.core.peers[0].copier.gates[-1]
+
+
+def test_a_decode_worker_dying_mid_copy_frees_the_prefill_blocks(cluster):
+    """The receiver dies with the copy in flight (no KVCopied ever comes): the front releases
+    the prefill copy, so the sender holds nothing of either request."""
+    c, prefill = cluster, cluster.nodes[0]
+    gate = _copy_in_flight(c)
+    assert not gate.open and prefill.ex.blocks.num_used > 0
+    c.dead.add(1)
+    c.apply(c.front.on_worker_dead(1))
+    c.run()
+    assert "died" in c.failed["r"] and "died" in c.failed["long"]
+    assert c.blocks_used() == {0: 0} and not prefill.has_work()
+
+
+def test_a_prefill_worker_dying_mid_copy_frees_the_destination_blocks_after_the_copy(cluster, default_model_dir):
+    """The sender dies with the copy in flight: the receiver waits for the copy (it reads the
+    dead peer's mapping until it completes) before it frees the blocks the copy writes, then
+    closes that mapping; the request it was decoding goes on undisturbed."""
+    c, decode = cluster, cluster.nodes[1]
+    gate = _copy_in_flight(c)
+    source = decode.core.peers[0]
+    c.dead.add(0)
+    c.apply(c.front.on_worker_dead(0))
+    c.deliver(1)  # the Abort for "r"
+    assert gate.waited == 1 and "r" not in decode.core.copies
+    assert decode.ex.blocks.num_used == len(decode.ex.blocks.blocks_of(next(iter(decode.core.running))))
+    decode.handle(PeerPools(pools={1: pool_info(decode.ex.pool)}), c.now)  # the front's broadcast: 0 is gone
+    assert decode.core.peers == {} and source.src is None
+    c.run()
+    assert "died" in c.failed["r"] and "long" not in c.failed
+    assert c.blocks_used() == {1: 0}
+    assert c.tokens["long"] == reference_tokens(default_model_dir, [("long", [5, 6, 7], 24)])["long"]

@@ -206,3 +206,53 @@ def test_a_failing_gpu_probe_or_opener_falls_back_instead_of_raising(monkeypatch
         src.close()
     finally:
         pool.close()
+
+
+def test_a_receiver_killed_mid_copy_leaves_the_owner_free_to_reuse_and_unlink(default_model_dir):
+    """A real peer process copying out of the owner's staging mirror is SIGKILLed mid-copy: its
+    flag stays set in the shared mirror, but the owner stops staging for it once the front's
+    PeerPools no longer lists it, re-stages the same blocks for another request, and unlinks
+    both segments at close (nothing left in /dev/shm)."""
+    import os
+    import signal
+
+    from tests.transfer.owner import start_receiver
+    from tetri.protocol import encode
+    from tetri.workers.kv_stage import stage_finished
+
+    ex = Executor(ModelConfig(model=default_model_dir), CacheConfig(num_blocks=32), shared_pool=True)
+    node = WorkerNode(0, "prefill", ex, EngineSchedConfig(chunk_size=16))
+    info = pool_info(ex.pool)
+    names = {info.shm_name, info.stage_shm}
+    stage = ex.pool.stage
+    proc, conn = start_receiver(encode(info), 3)
+    try:
+        node.handle(PeerPools(pools={0: info, 3: info}), 0.0)
+        assert conn.poll(120) and conn.recv() == "host_staged"
+        assert stage.wanted_by() == {3}
+        held = ex.blocks.ensure_capacity("r/0", 64)  # the owner holds a prompt's blocks
+        ex.pool.data[held].fill_(2.0)
+        assert stage.put(ex.pool.data, held, stamp_of("r", 64))
+        assert conn.poll(120) and conn.recv() == "copying"
+        os.kill(proc.pid, signal.SIGKILL)  # while it loops copying out of the mirror
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        assert stage.wanted_by() == {3}  # its flag is still set: it never cleared it
+        node.handle(PeerPools(pools={0: info}), 0.0)  # the front: worker 3 is dead
+        assert stage.wanted_by() == frozenset()
+        puts = []
+        stage.put = lambda *a: puts.append(a) or True  # (an instance attribute: the class's stays)
+        finished = type("Done", (), {"finished": [type("R", (), {"block_ids": held, "req_id": "s",
+                                                                 "num_prompt_tokens": 64})()]})()
+        stage_finished(ex, node.core, finished)
+        assert puts == []  # nothing staged for a dead peer
+        ex.blocks.free("r/0")  # the owner frees and reuses its blocks as if the peer never was
+        again = ex.blocks.ensure_capacity("s/0", 64)
+        assert sorted(again) == sorted(held)
+        node.handle(PeerPools(pools={0: info, 3: info}), 0.0)  # a restarted worker 3: its flag counts again
+        assert stage.wanted_by() == {3}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        ex.close()
+    assert not names & set(os.listdir("/dev/shm"))

@@ -200,3 +200,41 @@ def test_a_host_staged_pair_makes_the_front_resend_pools_to_the_owner():
     assert len(sent) == 1  # (a decode worker answers PeerPools with PeerPaths: that would ping-pong)
     assert worker_fields(1, c.failed, c.kv_paths, c.dead) == {
         "kv_transfer": {"0": "host_staged"}, "kv_transfer_errors": {"0": "shm: canary mismatch"}}
+
+
+class _DeadProcs(_Procs):
+    def kill(self, wid) -> None:
+        pass
+
+    def last_error(self, wid) -> str:
+        return "killed by signal 9"
+
+
+class _NoMessages:
+    def recv(self, flags=0):
+        import zmq
+
+        raise zmq.Again()
+
+
+def test_a_worker_death_tells_the_survivors_at_once():
+    """The survivors get PeerPools without the dead worker right away (not only at its restart,
+    which may never come): decode workers close their mapping of its pool (its memory stays
+    resident while mapped) and owners stop staging for it."""
+    from tetri.control.load_board import LoadBoard
+    from tetri.protocol import PeerPools, Ready
+
+    c = _client()
+    c.board = LoadBoard.create(2)
+    try:
+        for wid, role in ((0, "prefill"), (1, "decode")):
+            c.board.write(wid, role=role, state="ready", pid=1)
+        c.procs, c._pull_now = _DeadProcs(), _NoMessages()
+        c.ready = {w: Ready(worker_id=w, pid=1, role="x", device="cpu", pool=info(), max_model_len=8,
+                            eos_token_ids=[]) for w in (0, 1)}
+        sent = []
+        c._send = lambda wid, msg: sent.append((wid, msg)) if wid not in c.dead else None
+        c._on_dead(0, "was killed")
+        assert [(w, sorted(m.pools)) for w, m in sent if isinstance(m, PeerPools)] == [(1, [1])]
+    finally:
+        c.board.close()

@@ -377,6 +377,7 @@ class RuntimeClient:
         if self.metrics is not None:
             self.metrics.observe_migrations(self.scheduler.migrated_total - migrated_before)
         self._unlink_pools([wid])
+        self._broadcast_pools()  # survivors close their mappings of its pool and stop staging for it
         self._dead_role[wid] = role
         self.kv_paths.pop(wid, None)
         at_start = time.monotonic() - self._ready_at.get(wid, 0.0) < STARTUP_GRACE_S

@@ -125,6 +125,7 @@ class HostStage:
     def __init__(self, mirror: _Mirror) -> None:
         self.mirror = mirror
         self.served: frozenset[int] = frozenset()  # peers whose backlog was staged
+        self.live: frozenset[int] | None = None  # the peers in the last PeerPools (None: not told yet)
         self.resident = np.zeros(mirror.layout.num_blocks, dtype=bool)  # blocks written at least once
 
     @property
@@ -145,7 +146,10 @@ class HostStage:
         return cls(_Mirror(shm, layout))
 
     def wanted_by(self) -> frozenset[int]:
-        return frozenset(int(i) for i in np.flatnonzero(self.mirror.want))
+        """The live peers whose flag is set: a peer that died keeps its flag (it never cleared it),
+        so only those in the front's last PeerPools count (a restarted one is back in the next)."""
+        flags = frozenset(int(i) for i in np.flatnonzero(self.mirror.want))
+        return flags if self.live is None else flags & self.live
 
     def put(self, pool_data: torch.Tensor, block_ids: list[int], stamp: int) -> bool:
         """Copy these pool blocks into the mirror (synchronously: done when this returns) and

@@ -130,6 +130,8 @@ class WorkerNode:
         from tetri.workers import kv_stage
 
         old, self.peer_infos = self.peer_infos, dict(msg.pools)
+        if self.ex.pool.stage is not None:  # a dead peer's flag stays set in the mirror: stage for the live
+            self.ex.pool.stage.live = frozenset(w for w in msg.pools if w != self.worker_id)
         if self.role == "prefill":
             kv_stage.stage_backlog(self.ex, self.core)
         if self.role != "decode":
