@@ -20,7 +20,7 @@ def _require(ok: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None
-    """Hugging Face directory (config.json + *.safetensors); None: the embedded default model."""
+    """Hugging Face directory or GGUF file; None: the default model (`tetri.workers.models.source`)."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)."""
     max_model_len: int | None = None
@@ -86,8 +86,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None
-    """Name clients send as `model`; None: the model directory's base name."""
+    served_model_name: str | tuple[str, ...] | None = None
+    """Name(s) clients may send as `model` (the first is reported); None: the model directory's base name."""
     api_key: str | None = None
     """When set, every route but /health needs `Authorization: Bearer <key>`."""
     max_body_bytes: int = 4 * 1024 * 1024

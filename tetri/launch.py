@@ -21,6 +21,16 @@ from tetri.workers.cuda_ipc import forced_alloc_conf
 from tetri.workers.proc import WorkerArgs, error_path, worker_main
 
 
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+
+
+def restart_delay_s(restarts: int) -> float:
+    """Back-off before restarting a worker that already restarted `restarts` times:
+    1, 2, 4, 8, 16, then 30 s for every later one."""
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2.0 ** min(max(0, restarts), 32))
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     role: str  # prefill | decode | mixed
@@ -33,6 +43,9 @@ class WorkerSpec:
 class LaunchConfig:
     workers: tuple[WorkerSpec, ...]
     threads_per_worker: int = 1
+    omp_passive: bool = False
+    """Workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, in
+    the child's environment, so it holds before torch loads): for threads that share cores."""
     ready_timeout_s: float = 180.0
     heartbeat_timeout_s: float = 30.0
     """A live process whose board row is older than this is declared hung (steps can be long on CPU)."""
@@ -46,6 +59,18 @@ class LaunchConfig:
             raise ValueError("colocated (mixed) workers cannot be combined with prefill/decode workers")
         if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
             raise ValueError("disaggregated mode needs at least one prefill and one decode worker")
+
+
+@contextlib.contextmanager
+def _child_env(extra: dict[str, str]):
+    """Set `extra` (where not already set by the user) for the processes started inside."""
+    added = {k: v for k, v in extra.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 @dataclass
@@ -84,7 +109,8 @@ class WorkerProcs:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = forced_alloc_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(error_path(self.ipc_dir, worker_id))  # a reason left by an earlier life is not this one's
-        proc.start()
+        with _child_env({"OMP_WAIT_POLICY": "PASSIVE"} if self.launch.omp_passive else {}):
+            proc.start()  # a spawned child starts from this environment
         self.procs[worker_id] = proc
         return proc
 

@@ -25,11 +25,12 @@ def _owner(conn, layout_args, device) -> None:
     """The pool's owner (a child process): allocate, fill, answer stage requests with their time."""
     from tetri.protocol import encode
     from tetri.workers.kv_pool import KVPool, PoolLayout
+    from tetri.workers.kv_stage import with_stage
     from tetri.workers.memory import bind_device
     from tetri.workers.node import pool_info
 
     bind_device(device)
-    pool = KVPool.allocate(PoolLayout(*layout_args), device, shared=True)
+    pool = with_stage(KVPool.allocate(PoolLayout(*layout_args), device, shared=True))
     pool.data.normal_()
     conn.send(encode(pool_info(pool)))
     while True:

@@ -20,11 +20,12 @@ def serve(conn, device: str = "cpu", alloc_conf: str | None = None) -> None:
 
     from tetri.protocol import encode
     from tetri.workers.kv_pool import CANARY_BYTES, KVPool, PoolLayout
+    from tetri.workers.kv_stage import with_stage
     from tetri.workers.memory import bind_device
     from tetri.workers.node import pool_info
 
     bind_device(device)
-    pool = KVPool.allocate(PoolLayout(*LAYOUT_ARGS), device, shared=True)
+    pool = with_stage(KVPool.allocate(PoolLayout(*LAYOUT_ARGS), device, shared=True))
     while True:
         cmd = conn.recv()
         if cmd[0] == "info":

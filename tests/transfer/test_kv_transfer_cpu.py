@@ -14,7 +14,7 @@ from tetri.types import SamplingParams
 from tetri.workers import kv_transfer
 from tetri.workers.executor import Executor
 from tetri.workers.kv_pool import CANARY_BYTES, KVPool, PoolLayout
-from tetri.workers.kv_stage import stamp_of
+from tetri.workers.kv_stage import stamp_of, with_stage
 from tetri.workers.kv_transfer import LocalEnd, open_peer
 from tetri.workers.node import WorkerNode, pool_info
 
@@ -151,7 +151,7 @@ def test_pools_that_do_not_open_fall_back_or_fail_their_handoffs_at_once(owner, 
 
 
 def test_the_same_process_uses_its_pool_directly():
-    pool = KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True)
+    pool = with_stage(KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True))
     try:
         src = open_peer(pool_info(pool), LocalEnd(0))
         assert src.path == "local" and src.src.data_ptr() == pool.data.data_ptr()
@@ -160,7 +160,7 @@ def test_the_same_process_uses_its_pool_directly():
 
 
 def test_the_owner_stages_only_for_peers_that_asked_and_stamps_what_it_staged():
-    pool = KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True)
+    pool = with_stage(KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True))
     try:
         stage = pool.stage
         assert stage.wanted_by() == frozenset()
@@ -184,7 +184,7 @@ def msgspec_replace(info, **kw):
 def test_a_failing_gpu_probe_or_opener_falls_back_instead_of_raising(monkeypatch, caplog):
     """Any exception while probing or opening a path is a reason to try the next one: an
     exception escaping PeerPools handling would kill the worker at every restart (a crash loop)."""
-    pool = KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True)
+    pool = with_stage(KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True))
     info = msgspec_replace(pool_info(pool), owner_pid=-1)
     try:
         def broken_probe(info, end):

@@ -2,7 +2,7 @@
 (tested on its own): the restart decision (`RestartBook`) and the KV transfer path per worker
 pair (`worker_fields`, for /workers).
 
-A dead worker is restarted with back-off (1, 2, 4 ... 30 s) until `--max-restarts`, unless it
+A dead worker is restarted with back-off (`launch.restart_delay_s`: 1, 2, 4 ... 30 s) until `--max-restarts`, unless it
 failed to *start* the same way `SAME_FAILURE_LIMIT` times in a row (it died before its Ready, or
 within `STARTUP_GRACE_S` after it, with the same error text once numbers are blanked): the same
 failure will come back at every restart, so it stops early. A worker given up on keeps its
@@ -12,6 +12,8 @@ reason, which /health and /workers report.
 from __future__ import annotations
 
 import re
+
+from tetri.launch import restart_delay_s
 
 SAME_FAILURE_LIMIT = 2
 STARTUP_GRACE_S = 10.0
@@ -44,7 +46,7 @@ class RestartBook:
             self.failed[wid] = f"{role} worker {wid} died {restarts + 1} times (--max-restarts {self.max_restarts}): {why}"
         if wid in self.failed:
             return None
-        return min(30.0, 2.0 ** restarts)
+        return restart_delay_s(restarts)
 
 
 def worker_fields(wid: int, failed: dict[int, str], kv_paths: dict, dead: set[int]) -> dict:

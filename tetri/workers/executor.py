@@ -29,12 +29,12 @@ class SampledToken:
     finished: bool
 
 
-def resolve_model_dir(model: str | None) -> str:
-    if model is not None:
-        return model
-    from tetri.workers.models.default_model import ensure_default_model
+def resolve_model_dir(model: str | None, dtype: str = "auto", device: str = "cpu") -> str:
+    """A Hugging Face directory for `model` (a directory, a GGUF file, or None: the default);
+    see `tetri.workers.models.source`, which the front process imports instead (no torch)."""
+    from tetri.workers.models.source import resolve_model_dir as resolve
 
-    return ensure_default_model()
+    return resolve(model, dtype, device)
 
 
 def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: float = 1.0,
@@ -61,7 +61,8 @@ class Executor:
         device = model_cfg.device
         self.device = device
         bind_device(device)
-        self.loaded = loaded or load_model(resolve_model_dir(model_cfg.model), model_cfg.dtype, device)
+        self.loaded = loaded or load_model(resolve_model_dir(model_cfg.model, model_cfg.dtype, device),
+                                           model_cfg.dtype, device)
         spec = self.loaded.spec
         limit = spec.max_position_embeddings
         if spec.sliding_window:
@@ -95,6 +96,10 @@ class Executor:
                                  min_blocks)
         layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, dtype)
         self.pool = KVPool.allocate(layout, device, shared=shared_pool)
+        if shared_pool:
+            from tetri.workers.kv_stage import with_stage
+
+            with_stage(self.pool)
         self.runner = ModelRunner(self.loaded, self.pool, device, model_cfg.attention)
         before = torch.cuda.memory_allocated(device) if cuda else 0
         if self.runner.attn.name == "triton":

@@ -110,11 +110,7 @@ class KVPool:
         pool._write_canary()
         if shared and device.startswith("cuda"):
             pool._export_ipc()
-        if shared:
-            from tetri.workers.kv_stage import HostStage
-
-            pool.stage = HostStage.create(layout, nonce)
-        return pool
+        return pool  # (its host-staging mirror, if any, is attached by kv_stage.with_stage)
 
     def _write_canary(self) -> None:
         tail = self.whole.view(torch.uint8)[-CANARY_BYTES:]

@@ -109,6 +109,10 @@ class _Mirror:
             pass  # a view is still alive somewhere; the OS unmaps at exit
 
 
+class StageOpenError(RuntimeError):
+    """The mirror did not open (or is not the one its owner described): the path is not taken."""
+
+
 def shm_free_bytes() -> int:
     try:
         st = os.statvfs("/dev/shm")
@@ -195,17 +199,15 @@ class StagedMapping:
 
     @classmethod
     def open(cls, name: str, layout: PoolLayout, nonce: bytes, peer_id: int) -> StagedMapping:
-        from tetri.workers.kv_transfer import PeerOpenError
-
         if not 0 <= peer_id < MAX_PEERS:
-            raise PeerOpenError(f"worker id {peer_id} has no flag in a staging mirror (at most {MAX_PEERS})")
+            raise StageOpenError(f"worker id {peer_id} has no flag in a staging mirror (at most {MAX_PEERS})")
         try:
             shm = shared_memory.SharedMemory(name=name, create=False)
         except OSError as e:
-            raise PeerOpenError(f"staging mirror {name} does not open: {e}") from e
+            raise StageOpenError(f"staging mirror {name} does not open: {e}") from e
         if shm.size < mirror_bytes(layout) or bytes(shm.buf[0:8]) != MAGIC or bytes(shm.buf[8:24]) != nonce:
             shm.close()
-            raise PeerOpenError(f"staging mirror {name} is not the one its owner described (size or canary differs)")
+            raise StageOpenError(f"staging mirror {name} is not the one its owner described (size or canary differs)")
         mirror = _Mirror(shm, layout)
         mirror.want[peer_id] = 1
         return cls(mirror, peer_id)
@@ -218,6 +220,13 @@ class StagedMapping:
         if self.mirror.want is not None:
             self.mirror.want[self.peer_id] = 0
         self.mirror.close()
+
+
+def with_stage(pool):
+    """Give a shared pool (this process owns it) its host-staging mirror; returns the pool.
+    The pool closes the mirror with itself (`KVPool.close`)."""
+    pool.stage = HostStage.create(pool.layout, pool.nonce)
+    return pool
 
 
 # ---- the owner's hooks (a prefill worker; called by workers/node.py) ----------------------

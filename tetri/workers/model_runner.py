@@ -34,6 +34,10 @@ class Segment:
     uid: int | None = None
     """The decoding sequence's `Seq.uid` (lets the attention backend keep its K/V staged
     across steps); None: not staged."""
+    score_ids: list[int] | None = None
+    """Prompt logprobs: the token each row is scored against (`workers/prompt_logprobs.py`)."""
+    score_top: int = 0
+    """How many top alternatives each scored row reports."""
 
 
 class ModelRunner:
@@ -50,6 +54,8 @@ class ModelRunner:
         """`DecodeGraphs` once `use_static_decode` was called (Triton backend only)."""
         self.last_hidden: torch.Tensor | None = None
         """Final hidden state of each sampling row of the last step (the length predictor's probe)."""
+        self.last_scores: list | None = None
+        """Prompt logprobs of the last step, per segment (None: no segment asked)."""
 
     def use_static_decode(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Route pure-decode steps of up to `max_num_seqs` rows through static buffers, replayed
@@ -84,6 +90,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, segments: list[Segment]) -> torch.Tensor:
         """Logits `[num_sampling_rows, vocab]` (float32), rows in segment order."""
+        self.last_scores = None
         picked = self._run_static(segments) if self.graphs is not None else None
         if picked is None:
             picked = self._run_eager(segments)
@@ -111,4 +118,9 @@ class ModelRunner:
             raise
         finally:
             self.attn.batch = None
+        self.last_scores = None
+        if any(seg.score_ids is not None for seg in segments):
+            from tetri.workers.prompt_logprobs import score_segments
+
+            self.last_scores = score_segments(self.model, hidden, segments)
         return hidden[sample_rows]
