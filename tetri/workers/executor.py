@@ -13,6 +13,7 @@ from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
 from tetri.workers.sampler import Sampler, SampleRow
+from tetri.workers.sampling_batch import to_device
 from tetri.workers.seq import Seq, check_stop, new_uid
 
 CPU_DEFAULT_KV_GB = 1.0
@@ -84,7 +85,7 @@ class Executor:
         if not rows:
             return []
         if len(index) != logits.shape[0]:
-            logits = logits[torch.tensor(index, device=logits.device)]
+            logits = logits.index_select(0, to_device(index, torch.long, logits.device))  # n choices of a prompt
         tokens, logprobs = self.sampler.sample(logits, rows)
         out = []
         flat = [s for seqs in sample_seqs for s in seqs]
