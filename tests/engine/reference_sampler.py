@@ -1,5 +1,5 @@
 """The per-row sampler the engine used before the batched one (tetri/workers/sampler.py at
-e73b007), kept as the oracle of tests/engine/test_sampler.py. Two changes only:
+e73b007), kept as the oracle of tests/engine/test_sampler.py. Three changes only:
 
 - the draw: the old one called `torch.multinomial` with a generator seeded per (seed, choice,
   position). It is replaced by the batched sampler's documented draw (inverse CDF over the
@@ -7,6 +7,9 @@ e73b007), kept as the oracle of tests/engine/test_sampler.py. Two changes only:
   position)), computed here per row from a pure-Python hash. No draw change can reproduce
   torch.multinomial's stream, so seeded text differs from the old sampler's; greedy does not.
 - `logit_bias` (which the old sampler ignored) is added to each row's logits before anything else.
+- top-p's sort is stable: probabilities that tie (bf16 and fp16 logits tie often) are ordered by
+  token id, where the old unstable sort left their order, and so which tied tokens top-p keeps,
+  to the implementation (it differs between CPU and CUDA).
 
 Everything else (penalties, min_tokens masking, temperature, top-k, top-p, min-p, the greedy
 fall-back for degenerate rows, logprobs) is the old code line for line.
@@ -79,7 +82,7 @@ class ReferenceSampler:
             x = x.masked_fill(x < kth, -float("inf"))
         probs = torch.softmax(x, dim=-1)
         if p.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
+            sorted_p, idx = torch.sort(probs, descending=True, stable=True)  # new: stable
             cum = torch.cumsum(sorted_p, dim=-1)
             drop = (cum - sorted_p) > p.top_p  # keep the smallest prefix reaching top_p
             probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0.0))

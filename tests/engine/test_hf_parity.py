@@ -64,20 +64,21 @@ and cast, bf16/fp16 linears, lm_head in the model dtype and then fp32) is HF's, 
 decoded alone matched HF exactly in every case here. Batched, decode attention runs over padded
 slots (SDPA with a mask, whose half-precision rounding differs from an unpadded call) and
 greedy can flip at near-ties: measured 0.91 (llama bf16: one prompt diverges at its 3rd token)
-and 1.0 in the five other cases. With RMSNorm computed in bf16 instead, llama bf16 drops to 0.72."""
+and 1.0 in the other cases (bf16 on mistral, qwen2, qwen3; fp16 on llama; fp16 on qwen3 too,
+measured once, not run in the suite). With RMSNorm computed in bf16 instead, llama bf16 drops to 0.72."""
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-HALF_NEW_TOKENS = 8  # HF's bf16/fp16 CPU matmuls are slow: 8 tokens keep the 6 cases near 20 s
+HALF_NEW_TOKENS = 8  # HF's bf16/fp16 CPU matmuls are slow: 8 tokens keep the 5 cases near 15 s
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_greedy_agrees_with_hf_in_the_same_dtype(arch_dir, dtype):
-    if dtype == "float16" and json.loads((arch_dir / "config.json").read_text())["model_type"] not in ("llama", "qwen3"):
-        pytest.skip("fp16 on the llama3-rope and the qk-norm architectures only (suite time)")
+    if dtype == "float16" and json.loads((arch_dir / "config.json").read_text())["model_type"] != "llama":
+        pytest.skip("fp16 on llama only (suite time: HF's half-precision CPU matmuls are slow)")
     ps = prompts()
     expected = hf_greedy_each(arch_dir, ps, HALF_NEW_TOKENS, getattr(torch, dtype))
     llm = LLM(str(arch_dir), dtype=dtype, chunk_size=CHUNK)

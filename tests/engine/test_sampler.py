@@ -34,8 +34,16 @@ def assert_same(got, want, rows):
         if ref is not None:
             assert lp.token_id == ref.token_id
             assert lp.logprob == pytest.approx(ref.logprob, rel=1e-6, abs=1e-6)
-            assert [t for t, _ in lp.top] == [t for t, _ in ref.top]
             assert [v for _, v in lp.top] == pytest.approx([v for _, v in ref.top], rel=1e-6, abs=1e-6)
+            assert untied_ids(lp.top) == untied_ids(ref.top)
+
+
+def untied_ids(top):
+    """The alternatives' ids where their logprob ties no other's and is not the last one's:
+    among equal logprobs (bf16 logits tie often) no order is defined, and the last place may
+    go to any of the tokens tied with it."""
+    vals = [v for _, v in top]
+    return [t if vals.count(v) == 1 and v != vals[-1] else None for t, v in top]
 
 
 # ---- exact rules on small logits ---------------------------------------------------------------
@@ -112,12 +120,15 @@ def sample_rows(draw, vocab):
     return SampleRow(params, out, prompt, choice=draw(st.integers(0, 3)))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_batched_sampler_equals_the_per_row_reference(data):
     vocab = data.draw(st.sampled_from(VOCABS))
     rows = data.draw(st.lists(sample_rows(vocab), min_size=1, max_size=6))
     logits = random_logits(len(rows), vocab, data.draw(st.integers(0, 2**31)), data.draw(st.sampled_from([0.5, 3, 20])))
+    grid = data.draw(st.sampled_from([None, None, "bf16", 0.5]))  # half-precision logits tie; a coarse grid ties a lot
+    with torch.inference_mode():
+        logits = logits if grid is None else logits.bfloat16().float() if grid == "bf16" else (logits / grid).round() * grid
     assert_same(Sampler(EOS).sample(logits, rows), ReferenceSampler(EOS).sample(logits, rows), rows)
 
 
@@ -148,6 +159,19 @@ def test_every_option_alone_and_mixed_equals_the_reference(vocab):
     for i, row in enumerate(rows):
         assert_same(s.sample(lg[i:i + 1], [row]), ref.sample(lg[i:i + 1], [row]), [row])
     assert_same(s.sample(lg, rows), ref.sample(lg, rows), rows)
+
+
+@pytest.mark.parametrize("opts", [dict(top_k=50), dict(top_k=50, top_p=0.95), dict(top_k=200, top_p=0.99, min_p=0.01)])
+def test_tokens_tied_with_the_kth_logit_survive_top_k_as_in_the_reference(opts):
+    """bf16 logits (as a bf16 model gives them) tie often at a row's k-th value: every tied token
+    survives the cut, and top-p orders ties by token id, as the reference does."""
+    with torch.inference_mode():
+        lg = random_logits(64, 32000, seed=8).bfloat16().float()
+    kth = lg.topk(50, dim=-1).values[:, -1:]
+    assert int(((lg == kth).sum(-1) > 1).sum()) > 10  # the case is real: most rows tie at their 50th logit
+    for seed in range(4):
+        rows = [SampleRow(SamplingParams(temperature=1.0, seed=seed * 64 + i, **opts), [], [1]) for i in range(64)]
+        assert_same(Sampler(EOS).sample(lg, rows), ReferenceSampler(EOS).sample(lg, rows), rows)
 
 
 def test_greedy_is_the_argmax_of_the_processed_logits():
@@ -198,11 +222,11 @@ DIST_CASES = {
 @pytest.mark.parametrize("case", DIST_CASES)
 @pytest.mark.parametrize("seeded", [True, False])
 def test_draws_follow_the_cut_and_renormalised_distribution(case, seeded):
-    """20,000 draws of one row's logits: every position of many seeds and choices (or the
+    """12,000 draws of one row's logits: every position of many seeds and choices (or the
     worker generator); chi-square against the distribution computed from the definitions."""
     opts = DIST_CASES[case]
     base = torch.tensor([2.0, 1.5, 1.2, 1.0, 0.7, 0.5, 0.2, 0.0, -0.3, -0.8, -1.5, -3.0])
-    n_draws, positions = 20_000, 50
+    n_draws, positions = 12_000, 40
     outputs = [[0] * pos for pos in range(positions)]
     rows = [SampleRow(SamplingParams(seed=(i // positions if seeded else None), **opts), outputs[i % positions],
                       [1], choice=(i // 7) % 3) for i in range(n_draws)]
@@ -337,8 +361,8 @@ def test_every_sampling_option_in_the_engine_matches_the_reference_at_every_step
     forced = (vocab - 1) // 2
     prompts = [[5, 6, 7], [9, 9, 9, 9, 10, 11]]
     for name, opt in OPTIONS.items():
-        outs = llm.generate(prompts, SamplingParams(max_tokens=6, **opt))
-        assert all(len(o.token_ids) == 6 or o.finish_reason == "stop" for out in outs for o in out.outputs), name
+        outs = llm.generate(prompts, SamplingParams(max_tokens=6 if name == "min_tokens" else 4, **opt))
+        assert all(len(o.token_ids) == (6 if name == "min_tokens" else 4) or o.finish_reason == "stop" for out in outs for o in out.outputs), name
         if opt.get("logprobs") is not None:
             for lp, tok in zip(outs[0].outputs[0].logprobs, outs[0].token_ids):
                 assert lp.token_id == tok and len(lp.top) == opt["logprobs"]
@@ -346,7 +370,7 @@ def test_every_sampling_option_in_the_engine_matches_the_reference_at_every_step
     assert [o.token_ids for o in outs] == [[forced] * 4] * 2
     n3 = llm.generate([[9, 9]], SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=4))[0]
     assert len({tuple(o.token_ids) for o in n3.outputs}) == 3  # choices draw apart
-    assert checked.steps > 50
+    assert checked.steps > 40
     assert llm.executor.blocks.num_free == llm.executor.blocks.num_blocks
 
 

@@ -107,23 +107,29 @@ def _draw(x: torch.Tensor, d: Draws, u: torch.Tensor) -> torch.Tensor:
         kth = kth.masked_fill(~d.top_k_cut, NEG_INF)
         scaled.masked_fill_(scaled < kth, NEG_INF)
     probs = torch.softmax(scaled, dim=-1)
+    # Over the whole vocabulary even when every row has a top-k cut: tokens tied with a row's
+    # k-th logit all survive the cut (as in vLLM and the per-row sampler), and bf16 or fp16
+    # logits tie often, so no fixed-size "top k_max" window is guaranteed to hold every
+    # survivor. A stable sort orders ties by token id, the same on every device.
     if d.top_p is not None:  # keep the smallest prefix (by probability) that reaches top_p
-        if d.top_p_span < probs.shape[-1]:  # every top-p row has a top-k cut: sort only the survivors
-            sorted_p, order = probs.topk(d.top_p_span, dim=-1)
-        else:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
         drop = (sorted_p.cumsum(dim=-1) - sorted_p) > d.top_p
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_p.masked_fill(drop, 0.0))
     if d.min_p is not None:
         probs.masked_fill_(probs < d.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    pick, total = _inverse_cdf(probs, u)
+    ok = (total > 0) & (total < float("inf"))  # False for NaN too
+    fallback = torch.nan_to_num(x, nan=NEG_INF).argmax(dim=-1)
+    return torch.where(ok, pick, fallback)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first column whose running sum (float64) exceeds `u * total`, and the total."""
     cum = probs.cumsum(dim=-1, dtype=torch.float64)
     total = cum[:, -1:].contiguous()
     pick = torch.searchsorted(cum, u[:, None] * total, right=True)
     last_kept = torch.searchsorted(cum, total, right=False)  # u * total may round up to total
-    pick = torch.minimum(pick, last_kept).squeeze(1)
-    ok = ((total > 0) & (total < float("inf"))).squeeze(1)  # False for NaN too
-    fallback = torch.nan_to_num(x, nan=NEG_INF).argmax(dim=-1)
-    return torch.where(ok, pick, fallback)
+    return torch.minimum(pick, last_kept).squeeze(1), total.squeeze(1)
 
 
 def _to_host(x: torch.Tensor, tokens: torch.Tensor, step: StepTensors,

@@ -38,7 +38,6 @@ class Draws:
     top_k_cut: torch.Tensor | None  # [S, 1] bool: the row has a top-k cut
     top_k_max: int
     top_p: torch.Tensor | None  # [S, 1] (inf: no cut); None: no row cuts
-    top_p_span: int  # how many of each row's most probable tokens can be nonzero (top-k zeroes the rest)
     min_p: torch.Tensor | None  # [S, 1] (0: no cut)
     seeded: torch.Tensor | None  # [S] bool; None: every row is seeded
     keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # seed, choice, position (int64 [S] each)
@@ -59,7 +58,7 @@ def build_step(rows, eos_token_ids: tuple[int, ...], vocab: int, device) -> Step
     floats: dict[str, list[float]] = defaultdict(list)
     pen_rows: list[int] = []
     draw_rows: list[int] = []
-    flags = dict(top_k=False, top_p=False, min_p=False, unseeded=False, top_p_span=0)
+    flags = dict(top_k=False, top_p=False, min_p=False, unseeded=False)
     for i, row in enumerate(rows):
         p = row.params
         for tok, bias in (p.logit_bias or {}).items():
@@ -110,7 +109,6 @@ def _add_draw(ints, floats, flags, row, vocab: int) -> None:
     cut = 0 < p.top_k < vocab
     flags["top_k"] |= cut
     flags["top_p"] |= p.top_p < 1.0
-    flags["top_p_span"] = max(flags["top_p_span"], p.top_k if cut else vocab)  # the row's nonzero probabilities
     flags["min_p"] |= p.min_p > 0.0
     flags["unseeded"] |= p.seed is None
     floats["temperature"].append(p.temperature)
@@ -133,7 +131,6 @@ def _draws(t: dict[str, torch.Tensor], ints, flags, num_rows: int) -> Draws:
         top_k_cut=t["top_k_cut"][:, None].bool() if flags["top_k"] else None,
         top_k_max=max(ints["top_k"]) + 1,
         top_p=t["top_p"][:, None] if flags["top_p"] else None,
-        top_p_span=flags["top_p_span"],
         min_p=t["min_p"][:, None] if flags["min_p"] else None,
         seeded=t["seeded"].bool() if flags["unseeded"] else None,
         keys=(t["seed"], t["choice"], t["position"]),
@@ -146,12 +143,11 @@ FLOAT_FIELDS = ("bias", "rep", "freq", "pres", "temperature", "top_p", "min_p")
 
 
 def _upload(device, ints: dict[str, list[int]], floats: dict[str, list[float]]) -> dict[str, torch.Tensor]:
-    """Every list as a device tensor, through one int64 and one float32 copy (none when empty)."""
+    """Every list as a device tensor, through one int64 and one float32 copy (none when all are empty)."""
     out: dict[str, torch.Tensor] = {}
     for names, values, dtype in ((INT_FIELDS, ints, torch.long), (FLOAT_FIELDS, floats, torch.float32)):
         sizes = [len(values[n]) for n in names]
-        if not sum(sizes):
-            out.update({n: torch.empty(0, dtype=dtype, device=device) for n in names})
+        if not sum(sizes):  # nothing of this kind to apply this step (e.g. an all-greedy batch)
             continue
         flat = to_device([v for n in names for v in values[n]], dtype, device)
         out.update(zip(names, flat.split(sizes)))
