@@ -2,6 +2,7 @@
 for token, its distributions, its seeds, its host transfers, and through the real engine."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -336,6 +337,50 @@ def test_one_device_to_host_transfer_per_step(monkeypatch, with_logprobs):
     assert len(tokens) == len(rows)
     assert transfers == ["tolist"]
     assert log.syncing == []
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by tensors that aten ops created inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.held: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.held:
+                    self.held.add(storage.data_ptr())
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def _release(self, ptr, nbytes):
+        self.held.discard(ptr)
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize("greedy_rows", [0, 1])
+def test_the_sampler_holds_no_more_than_the_memory_plan_budgets(greedy_rows):
+    """memory.SAMPLER_OWN_BUFFERS (inside SAMPLER_WORKSPACE, which a CUDA worker keeps out of
+    its KV pool) bounds the sampler's own tensors, every option at once (the previous version
+    held 8.3 and 8.8)."""
+    from tetri.workers.memory import SAMPLER_OWN_BUFFERS
+
+    batch, vocab = 16, 32000
+    lg = random_logits(batch, vocab, seed=9)
+    opts = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3,
+                repetition_penalty=1.1, logprobs=5, logit_bias={3: 1.0}, seed=1)
+    rows = [SampleRow(SamplingParams(**(dict(temperature=0.0, repetition_penalty=1.1) if i < greedy_rows else opts)),
+                      list(range(10, 40)), list(range(1, 200))) for i in range(batch)]
+    live = _LiveBytes()
+    with live:
+        Sampler(EOS).sample(lg, rows)
+    assert live.peak / (batch * vocab * 4) <= SAMPLER_OWN_BUFFERS, live.peak / (batch * vocab * 4)
 
 
 # ---- through the real engine -------------------------------------------------------------------

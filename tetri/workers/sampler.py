@@ -89,37 +89,47 @@ class Sampler:
 
 def _apply_penalties(x: torch.Tensor, pen: Penalties) -> None:
     """vLLM's rules: repetition divides positive / multiplies negative logits of every token in
-    prompt or output; frequency subtracts per occurrence in the output, presence once."""
+    prompt or output; frequency subtracts per occurrence in the output, presence once. In place
+    where it can be (dividing or multiplying by exactly 1 elsewhere), so that at most two
+    logits-sized temporaries live beside `x`."""
     sub = x.index_select(0, pen.rows)
     counts = torch.zeros_like(sub).index_put_(pen.out_index, torch.ones_like(pen.out_index[1], dtype=sub.dtype),
                                               accumulate=True)
-    seen = (counts > 0).index_put_(pen.prompt_index, torch.ones_like(pen.prompt_index[1], dtype=torch.bool))
-    sub = torch.where(seen, torch.where(sub > 0, sub / pen.repetition, sub * pen.repetition), sub)
-    sub -= pen.frequency * counts + pen.presence * (counts > 0).to(sub.dtype)
+    in_output = counts > 0
+    seen = in_output.clone().index_put_(pen.prompt_index, torch.ones_like(pen.prompt_index[1], dtype=torch.bool))
+    positive = sub > 0
+    sub.div_(torch.where(seen & positive, pen.repetition, 1.0)).mul_(torch.where(seen & ~positive, pen.repetition, 1.0))
+    sub -= counts.mul_(pen.frequency).add_(in_output.to(sub.dtype).mul_(pen.presence))
     x.index_copy_(0, pen.rows, sub)
 
 
 def _draw(x: torch.Tensor, d: Draws, u: torch.Tensor) -> torch.Tensor:
-    """Tokens `[S]` for the drawing rows' processed logits `x` `[S, vocab]` at uniforms `u`."""
-    scaled = x / d.temperature
+    """Tokens `[S]` for the drawing rows' processed logits `x` `[S, vocab]` at uniforms `u`.
+    Each temporary is dropped as soon as it is used: the peak is `x` and four more
+    logits-sized fp32 buffers (the sort's values and int64 indices), see SAMPLER_WORKSPACE."""
+    fallback = torch.nan_to_num(x, nan=NEG_INF).argmax(dim=-1)
+    probs = x / d.temperature
     if d.top_k is not None:
-        kth = scaled.topk(d.top_k_max, dim=-1).values.gather(1, d.top_k)
+        kth = probs.topk(d.top_k_max, dim=-1).values.gather(1, d.top_k)
         kth = kth.masked_fill(~d.top_k_cut, NEG_INF)
-        scaled.masked_fill_(scaled < kth, NEG_INF)
-    probs = torch.softmax(scaled, dim=-1)
+        probs.masked_fill_(probs < kth, NEG_INF)
+    probs = torch.softmax(probs, dim=-1)
     # Over the whole vocabulary even when every row has a top-k cut: tokens tied with a row's
     # k-th logit all survive the cut (as in vLLM and the per-row sampler), and bf16 or fp16
     # logits tie often, so no fixed-size "top k_max" window is guaranteed to hold every
     # survivor. A stable sort orders ties by token id, the same on every device.
     if d.top_p is not None:  # keep the smallest prefix (by probability) that reaches top_p
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) > d.top_p
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p.masked_fill(drop, 0.0))
+        del probs
+        before = sorted_p.cumsum(dim=-1)
+        drop = before.sub_(sorted_p) > d.top_p
+        del before
+        probs = torch.empty_like(sorted_p).scatter_(1, order, sorted_p.masked_fill_(drop, 0.0))
+        del sorted_p, order, drop
     if d.min_p is not None:
         probs.masked_fill_(probs < d.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     pick, total = _inverse_cdf(probs, u)
     ok = (total > 0) & (total < float("inf"))  # False for NaN too
-    fallback = torch.nan_to_num(x, nan=NEG_INF).argmax(dim=-1)
     return torch.where(ok, pick, fallback)
 
 
