@@ -15,6 +15,7 @@ from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, meas
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
 from tetri.workers.sampler import Sampler, SampleRow
+from tetri.workers.sampling_batch import to_device
 from tetri.workers.seq import Seq, check_stop, new_uid
 
 log = logging.getLogger("tetri.executor")
@@ -128,7 +129,7 @@ class Executor:
         if not rows:
             return []
         if len(index) != logits.shape[0]:
-            logits = logits[torch.tensor(index, device=logits.device)]
+            logits = logits.index_select(0, to_device(index, torch.long, logits.device))  # n choices of a prompt
         tokens, logprobs = self.sampler.sample(logits, rows)
         out = []
         flat = [s for seqs in sample_seqs for s in seqs]
