@@ -144,7 +144,6 @@ def test_the_front_process_never_loads_torch(server):
         assert "libtorch" not in f.read()
 
 
-@pytest.mark.xfail(strict=True, reason="applied by the device sampler (wt-c1)")
 def test_logit_bias_minus_100_suppresses_the_greedy_token(server, oracle):
     first = ask(server, FRANCE).choices[0].model_extra["token_ids"][0]
     biased = ask(server, FRANCE, logit_bias={str(first): -100})

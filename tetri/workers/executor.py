@@ -17,6 +17,7 @@ from tetri.workers.models.loader import LoadedModel, load_model
 from tetri.types import FinishReason
 from tetri.workers.grammar import GrammarRuntime
 from tetri.workers.sampler import Sampler, SampleRow
+from tetri.workers.sampling_batch import to_device
 from tetri.workers.seq import Seq, check_stop, new_uid
 
 log = logging.getLogger("tetri.executor")
@@ -131,7 +132,7 @@ class Executor:
         if not rows:
             return []
         if len(index) != logits.shape[0]:
-            logits = logits[torch.tensor(index, device=logits.device)]
+            logits = logits.index_select(0, to_device(index, torch.long, logits.device))  # n choices of a prompt
         flat = [s for seqs in sample_seqs for s in seqs]
         constrained = self.grammar.mask(logits, flat)  # structured outputs: disallowed tokens -> -inf
         tokens, logprobs = self.sampler.sample(logits, rows)
