@@ -94,8 +94,20 @@ class ServerConfig:
     max_n: int = 16
     max_tokens_cap: int | None = None
     """Upper bound on a request's max_tokens (None: only max_model_len bounds it)."""
+    tool_call_parser: str | None = None
+    """vLLM's --tool-call-parser: how `tool_choice: "auto"` output is read ("hermes", "llama3_json")."""
+    enable_auto_tool_choice: bool = False
+    """vLLM's --enable-auto-tool-choice: `tool_choice: "auto"` (the default with tools) is served."""
+    max_grammar_bytes: int = 64 * 1024
+    """Largest schema / regex / grammar a request may constrain its output with (a 400 past it)."""
+    grammar_compile_timeout_s: float = 10.0
+    """A grammar that takes longer to compile is a 400 (the compile is ended)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port must be in [0, 65535]")
         _require(self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024")
         _require(self.max_n >= 1, "max_n must be >= 1")
+        _require(self.max_grammar_bytes >= 1, "max_grammar_bytes must be >= 1")
+        _require(self.grammar_compile_timeout_s > 0, "grammar_compile_timeout_s must be > 0")
+        _require(not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+                 "enable_auto_tool_choice needs a tool_call_parser")

@@ -79,6 +79,8 @@ class LLM:
         req_ids = []
         for prompt, p in zip(prompts, params_list):
             p.validate()
+            if p.structured_outputs is not None:
+                self.executor.grammar.check(p.structured_outputs)  # GrammarError (a ValueError) when it does not compile
             req_id = f"offline-{next(self._ids)}"
             self.core.add_request(req_id, self._encode(prompt), p)
             req_ids.append(req_id)

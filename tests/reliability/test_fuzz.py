@@ -438,6 +438,9 @@ def http_cases(draw, doc):
     body = draw(schema_strategy(defs[name], defs, OVERRIDES))
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = draw(st.integers(1, 4))
+    for msg in body.get("messages") or ():  # content is optional (an assistant's tool calls need none): mostly there
+        if isinstance(msg, dict) and "content" not in msg:
+            msg["content"] = draw(OVERRIDES["content"])
     mutate = draw(st.integers(0, 9))
     if mutate == 0:  # a schema violation: a field of the wrong type or shape
         key = draw(st.sampled_from(sorted(defs[name]["properties"])))

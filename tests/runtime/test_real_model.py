@@ -17,7 +17,6 @@ import os
 
 import pytest
 
-from tests.runtime.server_proc import ServerProc
 from tetri.workers.models.source import DEFAULT_SERVED_NAME, packaged_default_gguf
 
 GGUF = packaged_default_gguf()
@@ -80,14 +79,10 @@ def hf_prompt_logprobs(oracle, prompt_ids: list[int]) -> list[float]:
     return [logprobs[i - 1, t].item() for i, t in enumerate(prompt_ids) if i]
 
 
-@pytest.fixture(scope="module", params=["disagg", "colocated"])
-def server(request):
-    args = ["--device", "cpu"] + (["--mode", "colocated", "--workers", "1"] if request.param == "colocated" else [])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TETRI_DEFAULT_MODEL", raising=False)  # no --model: the real default, as a user gets it
-        srv = ServerProc(*args, ready_timeout_s=600).start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(real_server):
+    """tests/runtime/conftest.py's real-default server in each mode (shared with test_real_structured.py)."""
+    return real_server
 
 
 def ask(server, question: str, **extra):

@@ -348,6 +348,9 @@ class FrontScheduler:
         emitted = len(new_ids)
         p = req.params
         params = replace_params(p, max_tokens=p.max_tokens - emitted, min_tokens=max(0, p.min_tokens - emitted))
+        if p.structured_outputs is not None:  # the grammar resumes after what was emitted (now in the prompt)
+            params = replace_params(params, structured_outputs=msgspec.structs.replace(
+                p.structured_outputs, prefix_token_ids=tuple(req.output_ids)))
         self._released(req.req_id, req.prefill_worker)
         self._released(req.req_id, req.decode_worker)
         self.reqs.pop(req.req_id)

@@ -14,6 +14,8 @@ from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
+from tetri.types import FinishReason
+from tetri.workers.grammar import GrammarRuntime
 from tetri.workers.sampler import Sampler, SampleRow
 from tetri.workers.sampling_batch import to_device
 from tetri.workers.seq import Seq, check_stop, new_uid
@@ -75,6 +77,7 @@ class Executor:
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size)
         self.block_size = cache_cfg.block_size
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
+        self.grammar = GrammarRuntime(self.loaded.model_dir, self.loaded.spec.vocab_size, self.eos_token_ids)
 
     def _build_pool_and_runner(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, sched: EngineSchedConfig,
                                shared_pool: bool, memory_share: float) -> int:
@@ -130,14 +133,16 @@ class Executor:
             return []
         if len(index) != logits.shape[0]:
             logits = logits.index_select(0, to_device(index, torch.long, logits.device))  # n choices of a prompt
-        tokens, logprobs = self.sampler.sample(logits, rows)
-        out = []
         flat = [s for seqs in sample_seqs for s in seqs]
-        for seq, tok, lp in zip(flat, tokens, logprobs):
+        constrained = self.grammar.mask(logits, flat)  # structured outputs: disallowed tokens -> -inf
+        tokens, logprobs = self.sampler.sample(logits, rows)
+        refused = self.grammar.accept(flat, tokens) if constrained else ()
+        out = []
+        for i, (seq, tok, lp) in enumerate(zip(flat, tokens, logprobs)):
             seq.output_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
-            reason = check_stop(seq, tok, self.eos_token_ids, self.max_model_len)
+            reason = FinishReason.ERROR if i in refused else check_stop(seq, tok, self.eos_token_ids, self.max_model_len)
             seq.finish_reason = reason
             out.append(SampledToken(seq, tok, reason is not None))
         return out

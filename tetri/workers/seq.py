@@ -42,6 +42,9 @@ class Seq:
     uid: int = field(default_factory=new_uid)
     """Unique in the process for this sequence's current KV: renewed whenever its blocks are
     freed (the attention backend's decode staging keys on it)."""
+    grammar: object | None = None
+    """With `params.structured_outputs`: this worker's xgrammar matcher for it, built on the
+    first step that samples it (`tetri/workers/grammar.py`)."""
 
     @property
     def key(self) -> str:
