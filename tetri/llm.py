@@ -6,6 +6,9 @@
     outs[0].token_ids, outs[0].text, outs[0].finish_reason
 
 `model=None` serves the embedded default model (tiny, random weights: gibberish output).
+`generate` always returns: `max_model_len` is capped by the KV pool, so a request ends with
+"length" when it reaches what the pool holds, and a request that could never fit ends with
+"error" instead of being preempted and re-prefilled forever.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class LLM:
             self.core.step()
             if self.check_invariants:
                 self.executor.blocks.check_invariants()
+            if not self.core.progressed:  # cannot happen with the pool-capped max_model_len; never spin
+                raise RuntimeError(f"the engine cannot step ({len(self.core.running)} running, "
+                                   f"{self.core.num_waiting} waiting, {self.executor.blocks.num_free} blocks free)")
         return [self._output(r, seqs[r]) for r in req_ids]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:

@@ -9,6 +9,12 @@ Each step:
   3. one forward pass over the decodes (and any re-prefills); the node sends one `TokenBatch`.
 A request is never read from a peer pool after an Abort was processed: copies happen
 synchronously inside the step, and the step never runs between an Abort and its `Dropped`.
+
+Board fields (`load`): `predicted_decode_tokens` is the predicted tokens still to come
+(low end of the bucket less what each sequence has generated, summed over running, waiting
+and preempted sequences); a request is a heavy decode when its prediction exceeds
+`heavy_decode_tokens` (the front's `--heavy-decode-tokens`), otherwise light (also without
+a prediction). Policies see `priority` (lower first) in every view.
 """
 
 from __future__ import annotations
@@ -32,17 +38,22 @@ class _Waiting:
 
 
 class DecodeCore:
-    def __init__(self, executor: Executor, worker_id: int, policy, max_num_seqs: int = 256) -> None:
+    def __init__(self, executor: Executor, worker_id: int, policy, max_num_seqs: int = 256,
+                 heavy_decode_tokens: int = 128) -> None:
         self.ex = executor
         self.worker_id = worker_id
         self.policy = policy
         self.max_num_seqs = max_num_seqs
+        self.heavy_decode_tokens = heavy_decode_tokens
+        self.progressed = False
+        """Whether the last step did anything (admitted, copied, re-prefilled or decoded)."""
         self.peers: dict[int, KVPool] = {}
         self.waiting: dict[str, _Waiting] = {}
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
         self.predicted: dict[str, int] = {}
         self._resumed: list[Seq] = []
+        self._preempted = False
 
     def add_peer(self, worker_id: int, pool: KVPool) -> None:
         self.peers[worker_id] = pool
@@ -76,10 +87,20 @@ class DecodeCore:
         return bool(self.waiting or self.running or self.recompute)
 
     def load(self) -> dict:
-        heavy = sum(1 for r in self.predicted.values() if r > 128)
+        remaining = 0
+        for req_id, w in self.waiting.items():
+            if w.msg.predicted_output_tokens is not None:
+                done = w.msg.prior_output_tokens + 1  # the first token came from the prefill
+                remaining += max(0, w.msg.predicted_output_tokens - done) * len(w.msg.open_choices)
+        held = set(self.waiting)
+        for table in (self.running, self.recompute):
+            for seq in table.values():
+                held.add(seq.req_id)
+                if seq.req_id in self.predicted:
+                    remaining += max(0, self.predicted[seq.req_id] - seq.num_outputs)
+        heavy = sum(1 for r in held if self.predicted.get(r, 0) > self.heavy_decode_tokens)
         return dict(running_reqs=len(self.running), waiting_reqs=len(self.waiting) + len(self.recompute),
-                    predicted_decode_tokens=sum(self.predicted.values()), heavy_decodes=heavy,
-                    light_decodes=len(self.predicted) - heavy)
+                    predicted_decode_tokens=remaining, heavy_decodes=heavy, light_decodes=len(held) - heavy)
 
     # ---- one step ------------------------------------------------------------------
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
@@ -91,6 +112,7 @@ class DecodeCore:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
             s.num_computed += 1
+        self.progressed = bool(segments or acks or self._preempted)
         if not segments:
             return [], acks
         sampled = self.ex.run(segments, [x for x in samplers if x])
@@ -101,38 +123,44 @@ class DecodeCore:
                 self.running.pop(seq.key, None)
                 self.ex.free(seq)
                 self.policy.forget(seq.key)
-                if not any(s.req_id == seq.req_id for s in self.running.values()):
+                if not any(s.req_id == seq.req_id for t in (self.running, self.recompute) for s in t.values()):
                     self.predicted.pop(seq.req_id, None)
         return sampled, acks
 
     def _view(self, seq: Seq) -> DecodeReqView:
-        return DecodeReqView(seq.key, seq.num_tokens, len(seq.output_ids), seq.params.max_tokens,
+        return DecodeReqView(seq.key, seq.num_tokens, seq.num_outputs, seq.params.max_tokens,
                              self.predicted.get(seq.req_id), seq.arrival_s,
-                             len(self.ex.blocks.blocks_of(seq.key)))
+                             len(self.ex.blocks.blocks_of(seq.key)), priority=seq.priority)
 
     def _admit(self, now: float) -> list[KVCopied]:
         bs = self.ex.block_size
         views = []
         for req_id, w in self.waiting.items():
-            per_choice = blocks_for_tokens(len(w.msg.prompt_token_ids) + 1, bs)
-            views.append(DecodeReqView(req_id, per_choice * bs * len(w.msg.open_choices), 1, w.msg.params.max_tokens,
-                                       w.msg.predicted_output_tokens, w.arrival_s, 0))
+            m = w.msg
+            # its choices' blocks (prompt + 1 token each) as one context the policy adds 1 to:
+            # exactly the blocks `_copy_in` takes (a whole-block context + 1 used to ask for one more)
+            per_choice = blocks_for_tokens(len(m.prompt_token_ids) + 1, bs)
+            views.append(DecodeReqView(req_id, per_choice * bs * len(m.open_choices) - 1, m.prior_output_tokens + 1,
+                                       m.params.max_tokens, m.predicted_output_tokens, w.arrival_s, 0,
+                                       priority=m.priority))
         running = [self._view(s) for s in self.running.values()]
         admitted = self.policy.admit(views, running, self.ex.blocks.num_free, bs, now) if views else []
-        return [ack for ack in (self._copy_in(self.waiting.pop(r).msg) for r in admitted) if ack]
+        return [ack for ack in (self._copy_in(r) for r in admitted) if ack]
 
-    def _copy_in(self, msg: Handoff) -> KVCopied | None:
+    def _copy_in(self, req_id: str) -> KVCopied | None:
+        msg = self.waiting[req_id].msg
         src = self.peers.get(msg.src_worker)
         prompt_len = len(msg.prompt_token_ids)
         need = blocks_for_tokens(prompt_len + 1, self.ex.block_size) * len(msg.open_choices)
         if src is None or need > self.ex.blocks.num_free:
-            self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted: retry later
-            return None
+            return None  # policy over-admitted (or the source is not open yet): stays waiting, in place
+        del self.waiting[req_id]
         start = time.perf_counter()
         copied = 0
         src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, self.ex.block_size)]
         for choice in msg.open_choices:
-            seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s)
+            seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s,
+                      priority=msg.priority, prior_outputs=msg.prior_output_tokens)
             seq.output_ids.append(msg.first_tokens[choice])
             seq.num_computed = prompt_len
             dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)
@@ -148,6 +176,7 @@ class DecodeCore:
     def _schedule(self, now: float) -> list[Seq]:
         views = [self._view(s) for s in self.running.values()]
         run_ids, preempt_ids = self.policy.schedule(views, self.max_num_seqs, self.ex.blocks.num_free, self.ex.block_size, now)
+        self._preempted = bool(preempt_ids)
         for key in preempt_ids:
             seq = self.running.pop(key)
             self.ex.free(seq)
@@ -167,7 +196,7 @@ class DecodeCore:
         """Re-prefill preempted sequences (all tokens but the last) when their blocks fit."""
         segments, samplers = [], []
         self._resumed = []
-        for key in list(self.recompute):
+        for key in sorted(self.recompute, key=lambda k: self.recompute[k].priority):  # stable: arrival within one
             seq = self.recompute[key]
             if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
                 break

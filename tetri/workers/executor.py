@@ -3,6 +3,7 @@ with the step-level operations they share (run segments, sample, fork, free)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from tetri.workers.models.loader import LoadedModel, load_model
 from tetri.workers.sampler import Sampler, SampleRow
 from tetri.workers.seq import Seq, check_stop, new_uid
 
+log = logging.getLogger("tetri.worker")
 CPU_DEFAULT_KV_GB = 1.0
 CPU_MAX_DEFAULT_BLOCKS = 8192
 
@@ -47,6 +49,28 @@ def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: flo
     return min(CPU_MAX_DEFAULT_BLOCKS, blocks_for_budget(layout1, CPU_DEFAULT_KV_GB * 2**30))
 
 
+MIN_MODEL_LEN = 2
+"""The least a pool must hold: a one-token prompt and one output token."""
+
+
+def cap_max_model_len(requested: int | None, model_limit: int, num_blocks: int, block_size: int) -> int:
+    """Prompt + output cap: the model's limit, the operator's `max_model_len`, and what one
+    request may hold of this pool (so a request of max_model_len always fits). Raises
+    ValueError when the pool cannot hold even a minimal request."""
+    pool_tokens = max(0, num_blocks) * block_size
+    if pool_tokens < MIN_MODEL_LEN:
+        raise ValueError(f"the KV pool holds {max(0, num_blocks)} blocks of {block_size} tokens, too few for even a "
+                         f"{MIN_MODEL_LEN}-token request: give it more memory (--kv-cache-gb, "
+                         f"--gpu-memory-utilization) or a larger --block-size")
+    cap = min(requested or model_limit, model_limit)
+    if pool_tokens < cap:
+        if requested:
+            log.warning("max_model_len %d capped to %d: one request must fit this worker's KV pool (%d blocks of %d)",
+                        requested, pool_tokens, num_blocks, block_size)
+        cap = pool_tokens
+    return cap
+
+
 class Executor:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, shared_pool: bool = False,
                  memory_share: float = 1.0, loaded: LoadedModel | None = None) -> None:
@@ -57,10 +81,10 @@ class Executor:
         limit = spec.max_position_embeddings
         if spec.sliding_window:
             limit = min(limit, spec.sliding_window)  # attention is exact only inside the window
-        self.max_model_len = min(model_cfg.max_model_len or limit, limit)
         self.eos_token_ids = self.loaded.eos_token_ids
         layout1 = PoolLayout.for_model(spec, 1, cache_cfg.block_size, self.loaded.dtype)
         num_blocks = pool_blocks(cache_cfg, layout1, device, memory_share)
+        self.max_model_len = cap_max_model_len(model_cfg.max_model_len, limit, num_blocks, cache_cfg.block_size)
         layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, self.loaded.dtype)
         self.pool = KVPool.allocate(layout, device, shared=shared_pool)
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size)
@@ -79,7 +103,7 @@ class Executor:
         index: list[int] = []
         for i, seqs in enumerate(sample_seqs):
             for s in seqs:
-                rows.append(SampleRow(s.params, s.output_ids, s.prompt_ids, s.choice))
+                rows.append(SampleRow(s.params, s.sample_output_ids, s.sample_prompt_ids, s.choice))
                 index.append(i)
         if not rows:
             return []
