@@ -39,6 +39,9 @@ class Metrics:
         self.kv_transfer_bytes = Counter("tetri:kv_transfer_bytes", "Bytes of KV copied between workers.", registry=r)
         self.migrated = Counter("tetri:requests_migrated", "Requests resumed on another worker after a worker died.", registry=r)
         self.restarts = Counter("tetri:worker_restarts", "Worker processes restarted by the supervisor.", registry=r)
+        self.send_failures = Counter("tetri:worker_send_failures", "Control messages to workers not sent at once, by reason "
+                                     "(deferred: queued behind a full socket, error: retried, dead_worker: discarded "
+                                     "with a dead worker's queue).", ["reason"], registry=r)
         self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
         self.running = Gauge("tetri:num_requests_running", "Requests running per worker.", _WORKER_LABELS, registry=r)
         self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
@@ -89,6 +92,9 @@ class Metrics:
 
     def observe_restart(self) -> None:
         self.restarts.inc()
+
+    def observe_send_failure(self, reason: str, count: int = 1) -> None:
+        self.send_failures.labels(reason=reason).inc(count)
 
     # -- scrape --------------------------------------------------------------------------
 
