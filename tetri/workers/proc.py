@@ -146,10 +146,10 @@ class WorkerShell:
         from tetri.workers.node import pool_info
 
         a = self.args
+        self._write_board("ready")  # before Ready: the front may dispatch as soon as it hears it
         self.send(Ready(worker_id=a.worker_id, pid=os.getpid(), role=self.node.role, device=a.model.device,
                         pool=pool_info(self.ex.pool), max_model_len=self.ex.max_model_len,
                         eos_token_ids=list(self.ex.eos_token_ids)))
-        self._write_board("ready")
         self._beater.start()
         while not self.stop:
             self._turned_s = time.monotonic()
