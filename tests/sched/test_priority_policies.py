@@ -2,7 +2,8 @@
 and every decode admission policy. With one priority everywhere nothing changes."""
 
 from tetri.sched.chunking import ChunkPacker
-from tetri.sched.decode_policy import DecodeReqView, make_decode_policy
+from tetri.sched.decode_policy import DecodeReqView
+from tetri.sched.decode_registry import make_decode_policy
 
 
 def _order(packer: ChunkPacker) -> list[str]:

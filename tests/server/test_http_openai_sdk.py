@@ -154,7 +154,7 @@ async def test_sampling_params_reach_engine(live):
     await live.client().chat.completions.create(
         model=MODEL, messages=MESSAGES, max_completion_tokens=3, temperature=0.5, top_p=0.9, presence_penalty=0.5,
         frequency_penalty=-0.5, stop="x", extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 1,
-                                                      "stop_token_ids": [7], "priority": 3, "ignore_eos": True, "unknown_field": 1},
+                                                      "stop_token_ids": [7], "priority": 3, "ignore_eos": True},
     )
     req = live.engine.submitted[-1]
     p = req.params

@@ -24,11 +24,14 @@ from aiohttp import web
 from tetri.config import ServerConfig
 from tetri.server.engine_api import EngineClient
 from tetri.server.errors import ApiError, auth_middleware, error_middleware
-from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE, ServerState, served_model_name
+from tetri import __version__
+from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE, ServerState, served_model_names
 from tetri.server.metrics import CONTENT_TYPE, Metrics
+from tetri.server.openai_schemas import model_not_found
 from tetri.server.openapi import openapi_document
 from tetri.server.serving_chat import chat_completions
 from tetri.server.serving_completions import completions
+from tetri.server.serving_tokenize import detokenize, tokenize
 from tetri.server.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,9 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def models(request: web.Request) -> web.Response:
-    engine, state = request.app[ENGINE], request.app[STATE]
-    card = {
-        "id": state.served_name,
+def _card(name: str, engine: EngineClient) -> dict:
+    return {
+        "id": name,
         "object": "model",
         "created": _CREATED,
         "owned_by": "tetri",
@@ -66,7 +68,24 @@ async def models(request: web.Request) -> web.Response:
         "parent": None,
         "max_model_len": engine.max_model_len,
     }
-    return _json({"object": "list", "data": [card]})
+
+
+async def models(request: web.Request) -> web.Response:
+    """One card per served name (vLLM lists every alias; the first is the reported one)."""
+    engine, state = request.app[ENGINE], request.app[STATE]
+    return _json({"object": "list", "data": [_card(name, engine) for name in state.served_names]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: the card, or the same 404 as an unknown `model` in a request."""
+    name = request.match_info["model_id"]
+    if name not in request.app[STATE].served_names:
+        raise model_not_found(name)
+    return _json(_card(name, request.app[ENGINE]))
+
+
+async def version(request: web.Request) -> web.Response:
+    return _json({"version": __version__})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -87,6 +106,10 @@ ROUTES = [
     web.post("/v1/chat/completions", chat_completions),
     web.post("/v1/completions", completions),
     web.get("/v1/models", models),
+    web.get("/v1/models/{model_id:.+}", model),
+    web.post("/tokenize", tokenize),
+    web.post("/detokenize", detokenize),
+    web.get("/version", version),
     web.get("/health", health),
     web.get("/metrics", metrics),
     web.get("/workers", workers),
@@ -99,7 +122,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     try:
         state = app[STATE]
-        state.served_name = served_model_name(app[CONFIG], engine)
+        state.served_names = served_model_names(app[CONFIG], engine)
         state.tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, engine.model_dir)
         yield
     finally:
@@ -122,7 +145,7 @@ def create_app(cfg: ServerConfig, engine: EngineClient, metrics: Metrics | None 
     app[CONFIG] = cfg
     app[ENGINE] = engine
     app[METRICS] = metrics
-    app[STATE] = ServerState(served_name=cfg.served_model_name or "")
+    app[STATE] = ServerState(served_names=())
     app.router.add_routes(ROUTES)
     app.cleanup_ctx.append(_engine_ctx)
     app.on_shutdown.append(_on_shutdown)

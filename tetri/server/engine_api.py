@@ -70,6 +70,8 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     """Set when the request failed (a worker died, a deadline passed); the stream then ends."""
     queue_time_s: float | None = None
     """Seconds from submit until its first prefill chunk was dispatched (on the first output)."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """With `SamplingParams.prompt_logprobs`: prompt tokens 1.. scored (on the first output)."""
 
     @property
     def finished(self) -> bool:
@@ -146,6 +148,8 @@ def _merge_into(acc: EngineOutput, new: EngineOutput) -> None:
         acc.error = new.error
     if acc.queue_time_s is None:
         acc.queue_time_s = new.queue_time_s
+    if acc.prompt_logprobs is None:
+        acc.prompt_logprobs = new.prompt_logprobs
 
 
 class EngineClient(Protocol):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -35,7 +36,7 @@ import zmq.asyncio
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.control.load_board import LoadBoard
-from tetri.launch import LaunchConfig, WorkerProcs
+from tetri.launch import LaunchConfig, WorkerProcs, restart_delay_s
 from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPools, Ready, Shutdown, TokenBatch,
                             WorkerError, decode_or_none, encode, from_worker_decoder)
 from tetri.sched.dispatch import NoWorker
@@ -53,11 +54,10 @@ class RuntimeClient:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: EngineSchedConfig, front: FrontConfig,
                  launch: LaunchConfig, max_queue: int = 1024, seed: int = 0, predictor=None,
                  flip=None, length_log=None, migrate: bool = True, max_restarts: int = 5) -> None:
-        from tetri.workers.executor import resolve_model_dir
+        from tetri.workers.models.source import resolve_model_dir  # no torch in the front process
 
-        self.model_dir = resolve_model_dir(model.model)
-        self.model_cfg = ModelConfig(model=self.model_dir, dtype=model.dtype, max_model_len=model.max_model_len,
-                                     device=model.device, seed=model.seed)
+        self.model_dir = resolve_model_dir(model.model, model.dtype, model.device)
+        self.model_cfg = dataclasses.replace(model, model=self.model_dir)
         self.cache_cfg, self.sched_cfg, self.launch_cfg = cache, sched, launch
         self.max_queue = max_queue
         self.max_model_len = model.max_model_len or 0
@@ -311,7 +311,8 @@ class RuntimeClient:
             choices = [ChoiceDelta(index=c, token_ids=[tok], logprobs=[res.logprobs[c]] if res.logprobs and res.logprobs[c] else None,
                                    finish_reason=res.finish_reasons[c] if res.finish_reasons else None)
                        for c, tok in enumerate(res.first_tokens)]
-            stream.put(EngineOutput(req_id=res.req_id, choices=choices, queue_time_s=self._dispatched.pop(res.req_id, None)))
+            stream.put(EngineOutput(req_id=res.req_id, choices=choices, queue_time_s=self._dispatched.pop(res.req_id, None),
+                                    prompt_logprobs=res.prompt_logprobs))
             if stream.done:
                 self._ended(res.req_id)
         self._apply(self.scheduler.chunk_done(msg))
@@ -350,6 +351,7 @@ class RuntimeClient:
 
     def _on_tokens(self, msg: TokenBatch) -> None:
         per_req: dict[str, list[ChoiceDelta]] = {}
+        scored = {r: p for r, p in zip(msg.req_ids, msg.prompt_logprobs) if p is not None}  # mixed workers
         for i, req_id in enumerate(msg.req_ids):
             if not self.scheduler.owns(req_id, msg.worker_id, decoding=True):
                 continue  # stale: the request was aborted or migrated away from this worker
@@ -367,7 +369,7 @@ class RuntimeClient:
             if stream is None:
                 continue
             stream.put(EngineOutput(req_id=req_id, choices=choices,
-                                    queue_time_s=self._dispatched.pop(req_id, None)))
+                                    queue_time_s=self._dispatched.pop(req_id, None), prompt_logprobs=scored.get(req_id)))
             if stream.done:
                 self._ended(req_id)
 
@@ -421,7 +423,7 @@ class RuntimeClient:
         self._dead_role[wid] = role
         restarts = self.procs.restarts.get(wid, 0)
         if restarts < self.max_restarts:
-            self._restart_at[wid] = time.monotonic() + min(30.0, 2.0 ** restarts)  # back-off
+            self._restart_at[wid] = time.monotonic() + restart_delay_s(restarts)  # back-off
         else:
             log.error("worker %d died %d times; not restarting it", wid, restarts + 1)
 

@@ -5,7 +5,7 @@ every `token_delay_s`, or every loop turn when 0) into its `RequestStream`. Toke
 a `random.Random` seeded by (prompt ids, seed or `default_seed`, choice index), drawn from
 printable token ids of the model's tokenizer, or cycle through `script` when given. The
 fake honours max_tokens, min_tokens, ignore_eos (EOS only after `eos_after` tokens when
-set), stop_token_ids, n, logprobs (well-formed made-up values), max_model_len and aborts,
+set), stop_token_ids, n, logprobs and prompt_logprobs (well-formed made-up values), max_model_len and aborts,
 and records what it was sent (`submitted`, `aborted`) for tests to inspect. Knobs:
 `max_queue` (Overloaded beyond it), `is_healthy` (False: Unavailable and /health 503),
 `error_after` (fail every request with an engine error after that many tokens).
@@ -161,6 +161,7 @@ class FakeEngineClient:
                 out = self._step(run)
                 if first:
                     out.queue_time_s, first = 0.0, False
+                    out.prompt_logprobs = self._prompt_logprobs(run.req)
                 run.stream.put(out)
                 if out.error is not None:
                     return
@@ -197,6 +198,18 @@ class FakeEngineClient:
             ch.finish = "length"
         logprobs = None if p.logprobs is None else [self._logprob(ch.rng, tok, p.logprobs)]
         return ChoiceDelta(index=ch.index, token_ids=[tok], logprobs=logprobs, finish_reason=ch.finish)
+
+    def _prompt_logprobs(self, req: EngineRequest) -> list[TokenLogprob] | None:
+        """Made-up but well-formed prompt logprobs (prompt tokens 1..), when asked for."""
+        k = req.params.prompt_logprobs
+        if k is None:
+            return None
+        rng = random.Random(f"prompt|{','.join(map(str, req.prompt_token_ids))}")
+        out = []
+        for tok in req.prompt_token_ids[1:]:
+            lp = self._logprob(rng, tok, k)
+            out.append(TokenLogprob(tok, lp.logprob, lp.top, 1 + rng.randrange(50)))
+        return out
 
     def _draw(self, ch: _Choice, banned: set[int]) -> int:
         pool = self._pool or list(range(4, self.vocab_size))

@@ -22,7 +22,7 @@ from tetri.server.detok import IncrementalDetokenizer, StopMatcher
 from tetri.server.engine_api import ChoiceDelta, EngineClient, EngineError, EngineOutput, EngineRequest, RequestStream
 from tetri.server.metrics import Metrics
 from tetri.server.tokenizer import Tokenizer
-from tetri.types import SamplingParams
+from tetri.types import SamplingParams, TokenLogprob
 
 
 class GenerationFailed(Exception):
@@ -53,10 +53,16 @@ class ChoiceUpdate:
 class ChoiceState:
     """Detokenizer + stop matcher + counters for one output choice."""
 
-    __slots__ = ("index", "detok", "matcher", "min_tokens", "num_tokens", "text_offset", "finish_reason", "stop_hit")
+    __slots__ = ("index", "detok", "matcher", "min_tokens", "num_tokens", "text_offset", "finish_reason", "stop_hit",
+                 "drop_stop_logprob", "discard")
 
-    def __init__(self, index: int, tokenizer: Tokenizer, prompt_ids: list[int], stops: list[str], min_tokens: int) -> None:
+    def __init__(self, index: int, tokenizer: Tokenizer, prompt_ids: list[int], stops: list[str], min_tokens: int,
+                 drop_stop_logprob: bool = False, discard: bool = False) -> None:
         self.index = index
+        self.drop_stop_logprob = drop_stop_logprob
+        """Chat: the end-of-turn token's logprob is left out, so the joined tokens equal the content."""
+        self.discard = discard
+        """max_tokens=0 (prompt scoring): the one token the engine must sample is not output."""
         self.detok = IncrementalDetokenizer(tokenizer.decode, prompt_ids)
         self.matcher = StopMatcher(stops)
         self.min_tokens = min_tokens
@@ -68,6 +74,9 @@ class ChoiceState:
     def feed(self, delta: ChoiceDelta) -> ChoiceUpdate | None:
         if self.finish_reason is not None:
             return None  # e.g. tokens the engine made before our stop-string abort landed
+        if self.discard:
+            self.finish_reason = "length" if delta.finish_reason in ("stop", "length") else delta.finish_reason
+            return ChoiceUpdate(self.index, "", [], None, self.finish_reason)
         texts: list[str] = []
         ids: list[int] = []
         lps: list[LogprobEntry] | None = [] if delta.logprobs is not None else None
@@ -76,7 +85,8 @@ class ChoiceState:
         for i, tok in enumerate(delta.token_ids):
             ids.append(tok)
             self.num_tokens += 1
-            if lps is not None and delta.logprobs is not None and i < len(delta.logprobs):
+            dropped = skip_last and i == last and self.drop_stop_logprob
+            if lps is not None and delta.logprobs is not None and i < len(delta.logprobs) and not dropped:
                 lp = delta.logprobs[i]
                 lps.append(LogprobEntry(tok, lp.logprob, list(lp.top), self.text_offset))
             piece = "" if (skip_last and i == last) else self.detok.step(tok)
@@ -137,6 +147,8 @@ class Generation:
         stops: list[str],
         priority: int = 0,
         arrival_s: float | None = None,
+        drop_stop_logprob: bool = False,
+        discard_output: bool = False,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -146,9 +158,12 @@ class Generation:
         self.priority = priority
         n = params.n
         self.choices = [
-            [ChoiceState(p * n + i, tokenizer, ids, stops, params.min_tokens) for i in range(n)]
+            [ChoiceState(p * n + i, tokenizer, ids, stops, params.min_tokens, drop_stop_logprob, discard_output)
+             for i in range(n)]
             for p, ids in enumerate(prompts)
         ]
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * len(prompts)
+        """Per prompt, with params.prompt_logprobs: tokens 1.. scored (the first output carries them)."""
         self.streams: list[RequestStream] = []
         self._timing = _Timing(arrival_s=time.monotonic() if arrival_s is None else arrival_s)
         self._aborted: set[int] = set()  # prompts already aborted as a whole
@@ -191,6 +206,8 @@ class Generation:
     async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
         while self._open:
             p, out = await self._next_output()
+            if out.prompt_logprobs is not None and self.prompt_logprobs[p] is None:
+                self.prompt_logprobs[p] = out.prompt_logprobs  # a migrated re-prefill scores again: keep the first
             if out.queue_time_s is not None:
                 self.metrics.observe_queue_time(out.queue_time_s)
             ups = [up for delta in out.choices if (up := self._feed(p, delta)) is not None]

@@ -17,9 +17,14 @@ from tetri.server.tokenizer import Tokenizer
 class ServerState:
     """What the app learns at start-up (the engine names the model directory)."""
 
-    served_name: str
+    served_names: tuple[str, ...]
+    """Every name the model answers to; the first is the one responses report."""
     tokenizer: Tokenizer | None = None
     draining: bool = False
+
+    @property
+    def served_name(self) -> str:
+        return self.served_names[0] if self.served_names else ""
 
     @property
     def tok(self) -> Tokenizer:
@@ -28,8 +33,13 @@ class ServerState:
         return self.tokenizer
 
 
-def served_model_name(cfg: ServerConfig, engine: EngineClient) -> str:
-    return cfg.served_model_name or os.path.basename(os.path.normpath(engine.model_dir))
+def served_model_names(cfg: ServerConfig, engine: EngineClient) -> tuple[str, ...]:
+    names = cfg.served_model_name
+    if isinstance(names, str):
+        return (names,)
+    if names:
+        return tuple(names)
+    return (os.path.basename(os.path.normpath(engine.model_dir)),)
 
 
 CONFIG = web.AppKey("config", ServerConfig)

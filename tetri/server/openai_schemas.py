@@ -1,15 +1,16 @@
 """OpenAI request schemas (msgspec) and their conversion to engine `SamplingParams`.
 
-Decoding is strict about types (a string where an int belongs is a 400 naming the field) and
-lenient about unknown fields (the OpenAI SDK sends extras; they are ignored). Range checks
-live in the schema where they are simple, so `/openapi.json` shows them; the checks that
-need the prompt length or the server config live in `sampling_params`.
+Decoding is strict: a mistyped field and an unknown field are each a 400 naming the field
+(no field is ever accepted and ignored). Range checks live in the schema where they are
+simple, so `/openapi.json` shows them; the checks that span fields or need the prompt, the
+tokenizer or the server config live in `request_checks.py` and `sampling_params`.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -26,52 +27,40 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
 
 
-class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+class _Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every request object refuses fields it does not know (a 400 naming the field)."""
+
+
+class TextPart(_Strict, tag_field="type", tag="text"):
     text: str
 
 
 Content = str | list[TextPart]
 
 
-class _Message(msgspec.Struct, tag_field="role", kw_only=True):
-    name: str | None = None
+class Message(_Strict, kw_only=True):
+    """A chat message. Any role is accepted, as vLLM does (custom roles go to the chat template
+    as given); tool calls belong to the tool-calling issue and are refused until it lands."""
 
-
-class SystemMessage(_Message, tag="system"):
-    content: Content
-
-
-class DeveloperMessage(_Message, tag="developer"):
-    content: Content
-
-
-class UserMessage(_Message, tag="user"):
-    content: Content
-
-
-class AssistantMessage(_Message, tag="assistant"):
+    role: Annotated[str, Meta(min_length=1)]
     content: Content | None = None
-
-
-class ToolMessage(_Message, tag="tool"):
-    content: Content
+    name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
-Message = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
-
-
-class StreamOptions(msgspec.Struct, kw_only=True):
+class StreamOptions(_Strict, kw_only=True):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
     """vLLM extension: usage on every chunk (only together with include_usage)."""
 
 
-class SamplingRequest(msgspec.Struct, kw_only=True):
-    """Fields shared by chat and text completions."""
+class SamplingRequest(_Strict, kw_only=True):
+    """Fields shared by chat and text completions (see `request_checks.py` for the rules that
+    span fields, and tests/server/test_field_table.py for where each field takes effect)."""
 
     model: str | None = None
-    max_tokens: Count | None = None
+    max_tokens: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
@@ -80,9 +69,11 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     stop: str | Annotated[list[str], Meta(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     n: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = 1
+    best_of: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -91,25 +82,65 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     return_token_ids: bool | None = False
     """vLLM extension: `prompt_token_ids` on the response, `token_ids` on each choice."""
     priority: I64 | None = 0
+    prompt_logprobs: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
+    max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    echo: bool | None = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
     prompt: str | Annotated[list[str | TokenId | list[TokenId]], Meta(min_length=1)]
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     echo: bool | None = False
+    suffix: str | None = None
 
 
-T = TypeVar("T", bound=SamplingRequest)
+class TokenizeCompletionRequest(_Strict, kw_only=True):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool | None = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(_Strict, kw_only=True):
+    model: str | None = None
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Strict, kw_only=True):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+T = TypeVar("T", bound=msgspec.Struct)
 _AT = re.compile(r" - at `\$\.?(.*)`$")
-_MISSING = re.compile(r"Object missing required field `([^`]*)`")
+_MISSING = re.compile(r"Object (?:missing required|contains unknown) field `([^`]*)`")
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,24 +169,35 @@ def _param_of(msg: str) -> str | None:
     return path or None
 
 
-def check_model(requested: str | None, served: str) -> None:
-    if requested is not None and requested != served:
-        raise ApiError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+def model_not_found(requested: str) -> ApiError:
+    return ApiError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def check_model(requested: str | None, served: Sequence[str] | str) -> None:
+    names = (served,) if isinstance(served, str) else served
+    if requested is not None and requested not in names:
+        raise model_not_found(requested)
+
+
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
     """Messages as the plain dicts a chat template expects (text parts joined by newlines)."""
     out = []
-    for msg in req.messages:
-        role = type(msg).__struct_config__.tag
+    for i, msg in enumerate(messages):
+        if msg.tool_calls is not None:
+            raise bad_request("tool calls are not supported yet (tool calling is a separate issue)",
+                              f"messages[{i}].tool_calls")
         content = msg.content
+        if content is None and msg.role != "assistant":
+            raise bad_request("Object missing required field `content`", f"messages[{i}].content")
         if content is None:
             content = ""
         elif not isinstance(content, str):
             content = "\n".join(part.text for part in content)
-        item: dict[str, Any] = {"role": role, "content": content}
+        item: dict[str, Any] = {"role": msg.role, "content": content}
         if msg.name is not None:
             item["name"] = msg.name
+        if msg.tool_call_id is not None:
+            item["tool_call_id"] = msg.tool_call_id
         out.append(item)
     return out
 
@@ -224,9 +266,11 @@ def resolve_max_tokens(
     return requested
 
 
-def sampling_params(req: SamplingRequest, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
+def sampling_params(req: SamplingRequest, *, max_tokens: int, logprobs: int | None, max_n: int,
+                    logit_bias: dict[int, float] | None = None, prompt_logprobs: int | None = None,
+                    n: int | None = None) -> SamplingParams:
     """Build and validate the engine's SamplingParams; a ValueError names the field -> 400."""
-    n = req.n if req.n is not None else 1
+    n = n if n is not None else (req.n if req.n is not None else 1)
     if n > max_n:
         raise bad_request(f"n must be <= {max_n} on this server (got {n}).", "n")
     opt = {
@@ -246,6 +290,8 @@ def sampling_params(req: SamplingRequest, *, max_tokens: int, logprobs: int | No
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
+        logit_bias=logit_bias,
+        prompt_logprobs=prompt_logprobs,
         **{k: v for k, v in opt.items() if v is not None},
     )
     try:

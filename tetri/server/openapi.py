@@ -6,7 +6,8 @@ import functools
 
 import msgspec
 
-from tetri.server.openai_schemas import ChatCompletionRequest, CompletionRequest
+from tetri.server.openai_schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeChatRequest,
+                                         TokenizeCompletionRequest)
 
 _ERROR = {
     "type": "object",
@@ -45,11 +46,20 @@ def _get(summary: str, content_type: str = "application/json", errors: tuple[int
     return {"get": {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}}
 
 
+def _post(schema: dict, summary: str) -> dict:
+    body = {"required": True, "content": {"application/json": {"schema": schema}}}
+    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {"post": {"summary": summary, "requestBody": body, "responses": {"200": ok, **_errors(400, 401, 404)}}}
+
+
 @functools.lru_cache(maxsize=1)
 def openapi_document() -> dict:
-    (_, _), components = msgspec.json.schema_components(
-        (ChatCompletionRequest, CompletionRequest), ref_template="#/components/schemas/{name}"
+    _, components = msgspec.json.schema_components(
+        (ChatCompletionRequest, CompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest),
+        ref_template="#/components/schemas/{name}",
     )
+    tokenize_body = {"anyOf": [{"$ref": "#/components/schemas/TokenizeCompletionRequest"},
+                               {"$ref": "#/components/schemas/TokenizeChatRequest"}]}
     components["Error"] = _ERROR
     return {
         "openapi": "3.1.0",
@@ -57,7 +67,11 @@ def openapi_document() -> dict:
         "paths": {
             "/v1/chat/completions": _generate("ChatCompletionRequest", "Create a chat completion"),
             "/v1/completions": _generate("CompletionRequest", "Create a text completion"),
-            "/v1/models": _get("List the served model"),
+            "/v1/models": _get("List the served model (one card per served name)"),
+            "/v1/models/{model}": _get("One served name's card (404 for any other)", errors=(401, 404)),
+            "/tokenize": _post(tokenize_body, "Token ids of a text or chat prompt"),
+            "/detokenize": _post({"$ref": "#/components/schemas/DetokenizeRequest"}, "Text of token ids"),
+            "/version": _get("The server version"),
             "/health": {"get": {"summary": "200 when every needed worker role is live, else 503", "responses": {"200": {"description": "healthy"}, "503": {"description": "unhealthy"}}}},
             "/metrics": _get("Prometheus metrics", "text/plain"),
             "/workers": _get("Per-worker status rows"),

@@ -146,3 +146,20 @@ async def _write_error(resp: web.StreamResponse, err: ApiError) -> None:
 def clamp_logprob(value: float) -> float:
     """JSON has no -inf: OpenAI-compatible servers clamp at -9999."""
     return value if value > -9999.0 else -9999.0
+
+
+def prompt_logprobs_json(tok, entries: list | None, top: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a dict keyed by
+    token id (as a string): the prompt token itself and the `top` most likely, each with its
+    logprob, 1-based rank and decoded text."""
+    out: list[dict | None] = [None]
+    for e in entries or ():
+        row = {str(e.token_id): _plp(tok, e.token_id, e.logprob, e.rank)}
+        for rank, (token_id, logprob) in enumerate(e.top[:top], start=1):
+            row.setdefault(str(token_id), _plp(tok, token_id, logprob, rank))
+        out.append(row)
+    return out
+
+
+def _plp(tok, token_id: int, logprob: float, rank: int | None) -> dict:
+    return {"logprob": clamp_logprob(logprob), "rank": rank, "decoded_token": tok.token_info(token_id)[0]}

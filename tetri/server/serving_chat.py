@@ -2,36 +2,50 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from aiohttp import web
 
 from tetri.server import openai_schemas as schemas
+from tetri.server import request_checks as checks
 from tetri.server.errors import bad_request
 from tetri.server.generation import ChoiceUpdate, Generation, LogprobEntry
 from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE
-from tetri.server.serving import ChoiceAccum, ResponseOptions, clamp_logprob, off_loop, serve
+from tetri.server.serving import ChoiceAccum, ResponseOptions, clamp_logprob, off_loop, prompt_logprobs_json, serve
 from tetri.server.tokenizer import Tokenizer
+
+log = logging.getLogger("tetri.server")
 
 
 class ChatFormatter:
     """OpenAI chat shapes; vLLM's `prompt_token_ids` / `token_ids` when asked."""
 
-    def __init__(self, req_id: str, model: str, tok: Tokenizer, n: int, prompt_ids: list[int], opts: ResponseOptions) -> None:
+    def __init__(self, req_id: str, model: str, tok: Tokenizer, n: int, prompt_ids: list[int], opts: ResponseOptions,
+                 *, role: str = "assistant", echo: str = "", gen: Generation | None = None,
+                 prompt_logprobs: int | None = None) -> None:
         self.base = {"id": req_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         self.tok = tok
         self.n = n
         self.prompt_ids = prompt_ids
         self.opts = opts
+        self.role = role
+        """vLLM's response role: "assistant", or the last message's without a generation prompt."""
+        self.echo = echo
+        """`echo`: the last message's content, prepended when it has the response's role."""
+        self.gen = gen
+        self.prompt_logprobs = prompt_logprobs
 
     def head_chunks(self) -> list[dict]:
         chunks = []
         for i in range(self.n):
-            chunk = {**self.base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+            chunk = {**self.base, "choices": [{"index": i, "delta": {"role": self.role, "content": ""}, "logprobs": None, "finish_reason": None}]}
             if self.opts.return_token_ids and i == 0:
                 chunk["prompt_token_ids"] = self.prompt_ids
             chunks.append(chunk)
+            if self.echo:
+                chunks.append({**self.base, "choices": [{"index": i, "delta": {"content": self.echo}, "logprobs": None, "finish_reason": None}]})
         return chunks
 
     def chunk(self, up: ChoiceUpdate, usage: dict | None) -> dict | None:
@@ -59,7 +73,7 @@ class ChatFormatter:
         for acc in choices:
             choice: dict = {
                 "index": acc.index,
-                "message": {"role": "assistant", "content": acc.text},
+                "message": {"role": self.role, "content": self.echo + acc.text},
                 "logprobs": {"content": self._logprobs(acc.logprobs)} if acc.logprobs is not None else None,
                 "finish_reason": acc.finish_reason,
             }
@@ -69,6 +83,8 @@ class ChatFormatter:
         body = {**self.base, "object": "chat.completion", "choices": out, "usage": usage}
         if self.opts.return_token_ids:
             body["prompt_token_ids"] = self.prompt_ids
+        if self.prompt_logprobs is not None and self.gen is not None:
+            body["prompt_logprobs"] = prompt_logprobs_json(self.tok, self.gen.prompt_logprobs[0], self.prompt_logprobs)
         return body
 
     def _logprobs(self, entries: list[LogprobEntry] | None) -> list[dict]:
@@ -102,30 +118,61 @@ def response_options(req: schemas.SamplingRequest) -> ResponseOptions:
     )
 
 
+def check_chat(req: schemas.ChatCompletionRequest | schemas.TokenizeChatRequest) -> None:
+    if req.continue_final_message and req.add_generation_prompt:
+        raise bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                          "continue_final_message")
+
+
+async def render_chat(state, req) -> tuple[list[dict], list[int]]:
+    """The messages as template dicts and the prompt ids (a template failure is a 400)."""
+    check_chat(req)
+    messages = schemas.chat_messages(req.messages)
+    size = sum(len(m["content"]) for m in messages)
+    try:
+        ids = await off_loop(lambda: state.tok.apply_chat_template(
+            messages, bool(req.add_generation_prompt), bool(req.continue_final_message)), size)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    return messages, ids
+
+
+def log_user(req_id: str, req: schemas.SamplingRequest) -> None:
+    """OpenAI's `user` (an end-user id for abuse monitoring): recorded in the server log."""
+    if req.user is not None:
+        log.info("%s: user=%r", req_id, req.user)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival_s = time.monotonic()
     app = request.app
     cfg, engine, state = app[CONFIG], app[ENGINE], app[STATE]
     req = schemas.decode_request(await request.read(), schemas.ChatCompletionRequest)
-    schemas.check_model(req.model, state.served_name)
-    messages = schemas.chat_messages(req)
-    size = sum(len(m["content"]) for m in messages)
-    try:
-        ids = await off_loop(lambda: state.tok.apply_chat_template(messages, bool(req.add_generation_prompt)), size)
-    except ValueError as exc:
-        raise bad_request(str(exc), "messages") from None
+    schemas.check_model(req.model, state.served_names)
+    checks.refuse_unsupported(req)
+    checks.check_stream_options(req)
+    checks.check_best_of(req)
+    messages, ids = await render_chat(state, req)
+    ids = checks.truncate(ids, req, engine.max_model_len)
     schemas.check_prompt_ids(ids, state.tok.vocab_size, engine.max_model_len, "messages")
     use_mct = req.max_completion_tokens is not None
     max_tokens = schemas.resolve_max_tokens(
         req.max_completion_tokens if use_mct else req.max_tokens, None, len(ids), engine.max_model_len,
         cfg.max_tokens_cap, "max_completion_tokens" if use_mct else "max_tokens",
     )
-    params = schemas.sampling_params(req, max_tokens=max_tokens, logprobs=_logprobs_param(req), max_n=cfg.max_n)
+    vocab = state.tok.vocab_size
+    plp = checks.prompt_logprobs(req, vocab)
+    params = schemas.sampling_params(req, max_tokens=max_tokens, logprobs=_logprobs_param(req), max_n=cfg.max_n,
+                                     logit_bias=checks.logit_bias(req, vocab), prompt_logprobs=plp)
     req_id = f"chatcmpl-{uuid.uuid4().hex}"
+    log_user(req_id, req)
     gen = Generation(
         engine, state.tok, app[METRICS], req_id=req_id, prompts=[ids], params=params,
-        stops=schemas.stop_strings(req), priority=req.priority or 0, arrival_s=arrival_s,
+        stops=schemas.stop_strings(req), priority=req.priority or 0, arrival_s=arrival_s, drop_stop_logprob=True,
     )
+    role = "assistant" if req.add_generation_prompt else messages[-1]["role"]
+    echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == role else ""
     opts = response_options(req)
-    fmt = ChatFormatter(req_id, state.served_name, state.tok, params.n, ids, opts)
+    fmt = ChatFormatter(req_id, state.served_name, state.tok, params.n, ids, opts, role=role, echo=echo, gen=gen,
+                        prompt_logprobs=plp)
     return await serve(request, gen, fmt, opts)

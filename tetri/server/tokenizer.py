@@ -49,7 +49,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> list[int]:
         """Render the chat template to text, then encode it without adding specials twice.
 
         Raises ValueError (the caller answers 400) when the model has no template or the
@@ -58,7 +59,8 @@ class Tokenizer:
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message)
         except Exception as exc:  # jinja2 TemplateError and friends: the conversation is at fault
             raise ValueError(f"chat template failed: {exc}") from exc
         return self.encode(text, add_special_tokens=False)
@@ -94,8 +96,18 @@ def _config_vocab_size(model_dir: str) -> int | None:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_dir: str) -> Tokenizer:
-    """Load (once per directory per process) the model's tokenizer."""
-    from transformers import AutoTokenizer
+    """Load (once per directory per process) the model's tokenizer.
 
-    hf = AutoTokenizer.from_pretrained(model_dir)
+    A directory with a `tokenizer.json` loads through `PreTrainedTokenizerFast` (the Rust
+    tokenizer, its special tokens and chat template), which keeps torch out of the front
+    process: `AutoTokenizer` imports transformers' configuration code, and with it torch.
+    Only a directory without one (a SentencePiece model alone) takes that path."""
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(model_dir)
     return Tokenizer(hf, vocab_size=_config_vocab_size(model_dir))

@@ -1,17 +1,24 @@
 """Attention over the paged KV pool, behind one interface.
 
-The model runner builds an `AttnBatch` for the step's flat token batch; a backend's
-`forward(layer, q, k, v)` writes the new K/V into the pool at their slots and returns the
-attention output `[T, heads, head_dim]`.
+The model runner builds an `AttnBatch` for the step's flat token batch (its integer inputs
+arrive on the device in one copy, see `step_inputs.py`) and hands it to the backend's
+`prepare`; the backend's `forward(layer, q, k, v)` writes the new K/V into the pool at their
+slots and returns the attention output `[T, heads, head_dim]`.
 
-    flat batch:  [ piece A (12 tok, pos 0..11) | piece B (7 tok, pos 64..70) | d1 | d2 | d3 ]
-                   prefill, no cache: causal     prefill over cached KV:       decodes: one
-                   on its own K/V                explicit mask (cached+new)     padded batch
+    flat batch:  [ d1 | d2 | d3 | piece A (12 tok, pos 0..11) | piece B (7 tok, pos 64..70) ]
+                   decodes: one   prefill, no cache: causal     prefill over cached KV:
+                   token each     on its own K/V                cached prefix + own keys
 
-The torch backend (CPU and CUDA) attends per prefill piece and in one padded batch for the
-decode tokens; `is_causal=True` would align the mask wrongly when queries are fewer than
-keys, so cached pieces get an explicit mask. The flash-attn backend (CUDA, when
-`import flash_attn` works) uses the pool's block table directly.
+Backends (`make_attention`):
+- `torch` (the CPU path; also runs on CUDA): SDPA per prefill piece and one padded SDPA for
+  the decode tokens; `is_causal=True` would align the mask wrongly when queries are fewer
+  than keys, so cached pieces get an explicit mask. On CPU the decodes attend over K/V kept
+  staged across steps (`decode_stage.py`); on CUDA the stage is off (it would compete with
+  the pool for memory) and decodes gather their blocks.
+- `triton` (the CUDA default; `triton_attn.py`): reads the pool in place through block
+  tables, split-KV decode and a varlen causal prefill kernel. Its batch fields are all device
+  tensors of fixed meaning, so a decode step can be captured in a CUDA graph
+  (`graph_runner.py`). Under `TRITON_INTERPRET=1` it also runs on CPU (the tests).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from tetri.workers.kv_pool import KVPool
 from tetri.workers.seq import new_uid
 
 STAGE_BUDGET_SHARE = 1.0
-"""The torch backend's decode staging may hold up to this share of the pool's bytes."""
+"""On CPU the torch backend's decode staging may hold up to this share of the pool's bytes
+(on CUDA none: every byte beside the pool is budgeted, see `memory.py`)."""
 
 
 @dataclass
@@ -41,17 +49,22 @@ class PrefillPiece:
 
 @dataclass
 class AttnBatch:
-    """Decode rows come first in the flat batch: rows [0, num_decodes) are one-token decodes."""
+    """Decode rows come first in the flat batch: rows [0, num_decodes) are one-token decodes.
+    Index tensors are int64, on the pool's device."""
 
-    slot_blocks: torch.Tensor  # [T] block id of each new token
-    slot_offsets: torch.Tensor  # [T] offset inside the block
-    slot_base: torch.Tensor  # [T] row of the token's layer-0 K in `KVPool.token_rows`
+    slots: torch.Tensor  # [T] block * block_size + offset of each new token; -1: write nothing (padding)
     prefill: list[PrefillPiece]
     num_decodes: int = 0
-    decode_tables: torch.Tensor | None = None  # [D, max_blocks] (padded with block 0)
+    decode_tables: torch.Tensor | None = None  # [D, >= max blocks] block ids (padded with block 0)
+    decode_context_lens: torch.Tensor | None = None  # [D] keys each decode row attends to (0: padding)
+    extend_tables: torch.Tensor | None = None  # [S, max blocks] block table of each prefill piece
+    extend_cu_rows: torch.Tensor | None = None  # [S + 1] piece i is rows [cu[i], cu[i+1]) of the flat batch
+    extend_start_pos: torch.Tensor | None = None  # [S] position of each piece's first row
+    extend_max_rows: int = 0  # the longest piece's row count (host int: the prefill grid)
+    # Filled by `TorchAttention.prepare`:
+    slot_base: torch.Tensor | None = None  # [T] row of the token's layer-0 K in `KVPool.token_rows`
     decode_block_base: torch.Tensor | None = None  # [D * max_blocks] decode_tables * layers * 2
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_blocks * block_size] bool
-    decode_context_lens: torch.Tensor | None = None  # [D] int32 (flash backend)
     stage_len: int = 0  # keys the staged attention reads (the longest context; 0: gather instead)
     stage_lens: torch.Tensor | None = None  # [D] int64 context length of each stage slot
     stage_rows: torch.Tensor | None = None  # [D * kv_heads] stage-buffer row of each new token's layer-0 K, per head
@@ -62,6 +75,11 @@ def key_mask(context_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
     """`[rows, 1, 1, num_keys]` bool: row i attends to its first `context_lens[i]` keys."""
     keys = torch.arange(num_keys, device=context_lens.device)
     return (keys[None, :] < context_lens[:, None])[:, None, None, :]
+
+
+def stage_budget_bytes(pool_data: torch.Tensor) -> float:
+    """What the torch backend's `DecodeStage` may hold: a share of the pool on CPU, 0 on CUDA."""
+    return STAGE_BUDGET_SHARE * pool_data.nbytes if pool_data.device.type == "cpu" else 0.0
 
 
 class TorchAttention:
@@ -79,13 +97,31 @@ class TorchAttention:
         # Gathered K/V land in one reused buffer: a fresh multi-MB tensor per call costs more
         # in page faults than the copy itself.
         self._scratch = torch.empty(0, self._blocks.shape[1], dtype=self._blocks.dtype, device=self._blocks.device)
-        self._stage = DecodeStage(pool.data, self._bs, STAGE_BUDGET_SHARE * pool.data.nbytes)
+        budget = stage_budget_bytes(pool.data)
+        self._stage = DecodeStage(pool.data, self._bs, budget) if budget > 0 else None
         # Staged decodes' attention: the compiled kernel where it handles this pool, else SDPA.
         self._kernels = cpu_kernels.load() if cpu_kernels.attention_applies(pool.data) else None
+
+    def prepare(self, batch: AttnBatch, decode_segs, context_lens: list[int]) -> None:
+        """Derive this backend's fields from the runner's (decode rows: `decode_segs`, with
+        `context_lens` keys each)."""
+        lay = self.pool.layout
+        rows_per_block = 2 * lay.num_layers
+        batch.slot_base = (batch.slots // self._bs) * (rows_per_block * self._bs) + batch.slots % self._bs
+        for piece in batch.prefill:
+            if piece.start_pos:
+                piece.block_base = piece.block_table * rows_per_block
+        if not batch.num_decodes or self.stage_decodes(batch, decode_segs, context_lens):
+            return
+        tables = batch.decode_tables  # exactly as wide as the longest context needs
+        batch.decode_block_base = tables.reshape(-1) * rows_per_block
+        batch.decode_mask = key_mask(batch.decode_context_lens, tables.shape[1] * self._bs)
 
     def stage_decodes(self, batch: AttnBatch, segs, context_lens: list[int]) -> bool:
         """Attend this step's decodes over staged K/V (see `DecodeStage`): sets the batch's
         stage fields and slot-ordered mask; False when the stage declines (then gather)."""
+        if self._stage is None:
+            return False
         uids = [seg.uid if seg.uid is not None else new_uid() for seg in segs]  # None: a 1-token prefill piece
         slots = self._stage.plan(uids, context_lens, [seg.block_ids for seg in segs])
         if slots is None:
@@ -108,7 +144,8 @@ class TorchAttention:
         return True
 
     def step_failed(self) -> None:
-        self._stage.reset()
+        if self._stage is not None:
+            self._stage.reset()
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.batch
@@ -181,45 +218,74 @@ class TorchAttention:
         return o if slots is None else o.index_select(0, slots)
 
 
-def flash_available(device: str) -> bool:
+class TritonAttention:
+    """The Triton kernels of `triton_attn.py` behind the backend interface: K/V written with
+    `store_kv`, decodes with the split-KV kernel, prefill pieces with the varlen kernel, all
+    reading the pool in place. Nothing here reads a host value per layer, so a decode step can
+    be captured in a CUDA graph."""
+
+    name = "triton"
+    MAX_SPLITS = 16
+
+    def __init__(self, pool: KVPool, scale: float, num_splits: int | None = None, min_split_tokens: int = 256) -> None:
+        from tetri.workers import triton_attn  # imported here: TRITON_INTERPRET must be set before triton is
+
+        self.kernels = triton_attn
+        self.pool = pool
+        self.scale = scale
+        self.batch: AttnBatch | None = None
+        self.fixed_splits = num_splits
+        self.min_split_tokens = min_split_tokens
+        dev = pool.data.device
+        self._sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+
+    def num_splits(self, rows: int) -> int:
+        """KV splits of a decode step of `rows` rows: enough programs to fill the GPU twice, from
+        the batch size alone (a captured graph keeps its grid); each row uses only as many as
+        its length needs (`min_split_tokens` each)."""
+        if self.fixed_splits is not None:
+            return self.fixed_splits
+        programs = rows * self.pool.layout.num_kv_heads
+        return max(1, min(self.MAX_SPLITS, -(-2 * self._sms // programs)))
+
+    def prepare(self, batch: AttnBatch, decode_segs, context_lens: list[int]) -> None:
+        pass  # the runner's fields are all it reads
+
+    def step_failed(self) -> None:
+        pass
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, kern, data = self.batch, self.kernels, self.pool.data
+        kern.store_kv(data, layer, k, v, b.slots)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        out = torch.empty_like(q)
+        d = b.num_decodes
+        if d:
+            kern.decode_attention(q[:d], data, layer, b.decode_tables, b.decode_context_lens, self.scale, out[:d],
+                                  self.num_splits(d), self.min_split_tokens)
+        if b.prefill:
+            kern.extend_attention(q, data, layer, b.extend_tables, b.extend_cu_rows, b.extend_start_pos,
+                                  b.extend_max_rows, self.scale, out)
+        return out
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available(device: str) -> bool:
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return False
     try:
-        import flash_attn  # noqa: F401
+        import triton  # noqa: F401
     except Exception:
         return False
     return True
 
 
-class FlashAttention(TorchAttention):
-    """flash-attn 2: varlen prefill over the pieces' own K/V when uncached, and
-    `flash_attn_with_kvcache` with the block table for decodes and cached pieces."""
-
-    name = "flash"
-
-    def _prefill(self, layer, piece, q, k, v):
-        from flash_attn import flash_attn_with_kvcache
-
-        kv = self.pool.layer(layer)
-        qs = q[piece.begin:piece.end].unsqueeze(0)
-        ctx = torch.tensor([piece.start_pos + piece.end - piece.begin], dtype=torch.int32, device=q.device)
-        return flash_attn_with_kvcache(qs, kv[:, 0], kv[:, 1], cache_seqlens=ctx,
-                                       block_table=piece.block_table[None].int(), softmax_scale=self.scale,
-                                       causal=True)[0]
-
-    def stage_decodes(self, batch, segs, context_lens) -> bool:
-        return False  # the block table is read in place
-
-    def _decode(self, layer, q, k, v, b):
-        from flash_attn import flash_attn_with_kvcache
-
-        kv = self.pool.layer(layer)
-        o = flash_attn_with_kvcache(q.unsqueeze(1), kv[:, 0], kv[:, 1], cache_seqlens=b.decode_context_lens,
-                                    block_table=b.decode_tables.int(), softmax_scale=self.scale, causal=True)
-        return o.squeeze(1)
-
-
-def make_attention(pool: KVPool, scale: float, device: str, backend: str = "auto") -> TorchAttention:
-    if backend == "flash" or (backend == "auto" and flash_available(device)):
-        return FlashAttention(pool, scale)
+def make_attention(pool: KVPool, scale: float, device: str, backend: str = "auto"):
+    """`auto`: Triton on CUDA where triton imports, else torch (the CPU path)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and triton_available(device)):
+        return TritonAttention(pool, scale)
     return TorchAttention(pool, scale)

@@ -169,7 +169,7 @@ class DecodeCore:
         if self.ex.device.startswith("cuda"):
             import torch
 
-            torch.cuda.current_stream().synchronize()  # ack only once the copy has landed
+            torch.cuda.current_stream(self.ex.pool.data.device).synchronize()  # ack only once the copy has landed
         return KVCopied(worker_id=self.worker_id, req_id=msg.req_id, num_bytes=copied,
                         seconds=time.perf_counter() - start)
 

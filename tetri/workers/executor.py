@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from tetri.config import CacheConfig, ModelConfig
+from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.sched.kv_blocks import BlockAllocator
 from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
+from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
 from tetri.workers.sampler import Sampler, SampleRow
 from tetri.workers.seq import Seq, check_stop, new_uid
 
-log = logging.getLogger("tetri.worker")
+log = logging.getLogger("tetri.executor")
 CPU_DEFAULT_KV_GB = 1.0
 CPU_MAX_DEFAULT_BLOCKS = 8192
 
@@ -28,22 +29,26 @@ class SampledToken:
     finished: bool
 
 
-def resolve_model_dir(model: str | None) -> str:
-    if model is not None:
-        return model
-    from tetri.workers.models.default_model import ensure_default_model
+def resolve_model_dir(model: str | None, dtype: str = "auto", device: str = "cpu") -> str:
+    """A Hugging Face directory for `model` (a directory, a GGUF file, or None: the default);
+    see `tetri.workers.models.source`, which the front process imports instead (no torch)."""
+    from tetri.workers.models.source import resolve_model_dir as resolve
 
-    return ensure_default_model()
+    return resolve(model, dtype, device)
 
 
-def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: float = 1.0) -> int:
-    """Pool size in blocks from the config's memory budget."""
+def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: float = 1.0,
+                usage: CudaUsage | None = None, graph_bytes: int = 0, sampler_bytes: int = 0,
+                min_blocks: int = 1) -> int:
+    """Pool size in blocks: the config's exact count, else on CUDA this worker's share of the
+    device's total memory minus what it measured itself (`memory.plan_pool`), else (CPU) the
+    configured or default GiB."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     if device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        budget = max(0.0, total * cache.gpu_memory_utilization * share - (total - free))
-        return blocks_for_budget(layout1, budget)
+        total = torch.cuda.mem_get_info(torch.device(device))[1]
+        return plan_pool(total, cache.gpu_memory_utilization, share, usage or CudaUsage(0, 0, 0), graph_bytes,
+                         sampler_bytes, layout1.block_bytes, min_blocks).num_blocks
     if cache.kv_cache_gb is not None:
         return blocks_for_budget(layout1, cache.kv_cache_gb * 2**30)
     return min(CPU_MAX_DEFAULT_BLOCKS, blocks_for_budget(layout1, CPU_DEFAULT_KV_GB * 2**30))
@@ -73,24 +78,59 @@ def cap_max_model_len(requested: int | None, model_limit: int, num_blocks: int, 
 
 class Executor:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, shared_pool: bool = False,
-                 memory_share: float = 1.0, loaded: LoadedModel | None = None) -> None:
+                 memory_share: float = 1.0, loaded: LoadedModel | None = None,
+                 sched: EngineSchedConfig | None = None) -> None:
         device = model_cfg.device
         self.device = device
-        self.loaded = loaded or load_model(resolve_model_dir(model_cfg.model), model_cfg.dtype, device)
+        bind_device(device)
+        self.loaded = loaded or load_model(resolve_model_dir(model_cfg.model, model_cfg.dtype, device),
+                                           model_cfg.dtype, device)
         spec = self.loaded.spec
         limit = spec.max_position_embeddings
         if spec.sliding_window:
             limit = min(limit, spec.sliding_window)  # attention is exact only inside the window
         self.eos_token_ids = self.loaded.eos_token_ids
-        layout1 = PoolLayout.for_model(spec, 1, cache_cfg.block_size, self.loaded.dtype)
-        num_blocks = pool_blocks(cache_cfg, layout1, device, memory_share)
-        self.max_model_len = cap_max_model_len(model_cfg.max_model_len, limit, num_blocks, cache_cfg.block_size)
-        layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, self.loaded.dtype)
-        self.pool = KVPool.allocate(layout, device, shared=shared_pool)
+        self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
+        num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
+                                                 memory_share)
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size)
         self.block_size = cache_cfg.block_size
-        self.runner = ModelRunner(self.loaded, self.pool, device)
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
+
+    def _build_pool_and_runner(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, sched: EngineSchedConfig,
+                               shared_pool: bool, memory_share: float) -> int:
+        """Size and allocate the pool (on CUDA after measuring this process's own warm-up
+        peak), build the runner, and route decode steps through static buffers (captured
+        CUDA graphs on CUDA unless `enforce_eager`) where the backend allows."""
+        device, spec, dtype = self.device, self.loaded.spec, self.loaded.dtype
+        layout1 = PoolLayout.for_model(spec, 1, cache_cfg.block_size, dtype)
+        cuda = device.startswith("cuda")
+        usage, graph_bytes, sampler_bytes = None, 0, 0
+        if cuda and cache_cfg.num_blocks is None:
+            usage = measure_cuda_usage(self.loaded, layout1, device, sched.chunk_size, sched.max_num_seqs,
+                                       model_cfg.attention)
+            static = sched.max_num_seqs * (8 * -(-self.max_model_len // cache_cfg.block_size) + 32
+                                           + spec.hidden_size * dtype.itemsize)  # DecodeGraphs' buffers
+            graph_bytes = static + (0 if model_cfg.enforce_eager else usage.decode_activation_bytes)
+            sampler_bytes = SAMPLER_WORKSPACE * sched.max_num_seqs * spec.vocab_size * 4
+        min_blocks = -(-sched.chunk_size // cache_cfg.block_size) + 1
+        num_blocks = pool_blocks(cache_cfg, layout1, device, memory_share, usage, graph_bytes, sampler_bytes,
+                                 min_blocks)
+        self.max_model_len = cap_max_model_len(model_cfg.max_model_len, self.max_model_len, num_blocks,
+                                               cache_cfg.block_size)  # one request of it always fits
+        layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, dtype)
+        self.pool = KVPool.allocate(layout, device, shared=shared_pool)
+        self.runner = ModelRunner(self.loaded, self.pool, device, model_cfg.attention)
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        if self.runner.attn.name == "triton":
+            self.runner.use_static_decode(sched.max_num_seqs, self.max_model_len,
+                                          capture=cuda and not model_cfg.enforce_eager)
+        if usage is not None:
+            log.info("%s: weights %.2f GiB, warm-up activations %.2f GiB, KV pool %d blocks (%.2f GiB), "
+                     "decode graphs %.2f GiB (%.2f GiB reserved)", device, usage.weights_bytes / 2**30,
+                     usage.activation_bytes / 2**30, num_blocks, layout.nbytes / 2**30,
+                     (torch.cuda.memory_allocated(device) - before) / 2**30, graph_bytes / 2**30)
+        return num_blocks
 
     def close(self) -> None:
         self.pool.close()

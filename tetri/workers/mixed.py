@@ -31,6 +31,7 @@ from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.types import FinishReason, SamplingParams
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.model_runner import Segment
+from tetri.workers.prompt_logprobs import score_fields
 from tetri.workers.seq import Seq
 
 
@@ -116,8 +117,9 @@ class MixedCore:
         segments = [self.ex.decode_segment(s) for s in decodes]
         samplers: list[list[Seq]] = [[s] for s in decodes]
         for seq, piece in pieces:
+            scoring = {} if seq.recompute else score_fields(seq.prompt_ids, piece.start, piece.num_tokens, seq.params)
             seg = Segment(seq.tokens(piece.start, piece.start + piece.num_tokens), piece.start,
-                          self.ex.blocks.blocks_of(seq.key), piece.is_last and not seq.recompute)
+                          self.ex.blocks.blocks_of(seq.key), piece.is_last and not seq.recompute, **scoring)
             segments.append(seg)
             if seg.sample:
                 samplers.append(self._choices(seq))
@@ -129,6 +131,10 @@ class MixedCore:
         for seq, piece in pieces:
             seq.num_computed += piece.num_tokens
         sampled = self.ex.run(segments, samplers)
+        if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
+            for (seq, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
+                if scores is not None:
+                    seq.prompt_logprobs = (seq.prompt_logprobs or []) + scores
         self._after_prefill(pieces)
         self._retire(sampled)
         return sampled

@@ -58,7 +58,7 @@ class WorkerNode:
 
             return PrefillCore(self.ex, self.worker_id, collect_hidden=self.collect_hidden)
         if role == "decode":
-            from tetri.sched.decode_policy import make_decode_policy
+            from tetri.sched.decode_registry import make_decode_policy
             from tetri.workers.decode import DecodeCore
 
             core = DecodeCore(self.ex, self.worker_id, make_decode_policy(self.sched.decode_policy),
@@ -169,7 +169,8 @@ class WorkerNode:
 
 
 def token_batch(worker_id: int, sampled) -> TokenBatch:
-    batch = TokenBatch(worker_id=worker_id, req_ids=[], choices=[], token_ids=[], finish_reasons=[], logprobs=[])
+    batch = TokenBatch(worker_id=worker_id, req_ids=[], choices=[], token_ids=[], finish_reasons=[], logprobs=[],
+                       prompt_logprobs=[])
     for st in sampled:
         seq = st.seq
         batch.req_ids.append(seq.req_id)
@@ -177,4 +178,8 @@ def token_batch(worker_id: int, sampled) -> TokenBatch:
         batch.token_ids.append(st.token)
         batch.finish_reasons.append(seq.finish_reason.value if st.finished else None)
         batch.logprobs.append(seq.logprobs[-1] if seq.params.logprobs is not None else None)
+        first = seq.prompt_logprobs is not None and len(seq.output_ids) == 1
+        batch.prompt_logprobs.append(seq.prompt_logprobs if first else None)
+    if not any(batch.prompt_logprobs):
+        batch.prompt_logprobs = []  # the common case: nothing on the wire
     return batch

@@ -23,6 +23,7 @@ from tetri.protocol import ChunkDone, ChunkPlan, PrefillResult
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.workers.executor import Executor
 from tetri.workers.model_runner import Segment
+from tetri.workers.prompt_logprobs import score_fields
 from tetri.workers.seq import Seq
 
 
@@ -34,6 +35,7 @@ class PrefillCore:
         self.chunks: deque[ChunkPlan] = deque()
         self.seqs: dict[str, list[Seq]] = {}  # req_id -> its choices (choice 0 owns the blocks)
         self.done: set[str] = set()  # prefilled, blocks held until Release
+        self.prompt_lps: dict[str, list] = {}  # req_id -> prompt logprobs so far (when asked)
 
     def submit(self, plan: ChunkPlan) -> None:
         # A request's data arrives with its first piece; record it now so an Abort that
@@ -49,6 +51,7 @@ class PrefillCore:
     def release(self, req_id: str) -> None:
         seqs = self.seqs.pop(req_id, None)
         self.done.discard(req_id)
+        self.prompt_lps.pop(req_id, None)
         if seqs:
             self.ex.free(seqs[0])
 
@@ -99,7 +102,7 @@ class PrefillCore:
             self.chunks[0] = ChunkPlan(chunk_id=plan.chunk_id, pieces=rest)
         else:
             self.chunks.popleft()
-        segments, samplers, failed, last = [], [], [], []
+        segments, samplers, failed, last, scored = [], [], [], [], []
         for p in pieces:
             if not self._live(p):
                 failed.append(p.req_id)  # aborted meanwhile
@@ -107,18 +110,23 @@ class PrefillCore:
             head = self.seqs[p.req_id][0]
             self.ex.blocks.ensure_capacity(head.key, p.start + p.num_tokens)
             segments.append(Segment(head.prompt_ids[p.start:p.start + p.num_tokens], p.start,
-                                    self.ex.blocks.blocks_of(head.key), p.is_last))
+                                    self.ex.blocks.blocks_of(head.key), p.is_last,
+                                    **score_fields(head.prompt_ids, p.start, p.num_tokens, head.params)))
+            scored.append(p.req_id)
             head.num_computed = p.start + p.num_tokens
             if p.is_last:
                 samplers.append(self.seqs[p.req_id])
                 last.append(p.req_id)
-        finished = self._run(segments, samplers, last) if segments else []
+        finished = self._run(segments, samplers, last, scored) if segments else []
         return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed,
                          partial=bool(rest))
 
-    def _run(self, segments, samplers, last) -> list[PrefillResult]:
+    def _run(self, segments, samplers, last, scored) -> list[PrefillResult]:
         self.ex.run(segments, samplers)
         hidden = self.ex.runner.last_hidden
+        for req_id, scores in zip(scored, self.ex.runner.last_scores or ()):
+            if scores is not None:
+                self.prompt_lps.setdefault(req_id, []).extend(scores)
         results = []
         for i, req_id in enumerate(last):
             seqs = self.seqs[req_id]
@@ -131,5 +139,6 @@ class PrefillCore:
                 logprobs=[s.logprobs[0] if s.logprobs else None for s in seqs],
                 finish_reasons=[s.finish_reason.value if s.finish_reason else None for s in seqs],
                 hidden=hidden[i].float().tolist() if self.collect_hidden and hidden is not None else None,
+                prompt_logprobs=self.prompt_lps.pop(req_id, None),
             ))
         return results

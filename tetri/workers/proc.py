@@ -82,7 +82,7 @@ class WorkerShell:
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.connect(args.front_endpoint)
         self.ex = Executor(args.model, args.cache, shared_pool=args.model.device.startswith("cpu"),
-                           memory_share=args.memory_share)
+                           memory_share=args.memory_share, sched=args.sched)
         self.node = WorkerNode(args.worker_id, args.role, self.ex, args.sched, collect_hidden=args.collect_hidden)
         self._board_lock = threading.Lock()
         self._row: dict | None = None  # the fields last written
@@ -185,6 +185,9 @@ def worker_main(args: WorkerArgs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front handles Ctrl-C and tells us
     import torch
 
+    from tetri.workers.memory import bind_device
+
+    bind_device(args.model.device)  # before anything touches CUDA: streams and allocations land on our GPU
     torch.set_num_threads(max(1, args.threads))
     shell = None
     try:

@@ -42,6 +42,8 @@ class Seq:
     arrival_s: float = 0.0
     recompute: bool = False
     """Preempted: re-prefilling prompt + outputs before decoding resumes."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Mixed core, `params.prompt_logprobs` set: prompt tokens 1.. scored during its prefill."""
     uid: int = field(default_factory=new_uid)
     """Unique in the process for this sequence's current KV: renewed whenever its blocks are
     freed (the attention backend's decode staging keys on it)."""
