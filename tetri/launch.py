@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
-from tetri.workers.proc import WorkerArgs, worker_main
+from tetri.workers.cuda_ipc import forced_alloc_conf
+from tetri.workers.proc import WorkerArgs, error_path, worker_main
 
 
 RESTART_FIRST_S = 1.0
@@ -103,6 +104,11 @@ class WorkerProcs:
                           memory_share=spec.memory_share, threads=self.launch.threads_per_worker,
                           collect_hidden=self.launch.collect_hidden, restarts=self.restarts.get(worker_id, 0))
         proc = self._ctx.Process(target=worker_main, args=(args,), name=f"tetri-worker-{worker_id}", daemon=True)
+        # A spawned process inherits this environment: expandable segments stay off in the worker
+        # from before torch is imported there (CUDA IPC cannot export them; the front uses no CUDA).
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = forced_alloc_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(error_path(self.ipc_dir, worker_id))  # a reason left by an earlier life is not this one's
         with _child_env({"OMP_WAIT_POLICY": "PASSIVE"} if self.launch.omp_passive else {}):
             proc.start()  # a spawned child starts from this environment
         self.procs[worker_id] = proc
@@ -115,6 +121,21 @@ class WorkerProcs:
     def alive(self, worker_id: int) -> bool:
         proc = self.procs.get(worker_id)
         return proc is not None and proc.is_alive()
+
+    def last_error(self, worker_id: int) -> str:
+        """Why the worker's process ended: the fatal error it recorded, else its exit status."""
+        try:
+            with open(error_path(self.ipc_dir, worker_id)) as f:
+                text = f.read().strip()
+            if text:
+                return text
+        except OSError:
+            pass
+        proc = self.procs.get(worker_id)
+        code = proc.exitcode if proc is not None else None
+        if code is None:
+            return "no exit status"
+        return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
 
     def pid(self, worker_id: int) -> int | None:
         proc = self.procs.get(worker_id)

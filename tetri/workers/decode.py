@@ -7,12 +7,15 @@ Each step:
   2. the policy picks which running sequences step (and which to preempt: their blocks are
      freed and they are re-prefilled here from prompt + output before resuming);
   3. one forward pass over the decodes (and any re-prefills); the node sends one `TokenBatch`.
-A request is never read from a peer pool after an Abort was processed: copies happen
-synchronously inside the step, and the step never runs between an Abort and its `Dropped`.
+Copies run on the peer pair's transfer path (`workers/kv_transfer.py`): on CPU they finish at
+once; on CUDA they run on a copy stream while decode steps go on, and the request joins the
+batch (and `KVCopied` goes out) only once the host has seen the copy's event complete. A
+request is never read from a peer pool after an Abort was processed: an Abort waits for the
+request's copy in flight before its destination blocks are freed and `Dropped` is sent.
 
 Board fields (`load`): `predicted_decode_tokens` is the predicted tokens still to come
-(low end of the bucket less what each sequence has generated, summed over running, waiting
-and preempted sequences); a request is a heavy decode when its prediction exceeds
+(low end of the bucket less what each sequence has generated, summed over running, waiting,
+copying and preempted sequences); a request is a heavy decode when its prediction exceeds
 `heavy_decode_tokens` (the front's `--heavy-decode-tokens`), otherwise light (also without
 a prediction). Policies see `priority` (lower first) in every view.
 """
@@ -22,11 +25,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tetri.protocol import Handoff, KVCopied
+from tetri.protocol import Handoff, KVCopied, WorkerError
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.workers.executor import Executor, SampledToken
-from tetri.workers.kv_pool import KVPool
+from tetri.workers.kv_stage import stamp_of
+from tetri.workers.kv_transfer import InflightCopies, InflightCopy, PeerSource, as_source
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
 
@@ -47,7 +51,8 @@ class DecodeCore:
         self.heavy_decode_tokens = heavy_decode_tokens
         self.progressed = False
         """Whether the last step did anything (admitted, copied, re-prefilled or decoded)."""
-        self.peers: dict[int, KVPool] = {}
+        self.peers: dict[int, PeerSource] = {}
+        self.copies = InflightCopies()  # handoffs whose KV is being copied in (not acked yet)
         self.waiting: dict[str, _Waiting] = {}
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
@@ -55,8 +60,21 @@ class DecodeCore:
         self._resumed: list[Seq] = []
         self._preempted = False
 
-    def add_peer(self, worker_id: int, pool: KVPool) -> None:
-        self.peers[worker_id] = pool
+    def add_peer(self, worker_id: int, source) -> None:
+        """A peer pool opened for copying (a `PeerSource`, or a pool of this process)."""
+        if worker_id in self.peers:
+            self.retire_peer(worker_id)
+        self.peers[worker_id] = as_source(source, self.ex.device)
+
+    def retire_peer(self, worker_id: int) -> None:
+        """The peer is gone or has a new pool: drop the copies still reading the old one (their
+        destination blocks are freed once each copy completed), then close the mapping."""
+        for copy in self.copies.settle_from(worker_id):
+            for seq in copy.seqs:
+                self.ex.free(seq)
+        source = self.peers.pop(worker_id, None)
+        if source is not None:
+            source.close()
 
     def handoff(self, msg: Handoff, now: float) -> None:
         self.waiting[msg.req_id] = _Waiting(msg, now)
@@ -65,7 +83,8 @@ class DecodeCore:
 
     def abort(self, req_id: str, choice: int | None = None) -> bool:
         """Drop the request (or one choice); True when this worker knew it."""
-        known = self.waiting.pop(req_id, None) is not None if choice is None else False
+        known = self._settle_copy(req_id, choice)
+        known = (self.waiting.pop(req_id, None) is not None if choice is None else False) or known
         for table in (self.running, self.recompute):
             for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
                 seq = table.pop(key)
@@ -81,10 +100,14 @@ class DecodeCore:
         gone = [r for r, w in self.waiting.items() if w.msg.src_worker == src_worker]
         for r in gone:
             del self.waiting[r]
+        for copy in self.copies.settle_from(src_worker):
+            for seq in copy.seqs:
+                self.ex.free(seq)
+            gone.append(copy.req_id)
         return gone
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.recompute)
+        return bool(self.waiting or self.running or self.recompute or self.copies)
 
     def load(self) -> dict:
         remaining = 0
@@ -98,13 +121,20 @@ class DecodeCore:
                 held.add(seq.req_id)
                 if seq.req_id in self.predicted:
                     remaining += max(0, self.predicted[seq.req_id] - seq.num_outputs)
+        for copy in self.copies._by_req.values():  # copying in: their seqs hold the first token
+            held.add(copy.req_id)
+            for seq in copy.seqs:
+                if copy.req_id in self.predicted:
+                    remaining += max(0, self.predicted[copy.req_id] - seq.num_outputs)
         heavy = sum(1 for r in held if self.predicted.get(r, 0) > self.heavy_decode_tokens)
-        return dict(running_reqs=len(self.running), waiting_reqs=len(self.waiting) + len(self.recompute),
+        return dict(running_reqs=len(self.running),
+                    waiting_reqs=len(self.waiting) + len(self.recompute) + len(self.copies),
                     predicted_decode_tokens=remaining, heavy_decodes=heavy, light_decodes=len(held) - heavy)
 
     # ---- one step ------------------------------------------------------------------
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
         acks = self._admit(now)
+        acks += self._landed()
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
         decodes = [s for s in self._schedule(now) if s.key not in resumed]
@@ -112,7 +142,7 @@ class DecodeCore:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
             s.num_computed += 1
-        self.progressed = bool(segments or acks or self._preempted)
+        self.progressed = bool(segments or acks or self._preempted or self.copies)  # a copy: wait on it
         if not segments:
             return [], acks
         sampled = self.ex.run(segments, [x for x in samplers if x])
@@ -145,33 +175,67 @@ class DecodeCore:
                                        priority=m.priority))
         running = [self._view(s) for s in self.running.values()]
         admitted = self.policy.admit(views, running, self.ex.blocks.num_free, bs, now) if views else []
-        return [ack for ack in (self._copy_in(r) for r in admitted) if ack]
+        return [ack for ack in (self._copy_in(self.waiting.pop(r).msg) for r in admitted) if ack]
 
-    def _copy_in(self, req_id: str) -> KVCopied | None:
-        msg = self.waiting[req_id].msg
+    def _copy_in(self, msg: Handoff) -> WorkerError | None:
+        """Start copying a handoff's KV in (one copy per open choice, on the pair's transfer
+        path); `_landed` acks it once complete. A pair with no path fails the request at once;
+        one whose pool is short, or whose blocks the owner has not staged yet, retries later."""
         src = self.peers.get(msg.src_worker)
         prompt_len = len(msg.prompt_token_ids)
         need = blocks_for_tokens(prompt_len + 1, self.ex.block_size) * len(msg.open_choices)
-        if src is None or need > self.ex.blocks.num_free:
-            return None  # policy over-admitted (or the source is not open yet): stays waiting, in place
-        del self.waiting[req_id]
-        start = time.perf_counter()
-        copied = 0
         src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, self.ex.block_size)]
+        if src is not None and src.src is None:
+            return WorkerError(worker_id=self.worker_id, req_id=msg.req_id,
+                               message=f"no KV transfer path from worker {msg.src_worker} to worker "
+                                       f"{self.worker_id}: {src.error}")
+        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids, stamp_of(msg.req_id, prompt_len)):
+            self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted, or not staged: retry
+            return None
+        start = time.perf_counter()
+        seqs, completions = [], []
         for choice in msg.open_choices:
             seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s,
                       priority=msg.priority, prior_outputs=msg.prior_output_tokens)
             seq.output_ids.append(msg.first_tokens[choice])
             seq.num_computed = prompt_len
             dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)
-            copied += self.ex.pool.copy_blocks_from(src, src_ids, dst[: len(src_ids)])
-            self.running[seq.key] = seq
-        if self.ex.device.startswith("cuda"):
-            import torch
+            completions.append(src.copy_into(self.ex.pool, src_ids, dst[: len(src_ids)]))
+            seqs.append(seq)
+        self.copies.add(InflightCopy(msg.req_id, msg.src_worker, seqs, completions,
+                                     len(src_ids) * self.ex.pool.layout.block_bytes * len(seqs), src.path, start))
+        return None
 
-            torch.cuda.current_stream(self.ex.pool.data.device).synchronize()  # ack only once the copy has landed
-        return KVCopied(worker_id=self.worker_id, req_id=msg.req_id, num_bytes=copied,
-                        seconds=time.perf_counter() - start)
+    def _landed(self) -> list[KVCopied]:
+        """Ack the copies the host has seen complete; their sequences join the batch. Decode steps
+        never wait for a copy; with nothing else to run, wait for the oldest copy instead of
+        spinning (it is already queued on the device: its own length bounds the wait)."""
+        if self.copies and not self.running and not self.recompute:
+            self.copies.wait_oldest()
+        acks = []
+        for copy in self.copies.landed():
+            for seq in copy.seqs:
+                self.running[seq.key] = seq
+            acks.append(KVCopied(worker_id=self.worker_id, req_id=copy.req_id, num_bytes=copy.num_bytes,
+                                 seconds=time.perf_counter() - copy.start_s, path=copy.path))
+        return acks
+
+    def _settle_copy(self, req_id: str, choice: int | None) -> bool:
+        """An Abort of a request whose copy is in flight: wait for the copy, then free the blocks
+        it wrote (of one choice, or all); the other choices are acked at the next step."""
+        copy = self.copies.settle(req_id)
+        if copy is None:
+            return False
+        keep = []
+        for seq in copy.seqs:
+            if choice is None or seq.choice == choice:
+                self.ex.free(seq)
+            else:
+                keep.append(seq)
+        if keep:
+            copy.seqs = keep
+            self.copies.add(copy)
+        return True
 
     def _schedule(self, now: float) -> list[Seq]:
         views = [self._view(s) for s in self.running.values()]
