@@ -36,6 +36,8 @@ class WorkerLoad:
     light_decodes: int = 0
     """The other requests held (also those without a prediction)."""
     block_size: int = 16
+    max_num_seqs: int = 0
+    """Request slots of the worker's batch (`--max-num-seqs`); 0: not published."""
 
     @property
     def alive(self) -> bool:
