@@ -191,7 +191,8 @@ def build_engine(args):
                         enforce_eager=args.enforce_eager)
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization)
-    sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy)
+    sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
+                              heavy_decode_tokens=args.heavy_decode_tokens)
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
                         prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
                         dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens,

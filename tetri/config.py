@@ -45,7 +45,8 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     kv_cache_gb: float | None = None
-    """KV pool size on CPU (default: 1 GiB, capped so every request of max_model_len fits twice)."""
+    """KV pool size on CPU (default: 1 GiB, at most 8192 blocks). A worker caps max_model_len to
+    what its pool holds, so one request of max_model_len always fits."""
     gpu_memory_utilization: float = 0.9
     """Share of GPU memory a CUDA worker may use for weights + KV (divided among workers on a GPU)."""
     num_blocks: int | None = None
@@ -67,10 +68,13 @@ class EngineSchedConfig:
     max_num_seqs: int = 256
     """Most requests decoding at once on one worker."""
     decode_policy: str = "greedy"
+    heavy_decode_tokens: int = 128
+    """A decode predicted to produce more tokens than this counts as heavy on the load board."""
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, "chunk_size must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _require(self.heavy_decode_tokens >= 0, "heavy_decode_tokens must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import msgspec
 import pytest
+import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -245,18 +246,24 @@ def test_worker_shell_drops_a_hostile_message(kind, decode_node, caplog):
 async def test_front_recv_loop_survives_a_hostile_message(kind):
     from tetri.server.engine_client import RuntimeClient
 
-    class FakePull:
+    class FakePull:  # the receive loop waits on poll(); _drain_pending reads with recv(NOBLOCK)
         def __init__(self, frames):
             self.frames = list(frames)
 
-        async def recv(self):
-            if self.frames:
-                return self.frames.pop(0)
-            await asyncio.sleep(3600)
+        async def poll(self):
+            if not self.frames:
+                await asyncio.sleep(3600)
+            return zmq.POLLIN
+
+        def recv(self, flags=0):
+            if not self.frames:
+                raise zmq.Again()
+            return self.frames.pop(0)
 
     client = RuntimeClient.__new__(RuntimeClient)  # no workers: only the receive loop runs
     handled = []
-    client.pull = FakePull([HOSTILE[kind]("from_worker"), P.encode(P.Dropped(worker_id=1, req_id="x"))])
+    client.pull = client._pull_now = FakePull([HOSTILE[kind]("from_worker"),
+                                               P.encode(P.Dropped(worker_id=1, req_id="x"))])
     client._on_message = handled.append
     task = asyncio.create_task(client._recv_loop())
     await asyncio.sleep(0.2)

@@ -124,7 +124,7 @@ def test_a_migrated_request_resumes_its_grammar_on_another_decode_worker(default
     c.apply(c.front.on_worker_dead(victim, c.loads(), migrate=True))
     cont = c.front.reqs["a"]
     assert cont.params.structured_outputs.prefix_token_ids == tuple(emitted)
-    assert cont.prompt_token_ids == PROMPT + emitted
+    assert cont.prompt_token_ids == PROMPT and cont.output_ids == emitted  # re-prefilled as prompt + outputs
     c.run()
     survivor = next(w for w in (1, 2) if w != victim)
     assert c.nodes[survivor].ex.grammar.cache.misses == 1  # the survivor rebuilt the matcher from spec + prefix

@@ -44,6 +44,9 @@ class Metrics:
         self.restarts = Counter("tetri:worker_restarts", "Worker processes restarted by the supervisor.", registry=r)
         self.grammar_compile = Histogram("tetri:grammar_compile_seconds", "Time to compile a request's grammar (the front's check, xgrammar).", buckets=_COMPILE_BUCKETS, registry=r)
         self.grammar_cache = Counter("tetri:grammar_cache_requests", "Structured-output requests by whether their grammar was already compiled.", ["result"], registry=r)
+        self.send_failures = Counter("tetri:worker_send_failures", "Control messages to workers not sent at once, by reason "
+                                     "(deferred: queued behind a full socket, error: retried, dead_worker: discarded "
+                                     "with a dead worker's queue).", ["reason"], registry=r)
         self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
         self.running = Gauge("tetri:num_requests_running", "Requests running per worker.", _WORKER_LABELS, registry=r)
         self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
@@ -111,6 +114,9 @@ class Metrics:
 
     def observe_restart(self) -> None:
         self.restarts.inc()
+
+    def observe_send_failure(self, reason: str, count: int = 1) -> None:
+        self.send_failures.labels(reason=reason).inc(count)
 
     # -- scrape --------------------------------------------------------------------------
 

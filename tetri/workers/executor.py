@@ -57,6 +57,28 @@ def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: flo
     return min(CPU_MAX_DEFAULT_BLOCKS, blocks_for_budget(layout1, CPU_DEFAULT_KV_GB * 2**30))
 
 
+MIN_MODEL_LEN = 2
+"""The least a pool must hold: a one-token prompt and one output token."""
+
+
+def cap_max_model_len(requested: int | None, model_limit: int, num_blocks: int, block_size: int) -> int:
+    """Prompt + output cap: the model's limit, the operator's `max_model_len`, and what one
+    request may hold of this pool (so a request of max_model_len always fits). Raises
+    ValueError when the pool cannot hold even a minimal request."""
+    pool_tokens = max(0, num_blocks) * block_size
+    if pool_tokens < MIN_MODEL_LEN:
+        raise ValueError(f"the KV pool holds {max(0, num_blocks)} blocks of {block_size} tokens, too few for even a "
+                         f"{MIN_MODEL_LEN}-token request: give it more memory (--kv-cache-gb, "
+                         f"--gpu-memory-utilization) or a larger --block-size")
+    cap = min(requested or model_limit, model_limit)
+    if pool_tokens < cap:
+        if requested:
+            log.warning("max_model_len %d capped to %d: one request must fit this worker's KV pool (%d blocks of %d)",
+                        requested, pool_tokens, num_blocks, block_size)
+        cap = pool_tokens
+    return cap
+
+
 class Executor:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, shared_pool: bool = False,
                  memory_share: float = 1.0, loaded: LoadedModel | None = None,
@@ -70,8 +92,8 @@ class Executor:
         limit = spec.max_position_embeddings
         if spec.sliding_window:
             limit = min(limit, spec.sliding_window)  # attention is exact only inside the window
-        self.max_model_len = min(model_cfg.max_model_len or limit, limit)
         self.eos_token_ids = self.loaded.eos_token_ids
+        self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size)
@@ -98,6 +120,8 @@ class Executor:
         min_blocks = -(-sched.chunk_size // cache_cfg.block_size) + 1
         num_blocks = pool_blocks(cache_cfg, layout1, device, memory_share, usage, graph_bytes, sampler_bytes,
                                  min_blocks)
+        self.max_model_len = cap_max_model_len(model_cfg.max_model_len, self.max_model_len, num_blocks,
+                                               cache_cfg.block_size)  # one request of it always fits
         layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, dtype)
         self.pool = KVPool.allocate(layout, device, shared=shared_pool)
         if shared_pool:
@@ -127,7 +151,7 @@ class Executor:
         index: list[int] = []
         for i, seqs in enumerate(sample_seqs):
             for s in seqs:
-                rows.append(SampleRow(s.params, s.output_ids, s.prompt_ids, s.choice))
+                rows.append(SampleRow(s.params, s.sample_output_ids, s.sample_prompt_ids, s.choice))
                 index.append(i)
         if not rows:
             return []

@@ -6,6 +6,13 @@ A prompt's blocks stay here after its last piece ran, until the front sends `Rel
     ChunkPlan -> allocate blocks for every piece (wait while the pool is short)
               -> one forward pass -> first token(s) for prompts whose last piece ran
               -> ChunkDone(finished=[PrefillResult(block ids, first tokens)])
+
+When the whole chunk does not fit the free blocks, its leading pieces that do fit run now
+and the rest stays at the head (`ChunkDone(partial=True)`): pieces of several prompts may
+share a chunk, and a pool that holds every one of them but not all at once must not wedge.
+A piece whose request was aborted (or already prefilled) needs no blocks and never counts.
+`step` returns None only when not even the head piece fits: the blocks it waits for are
+held by prefilled prompts until their `Release`.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ class PrefillCore:
         for p in plan.pieces:
             if p.new is not None and p.req_id not in self.seqs:
                 self.seqs[p.req_id] = [Seq(p.req_id, c, p.new.prompt_token_ids, p.new.params,
-                                           arrival_s=p.new.arrival_s) for c in range(p.new.params.n)]
+                                           arrival_s=p.new.arrival_s, priority=p.new.priority,
+                                           prior_outputs=p.new.prior_output_tokens)
+                                       for c in range(p.new.params.n)]
         self.chunks.append(plan)
 
     def release(self, req_id: str) -> None:
@@ -60,29 +69,45 @@ class PrefillCore:
     def num_prefilling(self) -> int:
         return len(self.seqs) - len(self.done)
 
-    def _blocks_needed(self, plan: ChunkPlan) -> int:
-        need = 0
-        for p in plan.pieces:
-            seqs = self.seqs.get(p.req_id)
-            have = len(self.ex.blocks.blocks_of(seqs[0].key)) if seqs else 0
-            need += max(0, blocks_for_tokens(p.start + p.num_tokens, self.ex.block_size) - have)
-        return need
+    def _live(self, p) -> bool:
+        return p.req_id in self.seqs and p.req_id not in self.done
+
+    def _blocks_needed(self, p) -> int:
+        """New blocks a live piece needs (aborted or finished pieces need none)."""
+        if not self._live(p):
+            return 0
+        have = len(self.ex.blocks.blocks_of(self.seqs[p.req_id][0].key))
+        return max(0, blocks_for_tokens(p.start + p.num_tokens, self.ex.block_size) - have)
+
+    def _runnable(self, plan: ChunkPlan) -> int:
+        """How many leading pieces of `plan` fit the free blocks now."""
+        free = self.ex.blocks.num_free
+        for i, p in enumerate(plan.pieces):
+            free -= self._blocks_needed(p)
+            if free < 0:
+                return i
+        return len(plan.pieces)
 
     def step(self) -> ChunkDone | None:
-        """Run the next chunk, or return None while the pool cannot hold it yet."""
+        """Run the next chunk (or its leading pieces that fit), or return None while the pool
+        cannot hold even its first piece yet."""
         if not self.chunks:
             return None
         plan = self.chunks[0]
-        if self._blocks_needed(plan) > self.ex.blocks.num_free:
+        k = self._runnable(plan)
+        if k == 0:  # the head piece is live and waits for blocks (dead pieces need none)
             return None
-        self.chunks.popleft()
+        pieces, rest = plan.pieces[:k], plan.pieces[k:]
+        if rest:
+            self.chunks[0] = ChunkPlan(chunk_id=plan.chunk_id, pieces=rest)
+        else:
+            self.chunks.popleft()
         segments, samplers, failed, last, scored = [], [], [], [], []
-        for p in plan.pieces:
-            seqs = self.seqs.get(p.req_id)
-            if seqs is None or p.req_id in self.done:
+        for p in pieces:
+            if not self._live(p):
                 failed.append(p.req_id)  # aborted meanwhile
                 continue
-            head = seqs[0]
+            head = self.seqs[p.req_id][0]
             self.ex.blocks.ensure_capacity(head.key, p.start + p.num_tokens)
             segments.append(Segment(head.prompt_ids[p.start:p.start + p.num_tokens], p.start,
                                     self.ex.blocks.blocks_of(head.key), p.is_last,
@@ -90,10 +115,11 @@ class PrefillCore:
             scored.append(p.req_id)
             head.num_computed = p.start + p.num_tokens
             if p.is_last:
-                samplers.append(seqs)
+                samplers.append(self.seqs[p.req_id])
                 last.append(p.req_id)
         finished = self._run(segments, samplers, last, scored) if segments else []
-        return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed)
+        return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed,
+                         partial=bool(rest))
 
     def _run(self, segments, samplers, last, scored) -> list[PrefillResult]:
         self.ex.run(segments, samplers)
