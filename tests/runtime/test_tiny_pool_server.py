@@ -121,7 +121,7 @@ def test_a_better_priority_is_prefilled_ahead_of_the_queue(server):
             os.kill(prefill, signal.SIGCONT)
             # four prompts hold 128 blocks; the fifth's first pieces take the last 3: frozen
             _wait(lambda: _row(srv, "prefill")["kv_blocks_used"] == 131,
-                  lambda: f"the prefill pool did not fill: {srv.workers()}", 15)
+                  lambda: f"the prefill pool did not fill: {srv.workers()}", 90)
             _wait(lambda: len(first_token) >= 4, "four prompts did not stream their first token", 15)
             time.sleep(0.3)
             frozen = list(first_token)
@@ -151,7 +151,7 @@ def test_a_back_pressured_prefill_worker_sleeps_instead_of_spinning(server):
                                 temperature=0.0, extra_body={"ignore_eos": True}) for i in range(3)]
             # two prompts hold 126 blocks, the third's first pieces the last 5: it cannot go on
             _wait(lambda: _row(srv, "prefill")["kv_blocks_used"] == 131,
-                  lambda: f"the prefill pool did not fill: {srv.workers()}", 15)
+                  lambda: f"the prefill pool did not fill: {srv.workers()}", 90)
             assert _row(srv, "prefill")["queued_prefill_tokens"] > 0
             cpu0, t0 = _cpu_s(prefill), time.monotonic()
             time.sleep(2.0)

@@ -6,6 +6,8 @@ come back in OpenAI's shapes through the official SDK, streamed and not."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import aiohttp
 import openai
@@ -17,6 +19,7 @@ from tetri.server.fake_engine import FakeEngineClient
 from tetri.server.grammar_check import GrammarChecker
 from tetri.server.metrics import Metrics
 from tetri.server.tokenizer import load_tokenizer
+from tetri.types import StructuredOutputsParams
 
 MODEL = "m"
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -217,8 +220,10 @@ async def test_grammar_size_and_compile_time_are_bounded(app_on, surface_model_d
     engine, url, _ = await app_on()
     status, body = await post(f"{url}/v1/chat/completions", {"messages": USER, "structured_outputs": {"json": big}})
     assert status == 400 and body["error"]["param"] == "structured_outputs.json" and "bytes" in body["error"]["message"]
-    slow = GrammarChecker(surface_model_dir, tok.vocab_size, [tok.eos_token_id], max_bytes=4096, timeout_s=1e-4)
+    slow = GrammarChecker(surface_model_dir, tok.vocab_size, [tok.eos_token_id], max_bytes=4096, timeout_s=3.0)
     try:
+        await slow.check(StructuredOutputsParams(choice=["yes", "no"]), "warm-up")  # its process is up
+        os.kill(slow.pid, signal.SIGSTOP)  # and now never answers: every compile outlasts the bound
         engine, url, _ = await app_on(grammar_checker=slow)
         schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}
         for _ in range(2):  # the second answer is the cached verdict: no compile runs again

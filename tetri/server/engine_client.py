@@ -81,6 +81,7 @@ class RuntimeClient:
         self._dead_role: dict[int, str] = {}  # role to restart a dead worker in
         self._starting: set[int] = set()  # restarted, no Ready yet
         self._ready_at: dict[int, float] = {}
+        self._worked: set[int] = set()  # workers that sent a step's result since their last Ready
         self.restart_book = RestartBook(max_restarts)
         self.failed = self.restart_book.failed  # workers no longer restarted, and why
         self.kv_paths: dict[int, PeerPaths] = {}  # decode worker -> the transfer path to each peer pool
@@ -296,6 +297,8 @@ class RuntimeClient:
             return
         if getattr(msg, "worker_id", None) in self.dead and not isinstance(msg, Ready):
             return  # sent before it died; what it held has been failed or migrated
+        if isinstance(msg, (TokenBatch, ChunkDone, KVCopied)):
+            self._worked.add(msg.worker_id)
         match msg:
             case TokenBatch():
                 self._on_tokens(msg)
@@ -444,7 +447,8 @@ class RuntimeClient:
         self._broadcast_pools()  # survivors close their mappings of its pool and stop staging for it
         self._dead_role[wid] = role
         self.kv_paths.pop(wid, None)
-        at_start = time.monotonic() - self._ready_at.get(wid, 0.0) < STARTUP_GRACE_S
+        # a worker that already did work started fine, however soon it died after its Ready
+        at_start = wid not in self._worked and time.monotonic() - self._ready_at.get(wid, 0.0) < STARTUP_GRACE_S
         self._after_death(wid, self.procs.last_error(wid), at_start)
 
     def _after_death(self, wid: int, why: str, at_start: bool) -> None:
@@ -472,6 +476,7 @@ class RuntimeClient:
         self.ready[msg.worker_id] = msg
         self._starting.discard(msg.worker_id)
         self._ready_at[msg.worker_id] = time.monotonic()
+        self._worked.discard(msg.worker_id)
         if msg.worker_id in self.dead:
             self.dead.discard(msg.worker_id)
             if self.scheduler.flip_plan is not None:

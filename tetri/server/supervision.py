@@ -4,7 +4,8 @@ pair (`worker_fields`, for /workers).
 
 A dead worker is restarted with back-off (`launch.restart_delay_s`: 1, 2, 4 ... 30 s) until `--max-restarts`, unless it
 failed to *start* the same way `SAME_FAILURE_LIMIT` times in a row (it died before its Ready, or
-within `STARTUP_GRACE_S` after it, with the same error text once numbers are blanked): the same
+within `STARTUP_GRACE_S` after it before sending any step's result, with the same error text once
+numbers are blanked): the same
 failure will come back at every restart, so it stops early. A worker given up on keeps its
 reason, which /health and /workers report.
 """
@@ -17,7 +18,8 @@ from tetri.launch import restart_delay_s
 
 SAME_FAILURE_LIMIT = 2
 STARTUP_GRACE_S = 10.0
-"""A death this soon after Ready still counts as a failure to start (e.g. on the first PeerPools)."""
+"""A death this soon after Ready, before any work, still counts as a failure to start (e.g. on the
+first PeerPools); a worker that served and is then killed soon after did start."""
 
 
 def signature(why: str) -> str:
