@@ -67,6 +67,7 @@ class PrefillResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reasons: list[str | None] = []
     hidden: list[float] | None = None  # final hidden state of the last prompt token (predictor probe)
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. scored (params.prompt_logprobs)
+    num_cached_tokens: int = 0  # leading prompt tokens whose KV came from the prefix cache
 
 
 # ---- front -> worker ------------------------------------------------------------------
@@ -152,6 +153,7 @@ class ChunkDone(_Msg):
     chunk_id: int
     finished: list[PrefillResult] = []
     failed: list[str] = []  # req ids whose pieces could not run (e.g. aborted meanwhile)
+    evicted_hashes: list[bytes] = []  # prefix-cache block hashes evicted since the last ChunkDone
 
 
 class KVCopied(_Msg):

@@ -18,20 +18,23 @@ from tetri.workers.node import WorkerNode, pool_info
 
 class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
-                 decode_policy="greedy") -> None:
-        loaded = load_model(model_dir)
+                 decode_policy="greedy", prefix_caching: bool = True, loaded=None) -> None:
+        loaded = loaded or load_model(model_dir)
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy)
         self.nodes: dict[int, WorkerNode] = {}
         pools = {}
+        cache = CacheConfig(num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
         for wid, role in enumerate(roles):
-            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=num_blocks), loaded=loaded)
+            ex = Executor(ModelConfig(model=model_dir), cache, loaded=loaded)
             pools[wid] = ex.pool
             self.nodes[wid] = WorkerNode(wid, role, ex, sched)
         infos = {wid: pool_info(p) for wid, p in pools.items()}
         for wid, node in self.nodes.items():
             node.pool_opener = _opener(infos, pools)
             node.handle(PeerPools(pools=infos), 0.0)
-        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size), random.Random(0))
+        seed = self.nodes[0].ex.hash_seed
+        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, prefix_caching=prefix_caching,
+                                                prefix_hash_seed=seed), random.Random(0))
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
         self.tokens: dict[str, list[int]] = defaultdict(list)

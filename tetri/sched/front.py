@@ -32,6 +32,8 @@ from tetri.sched.chunking import ChunkPacker
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.load import ReqInfo, WorkerLoad
+from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
+from tetri.sched.prefix_index import PrefixIndex
 from tetri.types import SamplingParams
 
 
@@ -59,6 +61,11 @@ class FrontConfig:
     """No request lives longer than this in any state: it fails with an error instead of hanging."""
     chunks_ahead: int = 2
     """Chunks outstanding per prefill worker: the one running plus one queued behind it."""
+    prefix_caching: bool = False
+    """The workers cache prefix blocks: index them, and start each prompt's first chunk where
+    its worker's cache is expected to end (the runtime mirrors `CacheConfig`)."""
+    prefix_hash_seed: bytes = b""
+    """`prefix_hash.hash_seed` of the model, as the workers compute it."""
 
 
 @dataclass
@@ -81,6 +88,8 @@ class FrontReq:
     output_ids: list[int] = field(default_factory=list)
     """Tokens of choice 0 already sent to the client (what a migration re-prefills)."""
     migrations: int = 0
+    block_hashes: list[bytes] | None = None
+    """Prefix-cache hashes of the prompt's full blocks (computed once, when caching is on)."""
 
 
 @dataclass
@@ -117,6 +126,7 @@ class FrontScheduler:
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
         self._chunk_ids = 0
+        self.prefix_index = PrefixIndex()
 
     def _packer(self, wid: int) -> ChunkPacker:
         if wid not in self.packers:
@@ -166,8 +176,22 @@ class FrontScheduler:
             acts.send(wid, SubmitMixed(req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
                                        params=req.params, arrival_s=req.arrival_s))
             return acts
-        self._packer(wid).add(req.req_id, len(req.prompt_token_ids))
+        block_size = next(w.block_size for w in view if w.worker_id == wid)
+        self._packer(wid).add(req.req_id, len(req.prompt_token_ids), self._cached_start(req, wid, block_size))
         return self._pump(wid, acts)
+
+    def _hashes(self, req: FrontReq, block_size: int) -> list[bytes]:
+        if req.block_hashes is None:
+            req.block_hashes = block_hashes(req.prompt_token_ids, block_size, self.cfg.prefix_hash_seed)
+        return req.block_hashes
+
+    def _cached_start(self, req: FrontReq, wid: int, block_size: int) -> int:
+        """Where the prompt's first chunk starts: after the blocks the index expects `wid` to
+        hold (the worker computes any it turns out to lack), so chunks pack uncached tokens."""
+        if not self.cfg.prefix_caching or req.params.prompt_logprobs is not None:
+            return 0
+        hashes = self._hashes(req, block_size)[:cacheable_blocks(len(req.prompt_token_ids), block_size)]
+        return self.prefix_index.matched_blocks(wid, hashes) * block_size
 
     def _pump(self, wid: int, acts: Actions) -> Actions:
         packer = self._packer(wid)
@@ -192,6 +216,7 @@ class FrontScheduler:
         acts = Actions()
         if wid in self.outstanding:
             self.outstanding[wid] = max(0, self.outstanding[wid] - 1)
+        self.prefix_index.evicted(wid, msg.evicted_hashes)
         for res in msg.finished:
             self._prefilled(res, wid, loads, now, acts)
         return self._pump(wid, acts)
@@ -202,6 +227,8 @@ class FrontScheduler:
             acts.send(wid, Release(req_id=res.req_id))
             return
         req.holds_prefill_blocks = True
+        if self.cfg.prefix_caching and req.block_hashes is not None:
+            self.prefix_index.add(wid, req.block_hashes)  # its full blocks are cached there now
         for choice, reason in enumerate(res.finish_reasons):
             if reason is not None:
                 req.open_choices.discard(choice)
@@ -312,6 +339,7 @@ class FrontScheduler:
         acts = Actions()
         self.packers.pop(wid, None)
         self.outstanding.pop(wid, None)
+        self.prefix_index.forget(wid)
         if self.flip_plan is not None and wid in self.flip_plan._workers:
             self.flip_plan.remove_worker(wid)
         for req in list(self.reqs.values()):
@@ -423,5 +451,6 @@ class FrontScheduler:
         for order in plan.poll(loads):  # every request it held is done, so our packer for it is empty
             self.packers.pop(order.worker_id, None)
             self.outstanding.pop(order.worker_id, None)
+            self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role
             acts.send(order.worker_id, SetRole(role=order.to_role))
         return acts

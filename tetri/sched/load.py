@@ -30,6 +30,10 @@ class WorkerLoad:
     heavy_decodes: int = 0
     light_decodes: int = 0
     block_size: int = 16
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in this worker's prefix cache, since it started (vLLM's name)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose KV the cache held."""
 
     @property
     def alive(self) -> bool:

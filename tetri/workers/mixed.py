@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tetri.config import EngineSchedConfig
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes
 from tetri.types import FinishReason, SamplingParams
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.model_runner import Segment
@@ -54,7 +55,7 @@ class MixedCore:
         seqs = [Seq(req_id, c, prompt_ids, params, arrival_s=arrival_s) for c in range(params.n)]
         self.requests[req_id] = Request(req_id, seqs, arrival_s)
         self.prefilling[seqs[0].key] = seqs[0]
-        self.packer.add(seqs[0].key, len(prompt_ids))
+        self.packer.add(seqs[0].key, len(prompt_ids), self._cached_start(seqs[0]))
 
     def abort(self, req_id: str) -> list[Seq]:
         req = self.requests.pop(req_id, None)
@@ -93,24 +94,31 @@ class MixedCore:
         pieces = self._pack_prefill()
         segments = [self.ex.decode_segment(s) for s in decodes]
         samplers: list[list[Seq]] = [[s] for s in decodes]
-        for seq, piece in pieces:
-            scoring = {} if seq.recompute else score_fields(seq.prompt_ids, piece.start, piece.num_tokens, seq.params)
-            seg = Segment(seq.tokens(piece.start, piece.start + piece.num_tokens), piece.start,
-                          self.ex.blocks.blocks_of(seq.key), piece.is_last and not seq.recompute, **scoring)
+        for seq, piece, begin in pieces:
+            end = piece.start + piece.num_tokens
+            scoring = {} if seq.recompute else score_fields(seq.prompt_ids, begin, end - begin, seq.params)
+            self.ex.blocks.check_writable(seq.key, begin, end)
+            seg = Segment(seq.tokens(begin, end), begin, self.ex.blocks.blocks_of(seq.key),
+                          piece.is_last and not seq.recompute, **scoring)
             segments.append(seg)
             if seg.sample:
                 samplers.append(self._choices(seq))
         if not segments:
+            self._after_prefill(pieces)  # pieces wholly in the cache: nothing to run
             return []
         for s in decodes:
             s.num_computed += 1
-        for seq, piece in pieces:
-            seq.num_computed += piece.num_tokens
+        for seq, piece, _ in pieces:
+            seq.num_computed = piece.start + piece.num_tokens
         sampled = self.ex.run(segments, samplers)
         if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
-            for (seq, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
+            for (seq, _, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
                 if scores is not None:
                     seq.prompt_logprobs = (seq.prompt_logprobs or []) + scores
+        for seq in decodes:
+            self.ex.commit_computed(seq, decoded=True)
+        for seq, _, _ in pieces:
+            self.ex.commit_computed(seq)
         self._after_prefill(pieces)
         self._retire(sampled)
         return sampled
@@ -133,7 +141,7 @@ class MixedCore:
         seq.num_computed = 0
         seq.recompute = True
         self.prefilling[seq.key] = seq
-        self.packer.add(seq.key, seq.num_tokens - 1)
+        self.packer.add(seq.key, seq.num_tokens - 1, self._cached_start(seq))
 
     def _pack_prefill(self) -> list[tuple[Seq, object]]:
         bs = self.ex.block_size
@@ -142,14 +150,34 @@ class MixedCore:
         pieces = self.packer.next_chunk(budget)
         for i, piece in enumerate(pieces):
             seq = self.prefilling[piece.req_id]
-            new_blocks = blocks_for_tokens(piece.start + piece.num_tokens, bs) - len(self.ex.blocks.blocks_of(seq.key))
+            if seq.num_computed == 0 and not self.ex.blocks.blocks_of(seq.key):  # its first piece
+                self.ex.attach_cached_prefix(seq, self._prefill_tokens(seq))
+            end = piece.start + piece.num_tokens
+            new_blocks = blocks_for_tokens(end, bs) - len(self.ex.blocks.blocks_of(seq.key))
             if new_blocks > self.ex.blocks.num_free:  # block-boundary slack: the rest runs later, in order
                 for later in reversed(pieces[i:]):
                     self.packer.push_front(later)
                 break
-            self.ex.blocks.ensure_capacity(seq.key, piece.start + piece.num_tokens)
-            out.append((seq, piece))
+            if seq.num_computed >= end and not piece.is_last:
+                continue  # wholly cached (the last piece always computes a token)
+            self.ex.blocks.ensure_capacity(seq.key, end)
+            out.append((seq, piece, min(seq.num_computed, end)))
         return out
+
+    def _prefill_tokens(self, seq: Seq) -> int:
+        """Tokens its (re)prefill computes: the prompt, or for a preempted sequence every
+        token but the last (which its next decode step feeds)."""
+        return seq.num_tokens - 1 if seq.recompute else len(seq.prompt_ids)
+
+    def _cached_start(self, seq: Seq) -> int:
+        """Where its prefill would start now, from the cache (0 with caching off): the
+        packer then fills the chunk with uncached tokens only."""
+        blocks = self.ex.blocks
+        if not blocks.caching or seq.params.prompt_logprobs is not None:
+            return 0
+        n = self._prefill_tokens(seq)
+        hashes = extend_block_hashes(seq.block_hashes, seq.tokens(0, n), self.ex.block_size, self.ex.hash_seed)
+        return len(blocks.match(hashes[:cacheable_blocks(n, self.ex.block_size)])) * self.ex.block_size
 
     def _choices(self, seq: Seq) -> list[Seq]:
         if seq.choice == 0 and not seq.output_ids:
@@ -157,7 +185,7 @@ class MixedCore:
         return [seq]
 
     def _after_prefill(self, pieces) -> None:
-        for seq, piece in pieces:
+        for seq, piece, _ in pieces:
             if not piece.is_last:
                 continue
             self.prefilling.pop(seq.key, None)

@@ -3,7 +3,13 @@
 A prompt's blocks stay here after its last piece ran, until the front sends `Release`
 (its KV was copied by a decode worker, or the request was abandoned) or `Abort`.
 
-    ChunkPlan -> allocate blocks for every piece (wait while the pool is short)
+Prefix caching: when a prompt's first piece runs, its cached leading blocks are attached
+(`Executor.attach_cached_prefix`) and only the tokens after them are computed. The front
+starts the first piece where its index expects the cache to end; where the cache turned out
+shorter (evicted meanwhile) the piece also computes the gap, where longer, it computes less.
+After the pass, the full blocks computed are committed to the cache.
+
+    ChunkPlan -> attach cached prefixes -> allocate blocks for every piece (wait while short)
               -> one forward pass -> first token(s) for prompts whose last piece ran
               -> ChunkDone(finished=[PrefillResult(block ids, first tokens)])
 """
@@ -29,6 +35,8 @@ class PrefillCore:
         self.seqs: dict[str, list[Seq]] = {}  # req_id -> its choices (choice 0 owns the blocks)
         self.done: set[str] = set()  # prefilled, blocks held until Release
         self.prompt_lps: dict[str, list] = {}  # req_id -> prompt logprobs so far (when asked)
+        self.looked_up: set[str] = set()  # requests whose cached prefix was attached
+        self.cached_tokens: dict[str, int] = {}  # req_id -> prompt tokens found in the cache
 
     def submit(self, plan: ChunkPlan) -> None:
         # A request's data arrives with its first piece; record it now so an Abort that
@@ -43,6 +51,8 @@ class PrefillCore:
         seqs = self.seqs.pop(req_id, None)
         self.done.discard(req_id)
         self.prompt_lps.pop(req_id, None)
+        self.looked_up.discard(req_id)
+        self.cached_tokens.pop(req_id, None)
         if seqs:
             self.ex.free(seqs[0])
 
@@ -68,32 +78,46 @@ class PrefillCore:
             need += max(0, blocks_for_tokens(p.start + p.num_tokens, self.ex.block_size) - have)
         return need
 
+    def _attach_cached(self, plan: ChunkPlan) -> None:
+        for p in plan.pieces:
+            seqs = self.seqs.get(p.req_id)
+            if seqs is not None and p.req_id not in self.looked_up:
+                self.looked_up.add(p.req_id)
+                self.cached_tokens[p.req_id] = self.ex.attach_cached_prefix(seqs[0], len(seqs[0].prompt_ids))
+
     def step(self) -> ChunkDone | None:
         """Run the next chunk, or return None while the pool cannot hold it yet."""
         if not self.chunks:
             return None
         plan = self.chunks[0]
+        self._attach_cached(plan)
         if self._blocks_needed(plan) > self.ex.blocks.num_free:
             return None
         self.chunks.popleft()
-        segments, samplers, failed, last, scored = [], [], [], [], []
+        segments, samplers, failed, last, scored, ran = [], [], [], [], [], []
         for p in plan.pieces:
             seqs = self.seqs.get(p.req_id)
             if seqs is None or p.req_id in self.done:
                 failed.append(p.req_id)  # aborted meanwhile
                 continue
             head = seqs[0]
-            self.ex.blocks.ensure_capacity(head.key, p.start + p.num_tokens)
-            segments.append(Segment(head.prompt_ids[p.start:p.start + p.num_tokens], p.start,
-                                    self.ex.blocks.blocks_of(head.key), p.is_last,
-                                    **score_fields(head.prompt_ids, p.start, p.num_tokens, head.params)))
-            scored.append(p.req_id)
-            head.num_computed = p.start + p.num_tokens
+            begin, end = head.num_computed, p.start + p.num_tokens  # from the first token without KV here
+            if begin < end:
+                self.ex.blocks.ensure_capacity(head.key, end)
+                self.ex.blocks.check_writable(head.key, begin, end)
+                segments.append(Segment(head.prompt_ids[begin:end], begin, self.ex.blocks.blocks_of(head.key),
+                                        p.is_last, **score_fields(head.prompt_ids, begin, end - begin, head.params)))
+                scored.append(p.req_id)
+                head.num_computed = end
+                ran.append(head)
             if p.is_last:
                 samplers.append(seqs)
                 last.append(p.req_id)
         finished = self._run(segments, samplers, last, scored) if segments else []
-        return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed)
+        for head in ran:
+            self.ex.commit_computed(head)
+        return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed,
+                         evicted_hashes=self.ex.blocks.take_evicted())
 
     def _run(self, segments, samplers, last, scored) -> list[PrefillResult]:
         self.ex.run(segments, samplers)
@@ -114,5 +138,6 @@ class PrefillCore:
                 finish_reasons=[s.finish_reason.value if s.finish_reason else None for s in seqs],
                 hidden=hidden[i].float().tolist() if self.collect_hidden and hidden is not None else None,
                 prompt_logprobs=self.prompt_lps.pop(req_id, None),
+                num_cached_tokens=self.cached_tokens.get(req_id, 0),
             ))
         return results

@@ -42,6 +42,8 @@ class Seq:
     uid: int = field(default_factory=new_uid)
     """Unique in the process for this sequence's current KV: renewed whenever its blocks are
     freed (the attention backend's decode staging keys on it)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of its leading full blocks (prompt, then outputs), as far as known."""
 
     @property
     def key(self) -> str:
