@@ -117,7 +117,8 @@ class FrontScheduler:
         self.predictor = predictor
         self.flip_policy = flip
         self.flip_plan: FlipPlan | None = None
-        self.level1 = make_prefill_dispatch(cfg.global_policy, rng)
+        self.prefix_index = PrefixIndex()
+        self.level1 = make_prefill_dispatch(cfg.global_policy, rng, self.prefix_index)
         self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
         self.reqs: dict[str, FrontReq] = {}
         self.parked: list[str] = []
@@ -126,7 +127,6 @@ class FrontScheduler:
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
         self._chunk_ids = 0
-        self.prefix_index = PrefixIndex()
 
     def _packer(self, wid: int) -> ChunkPacker:
         if wid not in self.packers:
@@ -162,8 +162,9 @@ class FrontScheduler:
     # ---- arrivals ----------------------------------------------------------------------
     def add(self, req: FrontReq, loads: list[WorkerLoad], now: float) -> Actions:
         """Place a new request; raises NoWorker when no live worker can take it."""
-        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s)
         view = self._view(loads)
+        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s,
+                       **self._prefix_fields(req, view))
         wid = self.level1.pick(view, info)
         role = next(w.role for w in view if w.worker_id == wid)
         req.open_choices = set(range(req.params.n))
@@ -179,6 +180,14 @@ class FrontScheduler:
         block_size = next(w.block_size for w in view if w.worker_id == wid)
         self._packer(wid).add(req.req_id, len(req.prompt_token_ids), self._cached_start(req, wid, block_size))
         return self._pump(wid, acts)
+
+    def _prefix_fields(self, req: FrontReq, view: list[WorkerLoad]) -> dict:
+        """What cache-aware dispatch reads: the prompt's cacheable block hashes."""
+        bs = next((w.block_size for w in view if w.role in ("prefill", "mixed")), 0)
+        if not self.cfg.prefix_caching or not bs or req.params.prompt_logprobs is not None:
+            return {}
+        hashes = self._hashes(req, bs)[:cacheable_blocks(len(req.prompt_token_ids), bs)]
+        return dict(prefix_hashes=tuple(hashes), prefix_block_tokens=bs)
 
     def _hashes(self, req: FrontReq, block_size: int) -> list[bytes]:
         if req.block_hashes is None:

@@ -208,11 +208,13 @@ class BlockAllocator:
         every = held | free | evictable
         if every and (min(every) < 0 or max(every) >= self.num_blocks):
             raise AssertionError("block id out of range")
-        for b in range(self.num_blocks):
-            if self._ref[b] != refs.get(b, 0):
-                raise AssertionError(f"block {b}: ref {self._ref[b]} but {refs.get(b, 0)} holders")
-            if refs.get(b, 0) > 1 and b not in self._hash_of:
+        for b, n in refs.items():
+            if self._ref[b] != n:
+                raise AssertionError(f"block {b}: ref {self._ref[b]} but {n} holders")
+            if n > 1 and b not in self._hash_of:
                 raise AssertionError(f"block {b} is shared but not cached")
+        if sum(self._ref) != len(owned) or min(self._ref) < 0:  # so every unheld block has ref 0
+            raise AssertionError("a block nobody holds has a nonzero ref")
         if any(len(set(ids)) != len(ids) for ids in self._owned.values()):
             raise AssertionError("an owner lists a block twice")
         if free & set(self._hash_of) or not evictable <= set(self._hash_of):

@@ -56,3 +56,8 @@ class ReqInfo:
     predicted_high_tokens: int | None = None
     arrival_s: float = 0.0
     priority: int = 0
+    prefix_hashes: tuple = ()
+    """Prefix-cache hashes of the prompt's leading full blocks that may come from a cache
+    (`prefix_hash.cacheable_blocks`), for cache-aware dispatch; () when caching is off."""
+    prefix_block_tokens: int = 0
+    """Tokens per entry of `prefix_hashes`."""
