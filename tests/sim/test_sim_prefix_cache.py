@@ -84,3 +84,8 @@ def test_cache_aware_dispatch_hits_more_than_least_loaded_on_the_mooncake_trace(
         return sum(r.ttft_s for r in res.records) / len(res.records)
 
     assert mean_ttft(aware) < mean_ttft(least) < mean_ttft(off)
+
+
+def test_the_pooled_lru_bound_is_below_the_infinite_cache():
+    reqs = [Request(1024, 1, float(i), (i % 3, 100 + i % 3)) for i in range(9)]
+    assert ideal_hit_rate(reqs, 16, capacity_blocks=63) < ideal_hit_rate(reqs, 16)

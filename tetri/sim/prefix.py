@@ -8,10 +8,13 @@ and cache-aware dispatch work on the trace ids themselves (512 tokens each), as 
 works on its own block hashes.
 
     ideal hit rate: one infinite cache seen by every request in arrival order (an upper
-    bound: the first sight of each block is always a miss).
+    bound: the first sight of each block is always a miss); with `capacity_blocks`, one LRU
+    cache of that many blocks shared by every request (the bound at the cluster's capacity).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from tetri.sched.prefix_hash import cacheable_blocks
 
@@ -32,9 +35,10 @@ def index_ids(hash_ids: tuple[int, ...], prompt_tokens: int) -> tuple[int, ...]:
     return tuple(hash_ids[:max(0, prompt_tokens - 1) // TRACE_BLOCK_TOKENS])
 
 
-def ideal_hit_rate(requests, block_size: int) -> float:
-    """Prompt tokens an infinite shared cache would hit / prompt tokens, in arrival order."""
-    seen: set[tuple[int, int]] = set()
+def ideal_hit_rate(requests, block_size: int, capacity_blocks: int | None = None) -> float:
+    """Prompt tokens one shared cache (infinite, or LRU of `capacity_blocks`) would hit /
+    prompt tokens, in arrival order."""
+    seen: OrderedDict[tuple[int, int], None] = OrderedDict()
     hits = total = 0
     for r in sorted(requests, key=lambda r: r.arrival_s or 0.0):
         keys = sub_block_keys(tuple(getattr(r, "hash_ids", ()) or ()), r.prompt_tokens, block_size)
@@ -43,5 +47,9 @@ def ideal_hit_rate(requests, block_size: int) -> float:
             if k not in seen:
                 break
             hits += block_size
-        seen.update(keys)
+        for k in keys:
+            seen[k] = None
+            seen.move_to_end(k)
+        while capacity_blocks is not None and len(seen) > capacity_blocks:
+            seen.popitem(last=False)
     return hits / total if total else 0.0

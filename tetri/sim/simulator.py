@@ -137,6 +137,8 @@ def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
         from tetri.sim.prefix import ideal_hit_rate
 
         stats["prefix_cache_ideal_hit_rate"] = ideal_hit_rate(requests, cfg.block_size)
+        prefill_blocks = cluster.env.num_blocks * sum(w.role == "prefill" for w in cluster.workers)
+        stats["prefix_cache_pooled_lru_hit_rate"] = ideal_hit_rate(requests, cfg.block_size, prefill_blocks)
     return SimResult(cfg, reqs, records, duration_s, finished, stats)
 
 
