@@ -7,6 +7,7 @@ holding the ZeroMQ ipc:// sockets (mode 0700).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -16,7 +17,18 @@ import tempfile
 from dataclasses import dataclass, field
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
-from tetri.workers.proc import WorkerArgs, worker_main
+from tetri.workers.cuda_ipc import forced_alloc_conf
+from tetri.workers.proc import WorkerArgs, error_path, worker_main
+
+
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+
+
+def restart_delay_s(restarts: int) -> float:
+    """Back-off before restarting a worker that already restarted `restarts` times:
+    1, 2, 4, 8, 16, then 30 s for every later one."""
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2.0 ** min(max(0, restarts), 32))
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,9 @@ class WorkerSpec:
 class LaunchConfig:
     workers: tuple[WorkerSpec, ...]
     threads_per_worker: int = 1
+    omp_passive: bool = False
+    """Workers' idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, in
+    the child's environment, so it holds before torch loads): for threads that share cores."""
     ready_timeout_s: float = 180.0
     heartbeat_timeout_s: float = 30.0
     """A live process whose board row is older than this is declared hung (steps can be long on CPU)."""
@@ -44,6 +59,18 @@ class LaunchConfig:
             raise ValueError("colocated (mixed) workers cannot be combined with prefill/decode workers")
         if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
             raise ValueError("disaggregated mode needs at least one prefill and one decode worker")
+
+
+@contextlib.contextmanager
+def _child_env(extra: dict[str, str]):
+    """Set `extra` (where not already set by the user) for the processes started inside."""
+    added = {k: v for k, v in extra.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 @dataclass
@@ -77,7 +104,13 @@ class WorkerProcs:
                           memory_share=spec.memory_share, threads=self.launch.threads_per_worker,
                           collect_hidden=self.launch.collect_hidden, restarts=self.restarts.get(worker_id, 0))
         proc = self._ctx.Process(target=worker_main, args=(args,), name=f"tetri-worker-{worker_id}", daemon=True)
-        proc.start()
+        # A spawned process inherits this environment: expandable segments stay off in the worker
+        # from before torch is imported there (CUDA IPC cannot export them; the front uses no CUDA).
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = forced_alloc_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(error_path(self.ipc_dir, worker_id))  # a reason left by an earlier life is not this one's
+        with _child_env({"OMP_WAIT_POLICY": "PASSIVE"} if self.launch.omp_passive else {}):
+            proc.start()  # a spawned child starts from this environment
         self.procs[worker_id] = proc
         return proc
 
@@ -88,6 +121,21 @@ class WorkerProcs:
     def alive(self, worker_id: int) -> bool:
         proc = self.procs.get(worker_id)
         return proc is not None and proc.is_alive()
+
+    def last_error(self, worker_id: int) -> str:
+        """Why the worker's process ended: the fatal error it recorded, else its exit status."""
+        try:
+            with open(error_path(self.ipc_dir, worker_id)) as f:
+                text = f.read().strip()
+            if text:
+                return text
+        except OSError:
+            pass
+        proc = self.procs.get(worker_id)
+        code = proc.exitcode if proc is not None else None
+        if code is None:
+            return "no exit status"
+        return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
 
     def pid(self, worker_id: int) -> int | None:
         proc = self.procs.get(worker_id)

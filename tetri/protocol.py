@@ -5,6 +5,7 @@ Channels (ZeroMQ PUSH -> PULL over ipc:// sockets in a private 0700 directory):
     front -> worker : ToWorker   = ChunkPlan | Handoff | Release | Abort | SubmitMixed | SetRole | Shutdown
                                  | PeerPools
     worker -> front : FromWorker = Ready | ChunkDone | KVCopied | Dropped | TokenBatch | WorkerError
+                                 | PeerPaths
 
 Fields are only ever appended (wire compatibility within PROTOCOL_VERSION).
 """
@@ -37,7 +38,18 @@ class PoolInfo(msgspec.Struct, kw_only=True):
     head_dim: int
     dtype: str
     shm_name: str | None = None  # CPU: named shared-memory segment
-    cuda_ipc: bytes | None = None  # CUDA: the pool's IPC memory handle (not built yet: no GPU here)
+    cuda_ipc: bytes | None = None  # CUDA: the 64-byte IPC handle of the allocation holding the pool
+    # ---- appended (CUDA IPC handoff, workers/kv_transfer.py) ----
+    canary: bytes = b""  # 16 random bytes; the pool's last 64 bytes (past its blocks) are them 4 times
+    owner_pid: int = 0
+    block_bytes: int = 0
+    layout: str = ""  # axis order of the contiguous pool (kv_pool.LAYOUT)
+    ipc_offset: int = 0  # CUDA: the pool's start minus the base of the allocation the handle covers
+    ipc_size: int = 0  # CUDA: that allocation's size in bytes
+    device_uuid: bytes = b""  # CUDA: the owner's GPU (16 bytes; device indices differ between processes)
+    device_index: int = -1  # the owner's device ordinal in its own process (for messages only)
+    export_error: str | None = None  # CUDA: why no IPC handle was exported
+    stage_shm: str | None = None  # host-staged fallback: the pool's shared-memory mirror (workers/kv_stage.py)
 
 
 class NewReq(msgspec.Struct, kw_only=True):
@@ -163,6 +175,7 @@ class KVCopied(_Msg):
     req_id: str
     num_bytes: int
     seconds: float
+    path: str = ""  # the transfer path the copy took (kv_transfer.PATHS)
 
 
 class Dropped(_Msg):
@@ -191,7 +204,16 @@ class WorkerError(_Msg):
     req_id: str | None = None
 
 
-FromWorker = Union[Ready, ChunkDone, KVCopied, Dropped, TokenBatch, WorkerError]
+class PeerPaths(_Msg):
+    """Decode worker, after each PeerPools: the KV transfer path it opened to each peer pool
+    (`none`: no path; `errors`: why better paths were not taken)."""
+
+    worker_id: int
+    paths: dict[int, str]
+    errors: dict[int, str] = {}
+
+
+FromWorker = Union[Ready, ChunkDone, KVCopied, Dropped, TokenBatch, WorkerError, PeerPaths]
 
 _encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kill-decode-at", type=float, default=0.3, help="fraction of requests started; <0: never")
     ap.add_argument("--kill-prefill-at", type=float, default=0.6, help="fraction of requests started; <0: never")
     ap.add_argument("--request-deadline-s", type=float, default=120.0)
+    ap.add_argument("--deadline-per-startup", type=float, default=0.0,
+                    help="raise the request deadline to this many times the measured server start-up "
+                         "(a worker restart loads the model again), so a slow machine is not read as a hang")
     ap.add_argument("--drain-timeout-s", type=float, default=90.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-prompt", type=int, default=300)
@@ -419,8 +422,10 @@ def main(argv: list[str] | None = None) -> dict:
                        max_tokens=args.max_tokens)
     t_start = time.monotonic()
     srv = ServerProc(*SERVER_ARGS, *args.server_arg).start()
+    startup_s = time.monotonic() - t_start
+    deadline_s = max(args.request_deadline_s, args.deadline_per_startup * startup_s)
     report: dict = {"server_args": [*SERVER_ARGS, *args.server_arg], "server_log": srv.log.name,
-                    "startup_s": round(time.monotonic() - t_start, 1)}
+                    "startup_s": round(startup_s, 1), "request_deadline_s": round(deadline_s, 1)}
     exit_code = None
     probe = Plan(-1, [7, 8, 9, 10, 11], 12)  # one more request once the workers are back
     workdir = tempfile.mkdtemp(prefix="tetri-chaos-")
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
         t_load = time.monotonic()
         outcomes, kills = asyncio.run(run_load(
             srv, model, plans, concurrency=args.concurrency, duration_s=args.duration_s,
-            deadline_s=args.request_deadline_s,
+            deadline_s=deadline_s,
             kill_decode_at=args.kill_decode_at if args.kill_decode_at >= 0 else None,
             kill_prefill_at=args.kill_prefill_at if args.kill_prefill_at >= 0 else None))
         report["load_s"] = round(time.monotonic() - t_load, 1)

@@ -247,7 +247,7 @@ def build_executor(model_dir: str, sizes: Sizes, device: str, smoke: bool):
                     cache, sched=EngineSchedConfig(chunk_size=max(sizes.chunks), max_num_seqs=max_seqs))
 
 
-def run(smoke: bool, keep_dir: str | None) -> dict:
+def run(smoke: bool, keep_dir: str | None, model_dir: str | None = None) -> dict:
     device_name = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
     device = torch.device(device_name)
     sizes = Sizes(smoke)
@@ -257,9 +257,13 @@ def run(smoke: bool, keep_dir: str | None) -> dict:
     report |= dict(copy_GBps=bandwidth / 1e9, matmul_TFLOPs=peak / 1e12)
     print(f"copy bandwidth (read+write): {bandwidth / 1e9:.1f} GB/s; {sizes.dtype} matmul {sizes.gemm}^3: "
           f"{peak / 1e12:.3g} TFLOP/s", flush=True)
-    with tempfile.TemporaryDirectory(dir=keep_dir) as model_dir:
+    with tempfile.TemporaryDirectory(dir=keep_dir) as tmp_dir:
         t0 = time.perf_counter()
-        write_checkpoint(model_dir, sizes.config, sizes.dtype, device)
+        if model_dir is None:
+            model_dir = tmp_dir
+        if not os.path.exists(os.path.join(model_dir, "config.json")):  # --model-dir: written once, kept
+            os.makedirs(model_dir, exist_ok=True)
+            write_checkpoint(model_dir, sizes.config, sizes.dtype, device)
         ex = build_executor(model_dir, sizes, device_name, smoke)
         report["startup_s"] = time.perf_counter() - t0
         print(f"checkpoint written, loaded, pool sized ({ex.blocks.num_blocks} blocks), graphs captured: "
@@ -287,8 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (the suite runs this)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--tmp", default=None, help="where the random checkpoint is written (default: $TMPDIR)")
+    ap.add_argument("--model-dir", default=None,
+                    help="write the random checkpoint here once and keep it (tools/gpu_serve_check.py reuses it)")
     args = ap.parse_args(argv)
-    report = run(args.cpu_smoke, args.tmp)
+    report = run(args.cpu_smoke, args.tmp, args.model_dir)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

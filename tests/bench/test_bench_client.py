@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 from collections import Counter
 
@@ -143,3 +145,63 @@ def test_prompt_ids_and_text():
     assert client.normalize_base_url("http://127.0.0.1:9/v1/") == "http://127.0.0.1:9"
     with pytest.raises(ValueError):
         client.prompt_token_ids(0, 5, vocab_size=10)
+
+
+class ClosesReusedConnections:
+    """A raw asyncio HTTP/1.1 server that answers the first request of every connection with
+    keep-alive, then drops the connection when the client reuses it (as a server whose idle
+    timeout fires just as the next request arrives: the client's write or first read fails)."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.dropped_on_reuse = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.url = ""
+
+    async def start(self) -> ClosesReusedConnections:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if served:  # a reused connection: drop it without an answer
+                    self.dropped_on_reuse += 1
+                    writer.transport.abort()
+                    return
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                body = json.loads(await reader.readexactly(length))
+                events = [{"choices": [{"index": 0, "text": f" t{i}"}]} for i in range(body["max_tokens"])]
+                events.append({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}})
+                sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(sse) + sse)
+                await writer.drain()
+                served += 1
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_a_request_on_a_connection_the_server_closed_is_resent_on_a_new_one():
+    """The load generator against a server that closes keep-alive connections: every request
+    still succeeds, each answered exactly once, and the ones whose pooled connection was
+    dropped are marked as re-sent."""
+    server = await ClosesReusedConnections().start()
+    try:
+        reqs = [Request(8, 3, None)] * 6
+        records, _ = await client.run_requests(server.url, reqs, model="m", concurrency=2)
+    finally:
+        await server.close()
+    assert [r.error for r in records] == [None] * 6
+    assert all(r.ok and r.output_tokens == 3 for r in records)
+    assert server.dropped_on_reuse >= 1 and server.answered == 6  # each request answered once
+    assert sum(r.resent for r in records) == server.dropped_on_reuse

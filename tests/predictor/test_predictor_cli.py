@@ -11,7 +11,8 @@ from tetri.predictor.data import eval_metrics, load_examples, split_prompts
 from tetri.predictor.model import load_predictor
 from tetri.predictor.train import train_probe
 from tetri.sched.load import ReqInfo
-from tetri.sched.predictor import Prediction, make_predictor
+from tetri.predictor.registry import make_predictor
+from tetri.sched.predictor import Prediction
 from tetri.sched.predictor_cli import main
 
 KEYS = {"accuracy", "accuracy_within_one_bucket", "mae_tokens", "majority_baseline", "n"}
@@ -104,13 +105,16 @@ def test_metrics_and_split():
     assert len(train) == 40 and train == split_prompts([f"p{i}" for i in range(50)], 0.8, seed=3)
 
 
-ALPACA = Path("/work/shared/datasets/alpaca_eval/model_outputs/Meta-Llama-3-8B-Instruct.json")
+# The shared data lives beside the checkout (../shared relative to the repo root, as for the
+# bench tests' traces), never inside it.
+SHARED_DIR = Path(__file__).resolve().parents[2].parent / "shared"
+ALPACA = SHARED_DIR / "datasets" / "alpaca_eval" / "model_outputs" / "Meta-Llama-3-8B-Instruct.json"
 
 
 @pytest.mark.skipif(not ALPACA.exists(), reason="AlpacaEval data not present")
 def test_alpaca_prepare_split_by_prompt_and_small_train(tmp_path, capsys):
     tr, te = tmp_path / "tr.jsonl", tmp_path / "te.jsonl"
-    counts = _run(capsys, ["prepare-alpaca", "--out-train", str(tr), "--out-test", str(te),
+    counts = _run(capsys, ["prepare-alpaca", "--out-train", str(tr), "--out-test", str(te), "--src", str(ALPACA.parent),
                            "--models", "Meta-Llama-3-8B-Instruct", "Mistral-7B-Instruct-v0.2", "--seed", "0"])
     assert counts == {"train": 1288, "test": 322}
     train_prompts = set(load_examples(tr).prompts)

@@ -18,20 +18,26 @@ from tetri.types import SamplingParams
 
 @pytest.mark.slow
 def test_chaos_kills_under_load_keep_every_invariant(default_model_dir):
+    """72 streams in 3 waves over 12 s, the busiest decode worker SIGKILLed after 30% were
+    started and the prefill worker after 60%. Every n=1 request on a killed worker migrates, so
+    none errors: each either completes with the offline engine's tokens or was hung up on by
+    its client. The request deadline grows with the measured start-up time (a restart reloads
+    the model), so a slow machine is not mistaken for a hang."""
     chaos = load_tool("chaos")
-    rep = chaos.main(["--requests", "120", "--concurrency", "24", "--duration-s", "25",
-                      "--request-deadline-s", "60", "--drain-timeout-s", "60"])
+    rep = chaos.main(["--requests", "72", "--concurrency", "24", "--duration-s", "12",
+                      "--request-deadline-s", "60", "--deadline-per-startup", "4", "--drain-timeout-s", "60"])
     brief = {k: v for k, v in rep.items() if k not in ("workers_at_end", "server_args")}
     print(json.dumps(brief))
     assert rep["hung"] == 0, brief
-    assert rep["completed"] + rep["errored"] + rep["cancelled"] == rep["sent"] == 120, brief
+    assert rep["completed"] + rep["errored"] + rep["cancelled"] == rep["sent"] == 72, brief
     assert sorted(k["role"] for k in rep["kills"] if k.get("killed")) == ["decode", "prefill"], brief
     assert rep["migrated"] >= 1, brief
     assert rep["restarts"] >= 2, brief
     assert rep["leaked_blocks"] == 0 and rep["kv_usage_after"] == 0 and rep["num_running_after"] == 0, brief
     assert rep["mismatches"] == 0 and rep["prefix_mismatches"] == 0, brief
     assert rep["healthy_at_end"] and rep["post_restart_request_ok"], brief
-    assert rep["completed"] >= 60, brief  # most requests survive two kills
+    assert rep["errored"] == 0, brief  # migration: no request is lost to a kill
+    assert rep["cancelled"] <= rep["disconnects_planned"], brief  # only clients that hung up on purpose
     assert rep["server_exit_code"] == 0, brief
     assert rep["ok"], brief
 

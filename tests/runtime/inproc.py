@@ -18,7 +18,8 @@ from tetri.workers.node import WorkerNode, pool_info
 
 class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
-                 decode_policy="greedy", prefix_caching: bool = True, loaded=None) -> None:
+                 decode_policy="greedy", request_timeout_s: float = 600.0, prefix_caching: bool = True,
+                 loaded=None) -> None:
         loaded = loaded or load_model(model_dir)
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy)
         self.nodes: dict[int, WorkerNode] = {}
@@ -33,8 +34,9 @@ class Cluster:
             node.pool_opener = _opener(infos, pools)
             node.handle(PeerPools(pools=infos), 0.0)
         seed = self.nodes[0].ex.hash_seed
-        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, prefix_caching=prefix_caching,
-                                                prefix_hash_seed=seed), random.Random(0))
+        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
+                                                prefix_caching=prefix_caching, prefix_hash_seed=seed),
+                                    random.Random(0))
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
         self.tokens: dict[str, list[int]] = defaultdict(list)
@@ -73,10 +75,11 @@ class Cluster:
     def pump_front(self) -> None:
         while self.to_front:
             msg = self.to_front.popleft()
-            if isinstance(msg, ChunkDone):
+            if isinstance(msg, ChunkDone):  # as the engine client does: only what the owner sent counts
                 for res in msg.finished:
-                    if res.req_id in self.front.reqs:
+                    if self.front.owns(res.req_id, msg.worker_id, decoding=False):
                         self.tokens[res.req_id].append(res.first_tokens[0])
+                        self.front.record_output(res.req_id, 0, res.first_tokens[:1])
                 self.apply(self.front.on_chunk_done(msg, self.loads(), self.now))
             elif isinstance(msg, KVCopied):
                 self.apply(self.front.on_kv_copied(msg))
@@ -84,7 +87,10 @@ class Cluster:
                 self.apply(self.front.on_dropped(msg.req_id))
             elif isinstance(msg, TokenBatch):
                 for r, c, t, f in zip(msg.req_ids, msg.choices, msg.token_ids, msg.finish_reasons):
+                    if not self.front.owns(r, msg.worker_id, decoding=True):
+                        continue
                     self.tokens[r].append(t)
+                    self.front.record_output(r, c, [t])
                     if f is not None:
                         self.finished[r] = f
                         self.front.on_choice_finished(r, c)

@@ -175,3 +175,91 @@ def test_a_parked_request_can_be_aborted(cluster):
     cluster.apply(cluster.front.on_worker_dead(0, cluster.loads(), migrate=True))
     cluster.abort("a")
     assert cluster.front.reqs == {} and cluster.front.parked == []
+
+
+def _drive_to(c: Cluster, state: str) -> str:
+    """Put request "a" in `state` (by its id "b" for QUEUED: behind a) and return its id."""
+    if state == "QUEUED":
+        c.submit("a", LONG)
+        c.submit("b", LONG)
+        return "b"
+    c.submit("a", LONG if state in ("PREFILLING", "parked") else [5, 6, 7, 8, 9], max_tokens=50)
+    if state == "parked":  # its only prefill worker died; migrated, nowhere to go
+        c.deliver(0)
+        c.step(0)
+        c.dead.add(0)
+        c.apply(c.front.on_worker_dead(0, c.loads(), migrate=True))
+        assert c.front.parked == ["a"]
+        return "a"
+    if state == "mixed":
+        c.deliver(0)
+        c.step(0)
+        return "a"
+    c.deliver(0)
+    c.step(0)
+    if state == "PREFILLING":
+        return "a"
+    c.pump_front()  # Handoff ordered
+    if state == "DECODING":
+        c.deliver(1)
+        c.step(1)
+        c.pump_front()
+    return "a"
+
+
+@pytest.mark.parametrize("state", ["QUEUED", "PREFILLING", "AWAIT_DECODE", "DECODING", "parked", "mixed"])
+def test_request_timeout_ends_a_request_in_every_state(default_model_dir, state):
+    """--request-timeout-s (FrontConfig.request_timeout_s): past it a request ends with an
+    error in whichever state it is, and every block it held anywhere is freed."""
+    c = Cluster(default_model_dir, roles=("mixed",) if state == "mixed" else ("prefill", "decode"),
+                request_timeout_s=5.0)
+    req_id = _drive_to(c, state)
+    req = c.front.reqs[req_id]
+    if state in ReqState.__members__:
+        assert req.state is ReqState[state]
+    assert c.front.expire(now=req.arrival_s + 4.9).fails == []  # not before its deadline
+    c.apply(c.front.expire(now=req.arrival_s + 5.1))  # well inside the 120 s handoff timeout
+    assert c.failed == {r: "request exceeded its 5 s deadline" for r in c.failed} and req_id in c.failed
+    assert set(c.failed) == ({"a", "b"} if state == "QUEUED" else {"a"})  # (QUEUED: a, ahead of it, too)
+    finish_and_check(c)
+    assert c.front.parked == []
+
+
+def _run_until(c: Cluster, pred, max_rounds: int = 200) -> None:
+    for _ in range(max_rounds):
+        if pred():
+            return
+        for wid in c.nodes:
+            if wid not in c.dead:
+                c.deliver(wid)
+                if c.nodes[wid].has_work():
+                    c.step(wid)
+        c.pump_front()
+    raise AssertionError("condition never held")
+
+
+def test_a_request_migrated_twice_continues_exactly_where_it_was(default_model_dir):
+    """Its decode worker dies, then the prefill worker re-prefilling the continuation dies too
+    (it parks until that one is back): the client still gets the unmigrated run's tokens,
+    no more, no fewer. (A second migration used to fold the emitted tokens into the prompt
+    again and take them off the budget again: a repeated prompt and a truncated output.)"""
+    prompt = [5, 6, 7, 8, 9, 10]
+    ref = Cluster(default_model_dir, roles=("prefill", "decode", "decode"))
+    ref.submit("a", prompt, max_tokens=12)
+    finish_and_check(ref, ["a"])
+    c = Cluster(default_model_dir, roles=("prefill", "decode", "decode"))
+    c.submit("a", prompt, max_tokens=12)
+    _run_until(c, lambda: len(c.tokens["a"]) >= 4 and not c.to_front)
+    first_decoder = c.front.reqs["a"].decode_worker
+    c.dead.add(first_decoder)
+    c.apply(c.front.on_worker_dead(first_decoder, c.loads(), migrate=True))
+    assert c.front.reqs["a"].state is not ReqState.DECODING  # re-queued for prefill on worker 0
+    assert c.blocks_used()[0] == 0
+    c.dead.add(0)  # ... which dies before running it
+    c.apply(c.front.on_worker_dead(0, c.loads(), migrate=True))
+    assert c.front.parked == ["a"]
+    c.dead.discard(0)  # restarted, empty
+    c.to_workers[0].clear()
+    c.apply(c.front.unpark(c.loads()))
+    finish_and_check(c, ["a"])
+    assert c.tokens["a"] == ref.tokens["a"] and len(ref.tokens["a"]) == 12

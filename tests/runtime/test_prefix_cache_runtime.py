@@ -182,3 +182,14 @@ def test_colocated_llm_outputs_equal_with_caching_on_and_off_under_preemption(de
         assert (blocks.hits > 0) == caching
         llm.close()
     assert outs[True] == outs[False]
+
+
+def test_host_staged_stamps_name_a_shared_blocks_content_not_its_last_stager():
+    """Two requests sharing a cached block both stage it: its stamp must satisfy either."""
+    from tetri.workers.kv_stage import block_stamps, stamp_of
+
+    seed = b"s" * 32
+    a = block_stamps("a", SYSTEM + [1, 2], 16, seed, caching=True)
+    b = block_stamps("b", SYSTEM + [3], 16, seed, caching=True)
+    assert a[:2] == b[:2] and a[2] == stamp_of("a", 42) and b[2] == stamp_of("b", 41)
+    assert block_stamps("a", SYSTEM + [1, 2], 16, seed, caching=False) == [stamp_of("a", 42)] * 3

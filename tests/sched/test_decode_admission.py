@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tetri.sched.decode_policy import (DECODE_POLICIES, DecodeReqView, GreedyDecodePolicy, ReserveDynamicPolicy,
-                                       ReserveStaticPolicy, admit_need_blocks, make_decode_policy,
-                                       predicted_remaining_tokens)
+from tetri.sched.decode_policy import (DecodeReqView, GreedyDecodePolicy, ReserveDynamicPolicy, ReserveStaticPolicy,
+                                       admit_need_blocks, predicted_remaining_tokens)
+from tetri.sched.decode_registry import DECODE_POLICIES, make_decode_policy
 from tetri.sched.kv_blocks import blocks_for_tokens
 
 

@@ -5,8 +5,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tetri.sched.load import ReqInfo
-from tetri.sched.predictor import (NonePredictor, OraclePredictor, Prediction, bucket_of, make_predictor,
-                                   prediction_for_bucket, with_prediction)
+from tetri.predictor.registry import make_predictor
+from tetri.sched.predictor import (NonePredictor, OraclePredictor, Prediction, bucket_of, prediction_for_bucket,
+                                   with_prediction)
 
 REQ = ReqInfo("r1", prompt_tokens=50, max_tokens=1000)
 

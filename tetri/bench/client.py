@@ -10,6 +10,13 @@ Timing (perf_counter, from just before the POST): TTFT = first chunk carrying te
 ids); ITL = gaps between successive such chunks; E2E = end of the stream. Output tokens come
 from the usage chunk when the server sends one, else from the chunks. HTTP errors, bad
 streams, timeouts and connection errors become failed records; nothing raises out of a run.
+
+Keep-alive: servers close idle connections (llama.cpp's `llama-server` does), and a request
+written to a pooled connection the server has just closed fails before any response byte
+(`ClientOSError: Can not write request body`, `ServerDisconnectedError`). Such a request
+never reached the server's handler, so it is sent again, once, on a new connection (a
+session that never reuses one), and only then counts as sent: its timing starts there.
+Failures after the response began, and refused connections, are never retried.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from tetri.bench.workload import Request
 PROMPT_ID_LOW = 10  # skip the ids tokenizers usually reserve for special tokens
 DEFAULT_VOCAB_SIZE = 256
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
+STALE_CONNECTION_ERRORS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+"""Raised by a write to, or the first read from, a pooled connection the server closed."""
 _WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at "
           "which but have an they you were her she there been one all we their has would when "
           "what more out up said into time some could them other than then now only its over "
@@ -141,12 +150,28 @@ def build_payload(req: Request, index: int, *, model: str, chat: bool, vocab_siz
     return payload
 
 
+async def _post(session: aiohttp.ClientSession, fresh: aiohttp.ClientSession | None, url: str,
+                payload: dict[str, Any], headers: dict[str, str] | None,
+                timeout: aiohttp.ClientTimeout) -> tuple[aiohttp.ClientResponse, bool]:
+    """POST and wait for the response head; (response, whether it was re-sent). A failure
+    before any response byte on a pooled connection is retried once on `fresh` (a
+    session without keep-alive; `session` itself when None). A refused connect is not."""
+    try:
+        return await session.post(url, json=payload, headers=headers, timeout=timeout), False
+    except aiohttp.ClientConnectorError:
+        raise
+    except STALE_CONNECTION_ERRORS:
+        retry_on = fresh if fresh is not None else session
+        return await retry_on.post(url, json=payload, headers=headers, timeout=timeout), True
+
+
 async def send_request(session: aiohttp.ClientSession, base_url: str, req: Request, index: int, *,
                        model: str, endpoint: str = "completions", vocab_size: int = DEFAULT_VOCAB_SIZE,
                        seed: int = 0, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                       headers: dict[str, str] | None = None, run_start: float | None = None
-                       ) -> RequestRecord:
-    """Send one streaming request; always returns a record (ok=False on any failure)."""
+                       headers: dict[str, str] | None = None, run_start: float | None = None,
+                       fresh_session: aiohttp.ClientSession | None = None) -> RequestRecord:
+    """Send one streaming request; always returns a record (ok=False on any failure).
+    `fresh_session`: where a request whose pooled connection turned out closed is re-sent."""
     chat = endpoint == "chat"
     url = normalize_base_url(base_url) + ("/v1/chat/completions" if chat else "/v1/completions")
     payload = build_payload(req, index, model=model, chat=chat, vocab_size=vocab_size, seed=seed)
@@ -185,7 +210,11 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, req: Reque
 
     try:
         timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        async with session.post(url, json=payload, headers=headers, timeout=timeout) as resp:
+        resp, resent = await _post(session, fresh_session, url, payload, headers, timeout)
+        if resent:  # the first write never reached the server: this one is the request
+            start = time.perf_counter()
+            record.resent = True
+        async with resp:
             if resp.status != 200:
                 body = (await resp.text(errors="replace"))[:300]
                 record.error = f"HTTP {resp.status}: {body}"
@@ -254,13 +283,15 @@ async def run_requests(base_url: str, requests: Sequence[Request], *, model: str
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     results: list[RequestRecord | None] = [None] * len(requests)
     connector = aiohttp.TCPConnector(limit=0)  # no client-side cap on open connections
-    async with aiohttp.ClientSession(connector=connector) as session:
+    fresh_connector = aiohttp.TCPConnector(limit=0, force_close=True)  # re-sends: never a pooled connection
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            aiohttp.ClientSession(connector=fresh_connector) as fresh_session:
         start = time.perf_counter()
 
         async def one(i: int) -> None:
             rec = await send_request(session, base_url, requests[i], i, model=model, endpoint=endpoint,
                                      vocab_size=vocab_size, seed=seed, request_timeout_s=request_timeout_s,
-                                     headers=headers, run_start=start)
+                                     headers=headers, run_start=start, fresh_session=fresh_session)
             results[i] = rec
             if on_done is not None:
                 on_done(rec)

@@ -25,6 +25,7 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     ok: bool = True
     error: str | None = None
     arrival_s: float = 0.0  # when it was sent, from the start of the run
+    resent: bool = False  # re-sent on a new connection: the pooled one was closed by the server
 
     @property
     def tpot_s(self) -> float | None:

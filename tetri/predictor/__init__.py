@@ -5,7 +5,8 @@
   train.py     seeded CPU training for the text model and the hidden-state probe
   data.py      JSONL examples, length counting, AlpacaEval conversion
   cli.py       `tetri-predictor train | eval | prepare-alpaca`
+  registry.py  `make_predictor(spec)`: none | oracle | model:DIR
 
-`tetri.sched.predictor.make_predictor("model:DIR")` loads a saved model through
+`tetri.predictor.registry.make_predictor("model:DIR")` loads a saved model through
 `tetri.predictor.model.load_predictor`.
 """

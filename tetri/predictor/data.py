@@ -12,7 +12,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-ALPACA_DIR = Path("/work/shared/datasets/alpaca_eval/model_outputs")
+# The shared datasets folder sits beside the checkout (../shared relative to the repo root).
+ALPACA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "alpaca_eval" / "model_outputs"
 DEFAULT_ALPACA_MODELS = ("Meta-Llama-3-8B-Instruct",)
 
 

@@ -14,7 +14,8 @@ policy here offers (as no-ops where stateless), so the worker may call them unco
   3. `on_step(run_ids, now)` after each decode step that ran `run_ids`;
   4. `forget(req_id)` when a request finishes or is aborted (not when it is preempted).
 
-Policies (`make_decode_policy(name, **kwargs)`):
+Policies (built by name with `tetri.sched.decode_registry.make_decode_policy(name, **kwargs)`;
+the request view and the admission helpers live in `tetri.sched.decode_base`):
   greedy           vLLM: admit while the next token's blocks are free now.
   reserve-static   TetriInfer: admit while context + predicted remaining output (low end of
                    the bucket) fits in the blocks free now.
@@ -27,30 +28,11 @@ what they hold) never sum to more than `free_blocks`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
-
+from tetri.sched.decode_base import DecodePolicy, DecodeReqView, admit_in_order, admit_need_blocks
 from tetri.sched.kv_blocks import blocks_for_tokens
 
-
-@dataclass(frozen=True)
-class DecodeReqView:
-    req_id: str
-    context_tokens: int
-    """Tokens whose KV the request holds or will hold when admitted (prompt + generated)."""
-    generated_tokens: int
-    max_tokens: int
-    predicted_output_tokens: int | None = None
-    arrival_s: float = 0.0
-    held_blocks: int = 0
-
-
-class DecodePolicy(Protocol):
-    def admit(self, waiting: list[DecodeReqView], running: list[DecodeReqView],
-              free_blocks: int, block_size: int, now: float) -> list[str]: ...
-
-    def schedule(self, running: list[DecodeReqView], max_seqs: int, free_blocks: int,
-                 block_size: int, now: float) -> tuple[list[str], list[str]]: ...
+__all__ = ["DecodePolicy", "DecodeReqView", "GreedyDecodePolicy", "ReserveDynamicPolicy", "ReserveStaticPolicy",
+           "admit_in_order", "admit_need_blocks", "blocks_at_step", "predicted_remaining_tokens"]
 
 
 class GreedyDecodePolicy:
@@ -80,25 +62,6 @@ class GreedyDecodePolicy:
 
     def forget(self, req_id: str) -> None:
         """No state to drop."""
-
-
-def admit_in_order(reqs: Iterable[DecodeReqView], free_blocks: int,
-                   need_blocks: Callable[[DecodeReqView], int]) -> list[str]:
-    """Ids of `reqs`, in order, while each one's `need_blocks` fits in what is left of
-    `free_blocks`; stops at the first that does not (no overtaking)."""
-    admitted = []
-    for req in reqs:
-        need = need_blocks(req)
-        if need > free_blocks:
-            break
-        free_blocks -= need
-        admitted.append(req.req_id)
-    return admitted
-
-
-def admit_need_blocks(req: DecodeReqView, block_size: int) -> int:
-    """Blocks a request needs right now to be admitted and decode one step."""
-    return max(0, blocks_for_tokens(req.context_tokens + 1, block_size) - req.held_blocks)
 
 
 def predicted_remaining_tokens(req: DecodeReqView) -> int:
@@ -158,22 +121,3 @@ class ReserveDynamicPolicy(GreedyDecodePolicy):
             held_now += req.held_blocks
             admitted.append(req.req_id)
         return admitted
-
-
-DECODE_POLICIES = ("greedy", "reserve-static", "reserve-dynamic", "mlfq")
-
-
-def make_decode_policy(name: str, **kwargs) -> DecodePolicy:
-    """Build a decode policy by name; kwargs go to the policy (only mlfq takes any:
-    see `tetri.sched.mlfq.MLFQDecodePolicy`)."""
-    if name == "mlfq":
-        from tetri.sched.mlfq import MLFQDecodePolicy
-
-        return MLFQDecodePolicy(**kwargs)
-    simple = {"greedy": GreedyDecodePolicy, "reserve-static": ReserveStaticPolicy,
-              "reserve-dynamic": ReserveDynamicPolicy}
-    if name not in simple:
-        raise ValueError(f"decode policy must be one of {DECODE_POLICIES}, got {name!r}")
-    if kwargs:
-        raise TypeError(f"decode policy {name!r} takes no options, got {sorted(kwargs)}")
-    return simple[name]()

@@ -88,6 +88,9 @@ class FrontReq:
     output_ids: list[int] = field(default_factory=list)
     """Tokens of choice 0 already sent to the client (what a migration re-prefills)."""
     migrations: int = 0
+    output_in_prompt: int = 0
+    """How many of `output_ids` an earlier migration already folded into the prompt (and took
+    off `params.max_tokens`): a second migration adds only the ones after them."""
     block_hashes: list[bytes] | None = None
     """Prefix-cache hashes of the prompt's full blocks (computed once, when caching is on)."""
 
@@ -378,15 +381,17 @@ class FrontScheduler:
 
     def _migrate(self, req: FrontReq, loads: list[WorkerLoad], acts: Actions) -> bool:
         """Re-queue as a continuation: prompt + emitted tokens, the remaining token budget."""
-        emitted = len(req.output_ids)
+        new_ids = req.output_ids[req.output_in_prompt:]  # not yet in the prompt (all, the first time)
+        emitted = len(new_ids)
         p = req.params
         params = replace_params(p, max_tokens=p.max_tokens - emitted, min_tokens=max(0, p.min_tokens - emitted))
         self._released(req.req_id, req.prefill_worker)
         self._released(req.req_id, req.decode_worker)
         self.reqs.pop(req.req_id)
-        cont = FrontReq(req.req_id, req.prompt_token_ids + req.output_ids, params, req.arrival_s,
+        cont = FrontReq(req.req_id, req.prompt_token_ids + new_ids, params, req.arrival_s,
                         expected_output_tokens=req.expected_output_tokens, prompt_text=req.prompt_text,
-                        output_ids=list(req.output_ids), migrations=req.migrations + 1)
+                        output_ids=list(req.output_ids), migrations=req.migrations + 1,
+                        output_in_prompt=len(req.output_ids))
         try:
             acts.extend(self.add(cont, loads, 0.0))
         except NoWorker:  # no live worker of the role: wait for the supervisor's restart

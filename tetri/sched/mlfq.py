@@ -1,6 +1,6 @@
 """FastServe's skip-join multi-level feedback queue for a decode worker (papers.md §3.2-3.3).
 
-Contract (same `DecodePolicy` interface as `tetri.sched.decode_policy`, plus two hooks the
+Contract (same `DecodePolicy` interface as `tetri.sched.decode_base`, plus two hooks the
 decode worker MUST call, because this policy keeps per-request state):
   - `admit(waiting, running, free_blocks, block_size, now)` -> ids to admit, highest priority
     first, while their immediate need (context + 1 token, less held blocks) fits; stops at
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tetri.sched.decode_policy import DecodeReqView, admit_in_order, admit_need_blocks
+from tetri.sched.decode_base import DecodeReqView, admit_in_order, admit_need_blocks
 
 
 @dataclass

@@ -4,12 +4,12 @@ A predictor classifies a request's output length into a bucket of `bucket_tokens
 bucket k covers [k * bucket_tokens, (k + 1) * bucket_tokens). Policies use the LOW end of the
 bucket as the resource estimate (`ReqInfo.predicted_low_tokens`), as the paper does.
 
-    make_predictor("none")            -> NonePredictor: always None (prediction-free policies)
-    make_predictor("oracle")          -> OraclePredictor: the true length, where a benchmark
-                                         supplies it (upper bound on what prediction can buy)
-    make_predictor("model:DIR")       -> a trained model from `tetri-predictor train`; imported
-                                         lazily from `tetri.predictor.model` (torch), so this
-                                         module stays importable without torch.
+    NonePredictor    always None (prediction-free policies)
+    OraclePredictor  the true length, where a benchmark supplies it (upper bound on what
+                     prediction can buy)
+A trained model (`tetri.predictor.model.LearnedPredictor`) implements the same interface;
+the spec strings (`none | oracle | model:DIR`) are parsed by `tetri.predictor.registry`, so
+the dependency runs one way: the model package imports this module, never the reverse.
 
 `predict(req, features=None)` returns a `Prediction` or None when nothing can be said.
 `features` is what the caller knows beyond `ReqInfo`: a mapping that may hold
@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tetri.sched.load import ReqInfo
-
-PREDICTOR_SPECS = ("none", "oracle", "model:DIR")
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -104,15 +101,3 @@ class OraclePredictor:
             tokens = min(tokens, req.max_tokens)
         return prediction_for_bucket(bucket_of(tokens, self.bucket_tokens), self.bucket_tokens)
 
-
-def make_predictor(spec: str, bucket_tokens: int = 200) -> LengthPredictor:
-    """Parse `none | oracle | model:DIR`. A model's bucket width comes from its meta.json."""
-    if spec == "none":
-        return NonePredictor(bucket_tokens)
-    if spec == "oracle":
-        return OraclePredictor(bucket_tokens)
-    if spec.startswith("model:") and len(spec) > len("model:"):
-        from tetri.predictor.model import load_predictor  # lazy: torch lives there
-
-        return load_predictor(spec[len("model:"):])
-    raise ValueError(f"predictor must be one of {PREDICTOR_SPECS}, got {spec!r}")

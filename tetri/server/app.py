@@ -53,8 +53,10 @@ async def draining_middleware(request: web.Request, handler) -> web.StreamRespon
 
 
 async def health(request: web.Request) -> web.Response:
-    if request.app[STATE].draining or not request.app[ENGINE].healthy():
-        raise ApiError(503, "The engine is not healthy.")
+    engine = request.app[ENGINE]
+    if request.app[STATE].draining or not engine.healthy():
+        why = getattr(engine, "unhealthy_reason", lambda: None)()  # the real client says why
+        raise ApiError(503, f"The engine is not healthy: {why}." if why else "The engine is not healthy.")
     return web.Response(status=200)
 
 

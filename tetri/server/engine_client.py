@@ -27,12 +27,13 @@ import zmq.asyncio
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.control.load_board import LoadBoard
 from tetri.launch import LaunchConfig, WorkerProcs
-from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPools, Ready, Shutdown, TokenBatch,
-                            WorkerError, decode_or_none, encode, from_worker_decoder)
+from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPaths, PeerPools, Ready, Shutdown,
+                            TokenBatch, WorkerError, decode_or_none, encode, from_worker_decoder)
 from tetri.sched.dispatch import NoWorker
 from tetri.sched.front import Actions, FrontConfig, FrontReq, FrontScheduler
 from tetri.server.engine_api import (ChoiceDelta, EngineError, EngineOutput, EngineRequest, Overloaded,
                                      RequestStream, Unavailable)
+from tetri.server.supervision import STARTUP_GRACE_S, RestartBook, missing_roles_reason, worker_fields
 
 log = logging.getLogger("tetri.engine")
 SUPERVISE_EVERY_S = 0.1
@@ -66,6 +67,11 @@ class RuntimeClient:
         self.max_restarts = max_restarts
         self._restart_at: dict[int, float] = {}
         self._dead_role: dict[int, str] = {}  # role to restart a dead worker in
+        self._starting: set[int] = set()  # restarted, no Ready yet
+        self._ready_at: dict[int, float] = {}
+        self.restart_book = RestartBook(max_restarts)
+        self.failed = self.restart_book.failed  # workers no longer restarted, and why
+        self.kv_paths: dict[int, PeerPaths] = {}  # decode worker -> the transfer path to each peer pool
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -103,6 +109,7 @@ class RuntimeClient:
                 msg = self._decode(await self.pull.recv())
                 if isinstance(msg, Ready):
                     self.ready[msg.worker_id] = msg
+                    self._ready_at[msg.worker_id] = time.monotonic()
                 elif isinstance(msg, WorkerError):
                     raise RuntimeError(f"worker {msg.worker_id}: {msg.message}")
 
@@ -139,12 +146,13 @@ class RuntimeClient:
         from multiprocessing import shared_memory
 
         for wid in list(workers):
-            name = self.ready[wid].pool.shm_name if wid in self.ready else None
-            if name:
-                with contextlib.suppress(FileNotFoundError):
-                    shm = shared_memory.SharedMemory(name=name)
-                    shm.close()
-                    shm.unlink()
+            pool = self.ready[wid].pool if wid in self.ready else None
+            for name in (pool.shm_name, pool.stage_shm) if pool is not None else ():
+                if name:
+                    with contextlib.suppress(FileNotFoundError):
+                        shm = shared_memory.SharedMemory(name=name)
+                        shm.close()
+                        shm.unlink()
 
     # ---- the EngineClient API ------------------------------------------------------------
     def submit(self, req: EngineRequest) -> RequestStream:
@@ -191,6 +199,13 @@ class RuntimeClient:
         live = {w.role for w in self._loads() if w.alive}
         return roles <= live
 
+    def unhealthy_reason(self) -> str | None:
+        """Why /health is 503: the roles without a live worker, and the workers given up on."""
+        if self._closed or not self.ready:
+            return "server shutting down" if self._closed else "workers are starting"
+        return missing_roles_reason({s.role for s in self.launch_cfg.workers},
+                                    {w.role for w in self._loads() if w.alive}, self.failed)
+
     def num_running(self) -> int:
         return len(self.scheduler.reqs)
 
@@ -207,6 +222,7 @@ class RuntimeClient:
                              prefix_cache_hit_rate=w.prefix_cache_hits / w.prefix_cache_queries
                              if w.prefix_cache_queries else 0.0,
                              restarts=self.procs.restarts.get(w.worker_id, 0)))
+            rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)
         return rows
 
     # ---- internals -----------------------------------------------------------------------
@@ -269,7 +285,7 @@ class RuntimeClient:
                 self._on_chunk_done(msg)
             case KVCopied():
                 if self.metrics is not None:
-                    self.metrics.observe_kv_transfer(msg.num_bytes, msg.seconds)
+                    self.metrics.observe_kv_transfer(msg.num_bytes, msg.seconds, msg.path)
                 self._apply(self.scheduler.on_kv_copied(msg))
             case Dropped():
                 self._apply(self.scheduler.on_dropped(msg.req_id))
@@ -279,6 +295,8 @@ class RuntimeClient:
                     self._apply(self.scheduler.fail_request(msg.req_id, msg.message))
             case Ready():
                 self._on_ready(msg)
+            case PeerPaths():
+                self._on_peer_paths(msg)
 
     def _on_chunk_done(self, msg: ChunkDone) -> None:
         for res in msg.finished:  # first tokens go out before the handoff is even ordered
@@ -331,6 +349,9 @@ class RuntimeClient:
                 if wid in self.dead:
                     if wid in self._restart_at and now >= self._restart_at[wid]:
                         self._restart(wid)
+                    elif wid in self._starting and not self.procs.alive(wid):
+                        self._starting.discard(wid)
+                        self._after_death(wid, self.procs.last_error(wid), at_start=True)
                     continue
                 stale = now - self.board.read(wid).heartbeat_s > self.launch_cfg.heartbeat_timeout_s
                 if not self.procs.alive(wid) or stale:
@@ -366,15 +387,25 @@ class RuntimeClient:
         if self.metrics is not None:
             self.metrics.observe_migrations(self.scheduler.migrated_total - migrated_before)
         self._unlink_pools([wid])
+        self._broadcast_pools()  # survivors close their mappings of its pool and stop staging for it
         self._dead_role[wid] = role
-        restarts = self.procs.restarts.get(wid, 0)
-        if restarts < self.max_restarts:
-            self._restart_at[wid] = time.monotonic() + min(30.0, 2.0 ** restarts)  # back-off
-        else:
-            log.error("worker %d died %d times; not restarting it", wid, restarts + 1)
+        self.kv_paths.pop(wid, None)
+        at_start = time.monotonic() - self._ready_at.get(wid, 0.0) < STARTUP_GRACE_S
+        self._after_death(wid, self.procs.last_error(wid), at_start)
+
+    def _after_death(self, wid: int, why: str, at_start: bool) -> None:
+        """Restart with back-off, or give up (`supervision.RestartBook`; /health and /workers say why)."""
+        role = self._dead_role.get(wid, "?")
+        delay = self.restart_book.after_death(wid, role, why, at_start, self.procs.restarts.get(wid, 0))
+        if delay is None:
+            log.error("%s", self.failed[wid])
+            return
+        self._restart_at[wid] = time.monotonic() + delay
+        log.warning("worker %d (%s) ended (%s); restarting it", wid, role, why)
 
     def _restart(self, wid: int) -> None:
         del self._restart_at[wid]
+        self._starting.add(wid)
         self.procs.restarts[wid] = self.procs.restarts.get(wid, 0) + 1
         log.warning("restarting worker %d as %s (restart %d)", wid, self._dead_role[wid], self.procs.restarts[wid])
         self.procs.spawn(wid, role=self._dead_role[wid])
@@ -384,12 +415,29 @@ class RuntimeClient:
     def _on_ready(self, msg: Ready) -> None:
         """A restarted worker is up: revive it and tell every worker where its pool is."""
         self.ready[msg.worker_id] = msg
+        self._starting.discard(msg.worker_id)
+        self._ready_at[msg.worker_id] = time.monotonic()
         if msg.worker_id in self.dead:
             self.dead.discard(msg.worker_id)
             if self.scheduler.flip_plan is not None:
                 self.scheduler.flip_plan.add_worker(msg.worker_id, msg.role)
             self._broadcast_pools()
             self._apply(self.scheduler.unpark(self._loads()))
+
+
+    def _on_peer_paths(self, msg: PeerPaths) -> None:
+        """Record the path per pair (/workers, metrics). An owner whose peer fell back to the
+        host-staged path gets PeerPools again: it stages what it already holds once it sees the
+        peer's request (its flag is set by now), so no handoff waits on a prompt finished before."""
+        self.kv_paths[msg.worker_id] = msg
+        if self.metrics is not None:
+            self.metrics.observe_kv_paths(msg.worker_id, msg.paths)
+        staged = [src for src, path in msg.paths.items()  # prefill owners only: they never answer PeerPaths
+                  if path == "host_staged" and self.board.read(src).role == "prefill"]
+        if staged:
+            pools = {wid: r.pool for wid, r in self.ready.items() if wid not in self.dead}
+            for src in staged:
+                self._send(src, PeerPools(pools=pools))
 
 
 def _dead(w):

@@ -39,6 +39,8 @@ class Metrics:
         self.request_success = Counter("tetri:request_success", "Finished choices by finish reason.", ["finished_reason"], registry=r)
         self.kv_handoffs = Counter("tetri:kv_handoffs", "Prefill->decode KV handoffs completed.", registry=r)
         self.kv_transfer_bytes = Counter("tetri:kv_transfer_bytes", "Bytes of KV copied between workers.", registry=r)
+        self.kv_path_bytes = Counter("tetri:kv_transfer_path_bytes", "Bytes of KV copied between workers, by transfer path.", ["path"], registry=r)
+        self.kv_path = Gauge("tetri:kv_transfer_path_info", "1 for the KV transfer path each (source, destination) worker pair uses.", ["src_worker", "dst_worker", "path"], registry=r)
         self.migrated = Counter("tetri:requests_migrated", "Requests resumed on another worker after a worker died.", registry=r)
         self.restarts = Counter("tetri:worker_restarts", "Worker processes restarted by the supervisor.", registry=r)
         self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
@@ -82,11 +84,20 @@ class Metrics:
 
     # -- fed by the engine client --------------------------------------------------------
 
-    def observe_kv_transfer(self, num_bytes: int, seconds: float) -> None:
+    def observe_kv_transfer(self, num_bytes: int, seconds: float, path: str = "") -> None:
         """One completed prefill->decode KV handoff."""
         self.kv_handoffs.inc()
         self.kv_transfer_bytes.inc(num_bytes)
         self.kv_transfer.observe(seconds)
+        if path:
+            self.kv_path_bytes.labels(path=path).inc(num_bytes)
+
+    def observe_kv_paths(self, dst_worker: int, paths: dict[int, str]) -> None:
+        """The transfer path a decode worker opened to each peer pool (replacing what it had)."""
+        for labels in [m.labels for m in self.kv_path.collect()[0].samples if m.labels.get("dst_worker") == str(dst_worker)]:
+            self.kv_path.remove(labels["src_worker"], labels["dst_worker"], labels["path"])
+        for src, path in paths.items():
+            self.kv_path.labels(src_worker=str(src), dst_worker=str(dst_worker), path=path).set(1)
 
     def observe_migrations(self, count: int) -> None:
         self.migrated.inc(count)

@@ -24,7 +24,7 @@ from tetri.bench import workload
 from tetri.bench.records import RequestRecord, Slo
 from tetri.bench.report import max_rate_at, plot_latency_cdfs, plot_sweep, print_report, sweep_entry
 from tetri.sched.chunking import PREFILL_POLICIES
-from tetri.sched.decode_policy import DECODE_POLICIES
+from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
 from tetri.sim.config import MODES, SimConfig
 from tetri.sim.costmodel import HARDWARE_PRESETS, MODEL_PRESETS, CostModel, lookup, with_overrides

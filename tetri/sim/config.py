@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tetri.sched.chunking import PREFILL_POLICIES
-from tetri.sched.decode_policy import DECODE_POLICIES
+from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
 
 MODES = ("colocated", "colocated-chunked", "disagg", "tetri")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 
 from tetri.sched.chunking import ChunkPacker
-from tetri.sched.decode_policy import make_decode_policy
+from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.dispatch import expected_output_tokens, is_heavy
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
 from tetri.sim.requests import SimRequest

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from tetri.bench.records import Slo
 from tetri.bench.workload import Request
-from tetri.sched.decode_policy import DECODE_POLICIES
+from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sim.cli import _floats, _positive_float, _slo, add_cluster_args, add_workload_args, build_requests
 from tetri.sim.cli import cost_model_from_args
 from tetri.sim.config import SimConfig

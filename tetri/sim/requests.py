@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from tetri.bench.records import RequestRecord
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.load import ReqInfo
-from tetri.sched.predictor import make_predictor, prediction_for_bucket, with_prediction
+from tetri.predictor.registry import make_predictor
+from tetri.sched.predictor import prediction_for_bucket, with_prediction
 
 
 @dataclass(eq=False)
@@ -77,7 +78,7 @@ class SimRequest:
 
 
 class NoisyPredictor:
-    """The real predictor (`tetri.sched.predictor`), with optional bucket noise: with
+    """The real predictor (`tetri.predictor.registry`), with optional bucket noise: with
     probability `accuracy` the bucket it returns, otherwise one bucket up or down (up from
     bucket 0), modelling a ~75%-accurate classifier whose mistakes are adjacent buckets."""
 

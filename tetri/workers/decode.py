@@ -7,8 +7,11 @@ Each step:
   2. the policy picks which running sequences step (and which to preempt: their blocks are
      freed and they are re-prefilled here from prompt + output before resuming);
   3. one forward pass over the decodes (and any re-prefills); the node sends one `TokenBatch`.
-A request is never read from a peer pool after an Abort was processed: copies happen
-synchronously inside the step, and the step never runs between an Abort and its `Dropped`.
+Copies run on the peer pair's transfer path (`workers/kv_transfer.py`): on CPU they finish at
+once; on CUDA they run on a copy stream while decode steps go on, and the request joins the
+batch (and `KVCopied` goes out) only once the host has seen the copy's event complete. A
+request is never read from a peer pool after an Abort was processed: an Abort waits for the
+request's copy in flight before its destination blocks are freed and `Dropped` is sent.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tetri.protocol import Handoff, KVCopied
+from tetri.protocol import Handoff, KVCopied, WorkerError
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.workers.executor import Executor, SampledToken
-from tetri.workers.kv_pool import KVPool
+from tetri.workers.kv_stage import block_stamps
+from tetri.workers.kv_transfer import InflightCopies, InflightCopy, PeerSource, as_source
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
 
@@ -37,15 +41,29 @@ class DecodeCore:
         self.worker_id = worker_id
         self.policy = policy
         self.max_num_seqs = max_num_seqs
-        self.peers: dict[int, KVPool] = {}
+        self.peers: dict[int, PeerSource] = {}
+        self.copies = InflightCopies()  # handoffs whose KV is being copied in (not acked yet)
         self.waiting: dict[str, _Waiting] = {}
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
         self.predicted: dict[str, int] = {}
         self._resumed: list[Seq] = []
 
-    def add_peer(self, worker_id: int, pool: KVPool) -> None:
-        self.peers[worker_id] = pool
+    def add_peer(self, worker_id: int, source) -> None:
+        """A peer pool opened for copying (a `PeerSource`, or a pool of this process)."""
+        if worker_id in self.peers:
+            self.retire_peer(worker_id)
+        self.peers[worker_id] = as_source(source, self.ex.device)
+
+    def retire_peer(self, worker_id: int) -> None:
+        """The peer is gone or has a new pool: drop the copies still reading the old one (their
+        destination blocks are freed once each copy completed), then close the mapping."""
+        for copy in self.copies.settle_from(worker_id):
+            for seq in copy.seqs:
+                self.ex.free(seq)
+        source = self.peers.pop(worker_id, None)
+        if source is not None:
+            source.close()
 
     def handoff(self, msg: Handoff, now: float) -> None:
         self.waiting[msg.req_id] = _Waiting(msg, now)
@@ -54,7 +72,8 @@ class DecodeCore:
 
     def abort(self, req_id: str, choice: int | None = None) -> bool:
         """Drop the request (or one choice); True when this worker knew it."""
-        known = self.waiting.pop(req_id, None) is not None if choice is None else False
+        known = self._settle_copy(req_id, choice)
+        known = (self.waiting.pop(req_id, None) is not None if choice is None else False) or known
         for table in (self.running, self.recompute):
             for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
                 seq = table.pop(key)
@@ -70,20 +89,26 @@ class DecodeCore:
         gone = [r for r, w in self.waiting.items() if w.msg.src_worker == src_worker]
         for r in gone:
             del self.waiting[r]
+        for copy in self.copies.settle_from(src_worker):
+            for seq in copy.seqs:
+                self.ex.free(seq)
+            gone.append(copy.req_id)
         return gone
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.recompute)
+        return bool(self.waiting or self.running or self.recompute or self.copies)
 
     def load(self) -> dict:
         heavy = sum(1 for r in self.predicted.values() if r > 128)
-        return dict(running_reqs=len(self.running), waiting_reqs=len(self.waiting) + len(self.recompute),
+        return dict(running_reqs=len(self.running),
+                    waiting_reqs=len(self.waiting) + len(self.recompute) + len(self.copies),
                     predicted_decode_tokens=sum(self.predicted.values()), heavy_decodes=heavy,
                     light_decodes=len(self.predicted) - heavy)
 
     # ---- one step ------------------------------------------------------------------
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
         acks = self._admit(now)
+        acks += self._landed()
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
         decodes = [s for s in self._schedule(now) if s.key not in resumed]
@@ -121,29 +146,66 @@ class DecodeCore:
         admitted = self.policy.admit(views, running, self.ex.blocks.num_free, bs, now) if views else []
         return [ack for ack in (self._copy_in(self.waiting.pop(r).msg) for r in admitted) if ack]
 
-    def _copy_in(self, msg: Handoff) -> KVCopied | None:
+    def _copy_in(self, msg: Handoff) -> WorkerError | None:
+        """Start copying a handoff's KV in (one copy per open choice, on the pair's transfer
+        path); `_landed` acks it once complete. A pair with no path fails the request at once;
+        one whose pool is short, or whose blocks the owner has not staged yet, retries later."""
         src = self.peers.get(msg.src_worker)
         prompt_len = len(msg.prompt_token_ids)
         need = blocks_for_tokens(prompt_len + 1, self.ex.block_size) * len(msg.open_choices)
-        if src is None or need > self.ex.blocks.num_free:
-            self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted: retry later
+        src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, self.ex.block_size)]
+        if src is not None and src.src is None:
+            return WorkerError(worker_id=self.worker_id, req_id=msg.req_id,
+                               message=f"no KV transfer path from worker {msg.src_worker} to worker "
+                                       f"{self.worker_id}: {src.error}")
+        stamps = block_stamps(msg.req_id, msg.prompt_token_ids, self.ex.block_size, self.ex.hash_seed,
+                              self.ex.blocks.caching) if src is not None and src.ready_fn is not None else []
+        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids, stamps):
+            self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted, or not staged: retry
             return None
         start = time.perf_counter()
-        copied = 0
-        src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, self.ex.block_size)]
+        seqs, completions = [], []
         for choice in msg.open_choices:
             seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s)
             seq.output_ids.append(msg.first_tokens[choice])
             seq.num_computed = prompt_len
             dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)
-            copied += self.ex.pool.copy_blocks_from(src, src_ids, dst[: len(src_ids)])
-            self.running[seq.key] = seq
-        if self.ex.device.startswith("cuda"):
-            import torch
+            completions.append(src.copy_into(self.ex.pool, src_ids, dst[: len(src_ids)]))
+            seqs.append(seq)
+        self.copies.add(InflightCopy(msg.req_id, msg.src_worker, seqs, completions,
+                                     len(src_ids) * self.ex.pool.layout.block_bytes * len(seqs), src.path, start))
+        return None
 
-            torch.cuda.current_stream(self.ex.pool.data.device).synchronize()  # ack only once the copy has landed
-        return KVCopied(worker_id=self.worker_id, req_id=msg.req_id, num_bytes=copied,
-                        seconds=time.perf_counter() - start)
+    def _landed(self) -> list[KVCopied]:
+        """Ack the copies the host has seen complete; their sequences join the batch. Decode steps
+        never wait for a copy; with nothing else to run, wait for the oldest copy instead of
+        spinning (it is already queued on the device: its own length bounds the wait)."""
+        if self.copies and not self.running and not self.recompute:
+            self.copies.wait_oldest()
+        acks = []
+        for copy in self.copies.landed():
+            for seq in copy.seqs:
+                self.running[seq.key] = seq
+            acks.append(KVCopied(worker_id=self.worker_id, req_id=copy.req_id, num_bytes=copy.num_bytes,
+                                 seconds=time.perf_counter() - copy.start_s, path=copy.path))
+        return acks
+
+    def _settle_copy(self, req_id: str, choice: int | None) -> bool:
+        """An Abort of a request whose copy is in flight: wait for the copy, then free the blocks
+        it wrote (of one choice, or all); the other choices are acked at the next step."""
+        copy = self.copies.settle(req_id)
+        if copy is None:
+            return False
+        keep = []
+        for seq in copy.seqs:
+            if choice is None or seq.choice == choice:
+                self.ex.free(seq)
+            else:
+                keep.append(seq)
+        if keep:
+            copy.seqs = keep
+            self.copies.add(copy)
+        return True
 
     def _schedule(self, now: float) -> list[Seq]:
         views = [self._view(s) for s in self.running.values()]

@@ -98,6 +98,10 @@ class Executor:
                                  min_blocks)
         layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, dtype)
         self.pool = KVPool.allocate(layout, device, shared=shared_pool)
+        if shared_pool:
+            from tetri.workers.kv_stage import with_stage
+
+            with_stage(self.pool)
         self.runner = ModelRunner(self.loaded, self.pool, device, model_cfg.attention)
         before = torch.cuda.memory_allocated(device) if cuda else 0
         if self.runner.attn.name == "triton":

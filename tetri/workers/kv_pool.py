@@ -4,22 +4,35 @@
 
 A block holds every layer's K and V for `block_size` tokens in one contiguous span, so moving
 a request to another pool is one `copy_` per run of consecutive block ids (few, large
-copies). On CPU the tensor lives in a named shared-memory segment that peer workers open
-by name; on CUDA it is ordinary device memory that peers open through CUDA IPC handles
-(torch.multiprocessing's storage sharing). Accounting (which ids are free) is
-`tetri.sched.kv_blocks.BlockAllocator`; this module only owns memory and copies.
+copies). The allocation holds one more block past `data`: the canary block, never handed out
+by the allocator, whose last 64 bytes are the pool's random 16-byte nonce four times; a peer
+that opens the pool checks them before trusting the mapping.
+
+Where it lives: on CPU in a named shared-memory segment that peers open by name; on CUDA in
+ordinary device memory (one `torch.zeros`, never freed) that peers open through a CUDA IPC
+handle (`workers/cuda_ipc.py`). A shared pool also gets a host-staging mirror
+(`workers/kv_stage.py`) for peers that cannot map it. `PoolInfo` (protocol.py) is how peers
+learn all of it (`node.pool_info`); `workers/kv_transfer.py` opens and copies. Accounting
+(which ids are free) is `tetri.sched.kv_blocks.BlockAllocator`; this module only owns memory.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+import weakref
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import torch
 
 from tetri.workers.models.llama import ArchSpec
+
+log = logging.getLogger("tetri.kv")
+CANARY_BYTES = 64
+LAYOUT = "blocks,layers,kv,tokens,heads,dim"  # row-major and contiguous
+_LOCAL: weakref.WeakValueDictionary[bytes, KVPool] = weakref.WeakValueDictionary()  # nonce -> pool of this process
 
 
 @dataclass(frozen=True)
@@ -60,11 +73,19 @@ def blocks_for_budget(layout_one_block: PoolLayout, budget_bytes: float) -> int:
 class KVPool:
     """Owns (or has opened) one worker's pool. Create with `allocate`, peers use `open_shared`."""
 
-    def __init__(self, layout: PoolLayout, data: torch.Tensor, shm: shared_memory.SharedMemory | None, owner: bool) -> None:
+    def __init__(self, layout: PoolLayout, data: torch.Tensor, shm: shared_memory.SharedMemory | None, owner: bool,
+                 nonce: bytes = b"", whole: torch.Tensor | None = None) -> None:
         self.layout = layout
         self.data = data
         self._shm = shm
         self._owner = owner
+        self.nonce = nonce  # the canary's 16 bytes (empty for a peer's pool opened without one)
+        self.whole = whole if whole is not None else data  # data + the canary block
+        self.ipc = None  # cuda_ipc.IpcExport of a CUDA pool, when it could be exported
+        self.ipc_error: str | None = None
+        self.stage = None  # kv_stage.HostStage: the host-staging mirror of a shared pool
+        if owner and nonce:
+            _LOCAL[nonce] = self
 
     @property
     def shm_name(self) -> str | None:
@@ -72,25 +93,62 @@ class KVPool:
 
     @classmethod
     def allocate(cls, layout: PoolLayout, device: str = "cpu", shared: bool = False) -> KVPool:
+        """Allocate the pool once (plus its canary block). `shared`: peers in other processes will
+        open it (a shared-memory segment on CPU; on CUDA an IPC export), and it gets a staging mirror."""
+        elems = math.prod(layout.shape)
+        whole_elems = elems + _canary_elems(layout)
+        shm = None
         if device.startswith("cpu") and shared:
-            name = f"tetri-kv-{secrets.token_hex(8)}"
-            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
-            data = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=math.prod(layout.shape)).view(layout.shape)
-            data.zero_()
-            return cls(layout, data, shm, owner=True)
-        data = torch.zeros(layout.shape, dtype=layout.torch_dtype, device=device)
-        return cls(layout, data, None, owner=True)
+            shm = shared_memory.SharedMemory(name=f"tetri-kv-{secrets.token_hex(8)}", create=True,
+                                             size=whole_elems * _itemsize(layout))
+            whole = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=whole_elems)
+            whole.zero_()
+        else:
+            whole = torch.zeros(whole_elems, dtype=layout.torch_dtype, device=device)
+        nonce = secrets.token_bytes(16)
+        pool = cls(layout, whole[:elems].view(layout.shape), shm, owner=True, nonce=nonce, whole=whole)
+        pool._write_canary()
+        if shared and device.startswith("cuda"):
+            pool._export_ipc()
+        return pool  # (its host-staging mirror, if any, is attached by kv_stage.with_stage)
+
+    def _write_canary(self) -> None:
+        tail = self.whole.view(torch.uint8)[-CANARY_BYTES:]
+        tail.copy_(torch.frombuffer(bytearray(self.nonce * (CANARY_BYTES // 16)), dtype=torch.uint8))
+
+    def _export_ipc(self) -> None:
+        from tetri.workers import cuda_ipc
+
+        whole = self.whole.view(torch.uint8)
+        try:
+            self.ipc = cuda_ipc.export(whole.data_ptr(), whole.numel())
+        except cuda_ipc.CudaIpcError as e:
+            self.ipc_error = str(e)
+            log.warning("KV pool not exported through CUDA IPC (peers will use the host-staged path): %s", e)
 
     @classmethod
     def open_shared(cls, layout: PoolLayout, shm_name: str) -> KVPool:
         shm = shared_memory.SharedMemory(name=shm_name, create=False)
-        data = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=math.prod(layout.shape)).view(layout.shape)
-        return cls(layout, data, shm, owner=False)
+        elems = math.prod(layout.shape)
+        whole_elems = min(shm.size // _itemsize(layout), elems + _canary_elems(layout))
+        if whole_elems < elems:
+            shm.close()
+            raise ValueError(f"segment {shm_name} holds {shm.size} bytes, the layout needs {layout.nbytes}")
+        whole = torch.frombuffer(shm.buf, dtype=layout.torch_dtype, count=whole_elems)
+        return cls(layout, whole[:elems].view(layout.shape), shm, owner=False, whole=whole)
 
     @classmethod
     def from_tensor(cls, data: torch.Tensor, layout: PoolLayout) -> KVPool:
-        """A peer's pool received as a tensor (CUDA IPC through torch.multiprocessing)."""
+        """A pool viewed over memory someone else owns (a mapped peer pool)."""
         return cls(layout, data, None, owner=False)
+
+    @staticmethod
+    def local(nonce: bytes) -> KVPool | None:
+        """This process's own pool with that canary nonce (the same-process case: no IPC open)."""
+        return _LOCAL.get(nonce) if nonce else None
+
+    def canary_tail(self) -> bytes:
+        return bytes(self.whole.view(torch.uint8)[-CANARY_BYTES:].cpu().numpy().tobytes())
 
     def token_rows(self) -> torch.Tensor:
         """`[num_blocks * layers * 2 * block_size, kv_heads * head_dim]`: one row per token's K or
@@ -108,22 +166,21 @@ class KVPool:
         return self.data[:, layer_idx]
 
     def copy_blocks_from(self, src: KVPool, src_ids: list[int], dst_ids: list[int]) -> int:
-        """Copy src blocks into our blocks, one copy per run of consecutive ids on both sides.
-        Returns the bytes copied."""
-        if len(src_ids) != len(dst_ids):
-            raise ValueError("src and dst block lists differ in length")
-        for s, d, n in _runs(src_ids, dst_ids):
-            self.data[d:d + n].copy_(src.data[s:s + n], non_blocking=True)
-        return len(src_ids) * self.layout.block_bytes
+        """Copy src blocks into our blocks, one copy per run of consecutive ids on both sides, on
+        the current stream. Returns the bytes copied."""
+        return copy_runs(self.data, src.data, src_ids, dst_ids) * self.layout.block_bytes
 
     def copy_within(self, src_ids: list[int], dst_ids: list[int]) -> None:
         """Fork blocks inside this pool (n > 1 choices share one prefill)."""
         self.copy_blocks_from(self, src_ids, dst_ids)
 
     def close(self) -> None:
-        """Drop the mapping; the creating worker also unlinks the segment."""
+        """Drop the mapping; the creating worker also unlinks the segment (and its mirror)."""
         shm, self._shm = self._shm, None
-        self.data = torch.empty(0)
+        self.data = self.whole = torch.empty(0)
+        if self.stage is not None:
+            self.stage.close()
+            self.stage = None
         if shm is None:
             return
         try:
@@ -135,6 +192,40 @@ class KVPool:
                 shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def device_uuid(index: int) -> bytes:
+    """The 16 bytes of a GPU's UUID (peers name GPUs by UUID: indices differ between processes)."""
+    import re
+
+    uuid = torch.cuda.get_device_properties(index).uuid
+    raw = getattr(uuid, "bytes", None)
+    if isinstance(raw, (bytes, bytearray)) and len(raw) == 16:
+        return bytes(raw)
+    found = re.search(r"[0-9a-fA-F]{32}", str(uuid).replace("-", ""))  # "GPU-58b1...-..." or "58b1..."
+    if found is None:
+        raise RuntimeError(f"cannot read the UUID of cuda:{index} from {uuid!s}")
+    return bytes.fromhex(found.group(0))
+
+
+def _itemsize(layout: PoolLayout) -> int:
+    return torch.empty((), dtype=layout.torch_dtype).element_size()
+
+
+def _canary_elems(layout: PoolLayout) -> int:
+    """The canary block's elements: one block, or more if a block is smaller than the canary."""
+    per_block = layout.block_bytes // _itemsize(layout)
+    return per_block * -(-CANARY_BYTES // layout.block_bytes)
+
+
+def copy_runs(dst: torch.Tensor, src: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> int:
+    """`dst[d] = src[s]` for every pair, one `copy_` per run of consecutive ids on both sides
+    (non-blocking where the devices allow). Returns the number of blocks."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError("src and dst block lists differ in length")
+    for s, d, n in _runs(src_ids, dst_ids):
+        dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+    return len(src_ids)
 
 
 def _runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:

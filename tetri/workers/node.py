@@ -8,28 +8,39 @@ process and route messages by hand.
 from __future__ import annotations
 
 import logging
+import os
 
 from tetri.config import EngineSchedConfig
-from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, PeerPools, PoolInfo, Release, SetRole, Shutdown,
-                            SubmitMixed, TokenBatch, WorkerError)
+from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, PeerPaths, PeerPools, PoolInfo, Release, SetRole,
+                            Shutdown, SubmitMixed, TokenBatch, WorkerError)
 from tetri.workers.executor import Executor
 
 log = logging.getLogger("tetri.worker")
 
 
 def pool_info(pool) -> PoolInfo:
-    lay = pool.layout
-    return PoolInfo(num_blocks=lay.num_blocks, num_layers=lay.num_layers, block_size=lay.block_size,
-                    num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype, shm_name=pool.shm_name)
+    """Everything a peer needs to open this pool: layout, canary, and per path its name or handle."""
+    from tetri.workers.kv_pool import LAYOUT, device_uuid
+
+    lay, dev = pool.layout, pool.data.device
+    info = dict(num_blocks=lay.num_blocks, num_layers=lay.num_layers, block_size=lay.block_size,
+                num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype, shm_name=pool.shm_name,
+                canary=pool.nonce, owner_pid=os.getpid(), block_bytes=lay.block_bytes, layout=LAYOUT,
+                stage_shm=pool.stage.name if pool.stage is not None else None)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else 0
+        info |= dict(device_uuid=device_uuid(index), device_index=index, export_error=pool.ipc_error)
+        if pool.ipc is not None:
+            info |= dict(cuda_ipc=pool.ipc.handle, ipc_offset=pool.ipc.offset, ipc_size=pool.ipc.size)
+    return PoolInfo(**info)
 
 
-def open_pool(info: PoolInfo):
-    from tetri.workers.kv_pool import KVPool, PoolLayout
+def open_pool(info: PoolInfo, worker_id: int = -1, device: str = "cpu"):
+    """Open a peer's pool for copying out of (`kv_transfer.open_peer`: the best path that opens
+    and whose canary matches; never raises)."""
+    from tetri.workers.kv_transfer import LocalEnd, open_peer
 
-    layout = PoolLayout(info.num_blocks, info.num_layers, info.block_size, info.num_kv_heads, info.head_dim, info.dtype)
-    if info.shm_name is None:
-        raise RuntimeError("peer pool has no shared-memory name (CUDA pools are opened through IPC handles)")
-    return KVPool.open_shared(layout, info.shm_name)
+    return open_peer(info, LocalEnd(worker_id, device))
 
 
 class WorkerNode:
@@ -51,14 +62,14 @@ class WorkerNode:
 
             return PrefillCore(self.ex, self.worker_id, collect_hidden=self.collect_hidden)
         if role == "decode":
-            from tetri.sched.decode_policy import make_decode_policy
+            from tetri.sched.decode_registry import make_decode_policy
             from tetri.workers.decode import DecodeCore
 
             core = DecodeCore(self.ex, self.worker_id, make_decode_policy(self.sched.decode_policy),
                               self.sched.max_num_seqs)
             for wid, info in self.peer_infos.items():
                 if wid != self.worker_id:
-                    core.add_peer(wid, self.pool_opener(info))
+                    core.add_peer(wid, self._open_peer(info))
             return core
         from tetri.workers.mixed import MixedCore
 
@@ -85,7 +96,7 @@ class WorkerNode:
                 except ValueError as e:
                     out.append(WorkerError(worker_id=self.worker_id, message=str(e), req_id=msg.req_id))
             case PeerPools():
-                self._peers(msg)
+                out.extend(self._peers(msg))
             case SetRole():
                 self._set_role(msg.role)
             case Shutdown():
@@ -107,13 +118,44 @@ class WorkerNode:
             self.core.abort_choice(msg.req_id, msg.choice)
         return []
 
-    def _peers(self, msg: PeerPools) -> None:
-        """(Re)open peer pools; a restarted peer comes back with a new segment."""
+    def _open_peer(self, info: PoolInfo):
+        if self.pool_opener is open_pool:
+            return open_pool(info, self.worker_id, self.ex.device)
+        return self.pool_opener(info)  # tests: an opener of their own
+
+    def _peers(self, msg: PeerPools) -> list:
+        """Open each peer pool once (a restarted peer comes back with a new pool: the old mapping
+        is closed once no copy reads it), and report the path chosen per peer. An owner whose
+        peers asked for staging stages the prompts it holds now."""
+        from tetri.workers import kv_stage
+
         old, self.peer_infos = self.peer_infos, dict(msg.pools)
+        if self.ex.pool.stage is not None:  # a dead peer's flag stays set in the mirror: stage for the live
+            self.ex.pool.stage.live = frozenset(w for w in msg.pools if w != self.worker_id)
+        if self.role == "prefill":
+            kv_stage.stage_backlog(self.ex, self.core)
+        if self.role != "decode":
+            return []
+        core = self.core
+        for wid in [w for w in core.peers if w not in msg.pools or old.get(w) != msg.pools[w]]:
+            core.retire_peer(wid)
+        paths, errors = {}, {}
+        for wid, info in msg.pools.items():
+            if wid == self.worker_id:
+                continue
+            if wid not in core.peers:
+                core.add_peer(wid, self._open_peer(info))
+            src = core.peers[wid]
+            paths[wid] = src.path
+            if src.error:
+                errors[wid] = src.error
+        return [PeerPaths(worker_id=self.worker_id, paths=paths, errors=errors)]
+
+    def close_peers(self) -> None:
+        """Shutdown: close every peer mapping (after the copies reading it)."""
         if self.role == "decode":
-            for wid, info in msg.pools.items():
-                if wid != self.worker_id and (wid not in self.core.peers or old.get(wid) != info):
-                    self.core.add_peer(wid, self.pool_opener(info))
+            for wid in list(self.core.peers):
+                self.core.retire_peer(wid)
 
     def _set_role(self, role: str) -> None:
         """Instance flip: same process, weights and pool; only the role core changes. The
@@ -131,6 +173,10 @@ class WorkerNode:
     def step(self, now: float) -> list:
         if self.role == "prefill":
             done = self.core.step()
+            if done is not None:
+                from tetri.workers import kv_stage
+
+                kv_stage.stage_finished(self.ex, self.core, done)  # before the peers hear of it
             return [done] if done is not None else []
         if self.role == "decode":
             sampled, out = self.core.step(now)

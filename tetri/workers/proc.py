@@ -69,7 +69,8 @@ class WorkerShell:
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.connect(args.front_endpoint)
-        self.ex = Executor(args.model, args.cache, shared_pool=args.model.device.startswith("cpu"),
+        # shared: peers open the pool (CPU: a named segment; CUDA: an IPC export), with a staging mirror
+        self.ex = Executor(args.model, args.cache, shared_pool=True,
                            memory_share=args.memory_share, sched=args.sched)
         self.node = WorkerNode(args.worker_id, args.role, self.ex, args.sched, collect_hidden=args.collect_hidden)
         self._last_board = 0.0
@@ -128,12 +129,31 @@ class WorkerShell:
         for sock in (self.pull, self.push):
             sock.close(linger=500)
         self.ctx.term()
+        self.node.close_peers()
         self.ex.close()
         self.board.close()
 
 
+def error_path(ipc_dir: str, worker_id: int) -> str:
+    """Where a worker leaves the reason it died (read by the supervisor's restart decision)."""
+    return os.path.join(ipc_dir, f"w{worker_id}.error")
+
+
+def _record_fatal(args: WorkerArgs, e: BaseException) -> None:
+    try:
+        with open(error_path(args.ipc_dir, args.worker_id), "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+    except OSError:
+        pass
+
+
 def worker_main(args: WorkerArgs) -> None:
     """Spawn target. Exits 0 on a clean stop, 1 after a fatal error."""
+    from tetri.workers.cuda_ipc import forced_alloc_conf
+
+    # Before torch is imported (the parent already set it for us, tetri/launch.py): CUDA IPC
+    # cannot export memory from expandable segments.
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = forced_alloc_conf(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{args.worker_id} %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front handles Ctrl-C and tells us
     import torch
@@ -149,6 +169,7 @@ def worker_main(args: WorkerArgs) -> None:
         shell.run()
     except Exception as e:  # fatal: report and exit non-zero
         log.error("worker %d failed: %s", args.worker_id, traceback.format_exc())
+        _record_fatal(args, e)
         if shell is not None:
             try:
                 shell.send(WorkerError(worker_id=args.worker_id, message=f"{type(e).__name__}: {e}"))

@@ -44,12 +44,15 @@ class Linear(nn.Module):
     """`x W^T (+ b)` with W stored `[out, in]`, as in Hugging Face checkpoints.
 
     `pack()` (CPU, fp32) swaps W for a packed copy a faster GEMM reads: the 24-column panels
-    of `cpu_kernels.linear` where those kernels build here, else oneDNN's prepacked weight.
+    of `cpu_kernels.linear` and/or oneDNN's prepacked weight, as the per-machine calibration
+    chose per rows bucket (see `cpu_kernels`).
     Library GEMMs run decode-sized batches at half the CPU's FMA peak, and MKL's sgemm also
     re-packs the weight on every call. Measured side by side on 2 cores, a Llama layer's
     four linears at 16 rows: oneDNN's packed weight 1.36x faster than `(W @ x^T)^T`, and the
-    panels 1.3-1.6x faster than oneDNN (1.25x at 64 rows, 1.1x at a 512-row prefill chunk).
-    The dense weight is dropped once packed (the packed copy is the same size).
+    panels 1.3-1.6x faster than oneDNN (1.25x at 64 rows, 1.1x at a 512-row prefill chunk);
+    on an AVX-512 Xeon oneDNN won, hence the calibration. The dense weight is dropped once
+    packed (each packed copy is the same size; both are kept only where the choice differs
+    between rows buckets).
     """
 
     PACK_ROWS_HINT = 16  # oneDNN picks its blocking for this many rows; measured insensitive
@@ -62,35 +65,46 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN's layout
         self.panels: torch.Tensor | None = None  # cpu_kernels' layout
         self._kernels = None
+        self._route = False  # both layouts kept: each call picks by its rows
 
     def pack(self, kernel: str = "auto") -> bool:
-        """Pack the weight into panels ("auto" where `cpu_kernels` builds here, or "panels") or
-        for oneDNN ("auto" otherwise, or "onednn"); False (and dense kept) where neither applies."""
+        """Pack the weight for the GEMMs that run it: "auto" keeps the layouts this machine's
+        calibration chose (`cpu_kernels.gemm_layouts`: the panels, oneDNN's, or both, routed
+        by rows), "panels" or "onednn" force one; False (and dense kept) where none applies."""
         w = self.weight
         if w is None or not w.is_cpu or w.dtype != torch.float32:
             return False
-        if kernel in ("auto", "panels"):
+        want = cpu_kernels.gemm_layouts() if kernel == "auto" else {"panels": {cpu_kernels.KERNEL},
+                                                                     "onednn": {cpu_kernels.LIBRARY}}[kernel]
+        if cpu_kernels.KERNEL in want:
             self._kernels = cpu_kernels.load()
-            if self._kernels is not None:
-                self.panels, self.weight = cpu_kernels.pack(w), None
-                return True
-            if kernel == "panels":
+            if self._kernels is None:
                 return False
-        if not torch.backends.mkldnn.is_available():
+            self.panels = cpu_kernels.pack(w)
+        if cpu_kernels.LIBRARY in want or not want:
+            self.packed = _onednn_pack(w, self.PACK_ROWS_HINT)
+        if self.panels is None and self.packed is None:
             return False
-        try:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.PACK_ROWS_HINT)
-        except (RuntimeError, AttributeError):  # a torch built without the op
-            return False
+        self._route = self.panels is not None and self.packed is not None
         self.weight = None
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.panels is not None:
+        if self.panels is not None and (not self._route or cpu_kernels.gemm_uses_kernel(x.numel() // x.shape[-1])):
             return cpu_kernels.linear(self._kernels, x, self.panels, self.out_features, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
+    """oneDNN's prepacked copy of `w`, or None where this torch lacks the op."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
+    except (RuntimeError, AttributeError):  # a torch built without the op
+        return None
 
 
 class RMSNorm(nn.Module):
