@@ -263,3 +263,9 @@ def test_a_request_migrated_twice_continues_exactly_where_it_was(default_model_d
     c.apply(c.front.unpark(c.loads()))
     finish_and_check(c, ["a"])
     assert c.tokens["a"] == ref.tokens["a"] and len(ref.tokens["a"]) == 12
+
+
+def test_every_node_publishes_its_max_num_seqs_on_the_board(cluster):
+    """TetriDecode's slot test reads the row's max_num_seqs (0: unpublished, then it assumes its own)."""
+    assert {load.max_num_seqs for load in cluster.loads()} == {cluster.nodes[0].sched.max_num_seqs}
+    assert cluster.nodes[0].sched.max_num_seqs > 0

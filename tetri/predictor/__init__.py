@@ -4,7 +4,9 @@
   model.py     the classifiers, save/load (meta.json + weights.safetensors), LearnedPredictor
   train.py     seeded CPU training for the text model and the hidden-state probe
   data.py      JSONL examples, length counting, AlpacaEval conversion
-  cli.py       `tetri-predictor train | eval | prepare-alpaca`
+  generate.py  the served model's own greedy lengths + hidden states (`--log-lengths` format)
+  crossval.py  K-fold-by-prompt held-back scoring, confusion matrices
+  cli.py       `tetri-predictor train | eval | prepare-alpaca | generate | cv`
   registry.py  `make_predictor(spec)`: none | oracle | model:DIR
 
 `tetri.predictor.registry.make_predictor("model:DIR")` loads a saved model through

@@ -7,6 +7,13 @@
         prints JSON: accuracy, accuracy_within_one_bucket, mae_tokens, majority_baseline, n
     tetri-predictor prepare-alpaca --out-train F --out-test F [--models M ...] [--split 0.8]
                                    [--seed S] [--src DIR]
+    tetri-predictor generate --model DIR --out FILE.jsonl [--prompts ALPACA.json] [--limit N]
+                             [--max-tokens 512] [--max-num-seqs 256] [--kv-cache-gb G] [--batch B]
+                             [--resume] [--generator NAME]
+        the served model's own greedy lengths + hidden states (`--log-lengths` format)
+    tetri-predictor cv --data FILE.jsonl [--features text|hidden|joint] [--bucket-tokens 200]
+                       [--folds 5] [--seed S] [--probe-weight-decay X] [--probe-epochs N]
+        K-fold by prompt on `--log-lengths`-format data: pooled held-back metrics (JSON)
 """
 
 from __future__ import annotations
@@ -49,7 +56,38 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--split", type=float, default=0.8)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--src", default=str(ALPACA_DIR))
+    g = sub.add_parser("generate", help="the model's own greedy output lengths and hidden states, as JSONL")
+    g.add_argument("--model", required=True, help="HF checkpoint dir the engine loads")
+    g.add_argument("--out", required=True)
+    g.add_argument("--prompts", default=None, help="AlpacaEval model-outputs JSON (its instructions)")
+    g.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--kv-cache-gb", type=float, default=None)
+    g.add_argument("--batch", type=int, default=0, help="prompts per engine call, written before the next (0: all at once)")
+    g.add_argument("--resume", action="store_true", help="append to --out, skipping the prompts it already holds")
+    g.add_argument("--generator", default=None, help="the `generator` field (default: the model dir's name)")
+    c = sub.add_parser("cv", help="K-fold cross-validation by prompt (held-back metrics, confusion matrix)")
+    c.add_argument("--data", required=True, help="JSONL with prompt, output_tokens[, hidden]")
+    c.add_argument("--features", choices=("text", "hidden", "joint"), default="text")
+    c.add_argument("--bucket-tokens", type=int, default=200)
+    c.add_argument("--max-buckets", type=int, default=16)
+    c.add_argument("--folds", type=int, default=5)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--text-epochs", type=int, default=50)
+    c.add_argument("--probe-epochs", type=int, default=100)
+    c.add_argument("--probe-weight-decay", type=float, default=1e-1)
+    c.add_argument("--probe-hidden-dim", type=int, default=0)
     return p
+
+
+def _cv(args) -> dict:
+    from tetri.predictor.crossval import cross_validate, load_length_records
+
+    recs = load_length_records(args.data, need_hidden=args.features != "text")
+    return cross_validate(recs, args.features, bucket_tokens=args.bucket_tokens, folds=args.folds, seed=args.seed,
+                          max_buckets=args.max_buckets, text_epochs=args.text_epochs, probe_epochs=args.probe_epochs,
+                          probe_weight_decay=args.probe_weight_decay, probe_hidden_dim=args.probe_hidden_dim)
 
 
 def _hidden_records(path: str) -> tuple[list[list[float]], list[int]]:
@@ -104,12 +142,27 @@ def _eval(args) -> dict:
     return eval_metrics(buckets, data.lengths, pred.bucket_tokens, pred.num_buckets, pred.meta["majority_bucket"])
 
 
+def _generate(args) -> dict:
+    from tetri.predictor.generate import ALPACA_INSTRUCTIONS, alpaca_instructions, generate_lengths
+
+    items = alpaca_instructions(args.prompts or ALPACA_INSTRUCTIONS)
+    if args.limit > 0:
+        items = items[:args.limit]
+    return generate_lengths(args.model, items, args.out, max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
+                            kv_cache_gb=args.kv_cache_gb, batch=args.batch, resume=args.resume,
+                            generator=args.generator, log=lambda text: print(text, file=sys.stderr, flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "train":
         result = _train(args)
     elif args.cmd == "eval":
         result = _eval(args)
+    elif args.cmd == "generate":
+        result = _generate(args)
+    elif args.cmd == "cv":
+        result = _cv(args)
     else:
         result = prepare_alpaca(args.out_train, args.out_test, args.models, args.split, args.seed, args.src)
     json.dump(result, sys.stdout)

@@ -143,11 +143,58 @@ class LearnedPredictor:
         return None
 
 
-def load_predictor(model_dir: str | Path) -> LearnedPredictor:
+class JointPredictor:
+    """A text model and a probe trained on the same rows, as one predictor: their
+    log-probabilities summed (a product of experts), `probe_weight` scaling the probe's.
+    Saved as `meta.json` (kind "joint") with the two parts in `text/` and `probe/`. With
+    only one of prompt text and hidden state at hand it answers with that part alone."""
+
+    kind = "joint"
+
+    def __init__(self, text: LearnedPredictor, probe: LearnedPredictor, probe_weight: float = 1.0) -> None:
+        if (text.kind, probe.kind) != ("text", "probe"):
+            raise ValueError("a joint predictor needs a text model and a probe")
+        if (text.bucket_tokens, text.num_buckets) != (probe.bucket_tokens, probe.num_buckets):
+            raise ValueError("the text model and the probe must share bucket_tokens and num_buckets")
+        self.text, self.probe, self.probe_weight = text, probe, probe_weight
+        self.bucket_tokens = text.bucket_tokens
+        self.num_buckets = text.num_buckets
+        self.meta = {"kind": "joint", "bucket_tokens": self.bucket_tokens, "num_buckets": self.num_buckets,
+                     "majority_bucket": text.meta["majority_bucket"], "label_counts": text.meta["label_counts"],
+                     "probe_weight": probe_weight, "parts": ["text", "probe"]}
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        self.text.save(out / "text")
+        self.probe.save(out / "probe")
+        (out / META_FILE).write_text(json.dumps({**self.meta, "format_version": FORMAT_VERSION}, indent=2,
+                                                sort_keys=True) + "\n")
+        return out
+
+    def predict_buckets(self, prompts: list[str], vecs: Any) -> list[int]:
+        if not prompts:
+            return []
+        logp = torch.log_softmax(self.text.logits_text(prompts), dim=-1)
+        logp = logp + self.probe_weight * torch.log_softmax(self.probe.logits_hidden(vecs), dim=-1)
+        return logp.argmax(dim=-1).tolist()
+
+    def predict(self, req, features: Mapping[str, Any] | None = None) -> Prediction | None:
+        features = features or {}
+        prompt, hidden = features.get("prompt"), features.get("hidden")
+        if prompt is None or hidden is None:
+            return self.text.predict(req, features) if prompt is not None else self.probe.predict(req, features)
+        bucket = self.predict_buckets([str(prompt)], [hidden])[0]
+        return prediction_for_bucket(int(bucket), self.bucket_tokens)
+
+
+def load_predictor(model_dir: str | Path) -> LearnedPredictor | JointPredictor:
     path = Path(model_dir)
     meta = json.loads((path / META_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported predictor format {meta.get('format_version')!r}")
+    if meta.get("kind") == "joint":
+        return JointPredictor(load_predictor(path / "text"), load_predictor(path / "probe"),
+                              float(meta.get("probe_weight", 1.0)))
     module = build_module(meta)
     module.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     return LearnedPredictor(module, meta)

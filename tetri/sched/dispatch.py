@@ -4,7 +4,7 @@ Every dispatcher has one method, `pick(loads, req) -> worker_id`, and is built b
 that the front scheduler and the simulator both call:
 
     make_prefill_dispatch(name, rng, prefix_index=None)     least-loaded | round-robin | random | cache-aware
-    make_decode_dispatch(name, rng, heavy_decode_tokens=128, fit_aware=True)
+    make_decode_dispatch(name, rng, heavy_decode_tokens=128, fit_aware=True, max_num_seqs=256)
                               round-robin | random | least-loaded | power-of-two | tetri | mixing
 
 Eligibility. A prefill dispatcher considers workers that are `accepting` (state "ready") with
@@ -33,13 +33,28 @@ Decisions on the open points of papers.md §1.11:
 - Heavy decode: `expected_output_tokens(req) > heavy_decode_tokens` (default 128, the
   ShareGPT median answer). With bucket width 200 every bucket >= 1 is heavy, bucket 0 light;
   a request without a prediction counts as light.
-- `tetri` ratio: `(heavy_decodes + h) / (light_decodes + 1)`, h = 1 when this request is
-  heavy, else 0 -- the heavy share the candidate would have after taking the request, with
-  +1 so an empty worker is defined. Compared exactly (fractions). Lower ratio wins; ties ->
-  more free blocks -> lower worker_id.
-- Empty α: the worker with the most free blocks (ties -> fewer running + waiting -> lower id);
-  it queues the handoff in its admission until memory frees. The request is never refused.
-- |α| == 1: that worker, no random draw.
+- `tetri` (TetriDecode), load first. TetriInfer's rule (two at random from α, the lower
+  heavy:light ratio wins) ignores how many requests a worker already holds: with plentiful
+  memory α is every worker, a worker full of light requests keeps winning, and in the
+  simulator (mixed, 100 req/s, 3 decode workers) it got 1.5x another's requests and peaks of
+  418 resident against `max_num_seqs` 256 (RESULTS.md finding 3). So:
+  * slots: `cap` = the row's `max_num_seqs` (the dispatcher's `max_num_seqs` when the row
+    publishes 0); a worker *can admit* the request when it fits (α) and holds fewer than
+    `cap` running + waiting requests;
+  * load = max((running + waiting) / cap, used blocks / total blocks): the fuller resource;
+  * the power-of-two draw is from the workers that can admit; of the two, the lower load
+    wins when the loads differ by more than `load_slack` (default 1/32 of a worker: 8 of 256
+    slots); within that band the request goes where its own class is scarcer: the lower
+    `(heavy_decodes + 1) / (light_decodes + 1)` for a heavy request, `(light_decodes + 1) /
+    (heavy_decodes + 1)` for a light one (counting the request; exact fractions), then the
+    lower load, more free blocks, lower worker_id. (The paper's `(heavy + h) / (light + 1)`
+    for both sends a light request to the worker with the FEWEST heavies, so the light-rich
+    worker keeps drawing lights: a feedback loop, not a balance. In the fake-clock stream of
+    tests/sched/test_dispatch.py the old rule's heavy-share spread was 4x least-loaded's;
+    this rule's is under a seventh of it.)
+  * none can admit (every slot full): the least-loaded worker of α (it queues the handoff);
+    α empty: the worker with the most free blocks (ties -> fewer running + waiting -> lower
+    id), which queues it until memory frees. The request is never refused.
 """
 
 from __future__ import annotations
@@ -226,29 +241,69 @@ class PowerOfTwoDecode(_ScoredDecode):
         return min(cands, key=lambda w: self.key(w, req)).worker_id
 
 
-class TetriDecode(PowerOfTwoDecode):
-    """TetriInfer's decentralized dispatcher (papers.md §1.4d), decisions in the module doc:
-    α = workers that fit the predicted footprint; two at random from α; the lower heavy:light
-    ratio `(heavy + h) / (light + 1)` wins, ties -> more free blocks -> lower id. Empty α ->
-    the worker with the most free blocks."""
+DEFAULT_MAX_NUM_SEQS = 256
+"""Slots per decode worker assumed when its load-board row publishes none (the engine default)."""
+LOAD_SLACK = Fraction(1, 32)
 
-    def __init__(self, rng: random.Random, heavy_decode_tokens: int = 128) -> None:
-        super().__init__(rng, fit_aware=True)
+
+def slot_cap(load: WorkerLoad, default: int = DEFAULT_MAX_NUM_SEQS) -> int:
+    return load.max_num_seqs if load.max_num_seqs > 0 else default
+
+
+def load_share(load: WorkerLoad, cap: int) -> Fraction:
+    """How full the worker is: the larger of its slot share and its KV-block share."""
+    slots = Fraction(_reqs(load), max(1, cap))
+    if load.total_blocks <= 0:
+        return slots
+    return max(slots, Fraction(load.total_blocks - load.free_blocks, load.total_blocks))
+
+
+def can_admit(load: WorkerLoad, req: ReqInfo, cap: int) -> bool:
+    """Fits the request's footprint and has a free slot (running + waiting < cap)."""
+    return fits(load, req) and _reqs(load) < cap
+
+
+class TetriDecode:
+    """TetriInfer's level-2 dispatcher made load-aware (the module doc's `tetri` entry): two
+    at random from the workers that can admit; the lower load wins, the heavy:light ratio
+    breaks near-ties (loads within `load_slack`)."""
+
+    def __init__(self, rng: random.Random, heavy_decode_tokens: int = 128,
+                 max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, load_slack: Fraction = LOAD_SLACK) -> None:
+        self.rng = rng
         self.heavy_decode_tokens = heavy_decode_tokens
+        self.max_num_seqs = max_num_seqs
+        self.load_slack = Fraction(load_slack)
 
-    def key(self, load: WorkerLoad, req: ReqInfo) -> tuple:
-        h = 1 if is_heavy(req, self.heavy_decode_tokens) else 0
-        ratio = Fraction(load.heavy_decodes + h, load.light_decodes + 1)
-        return (ratio, -load.free_blocks, load.worker_id)
+    def ratio(self, load: WorkerLoad, req: ReqInfo) -> Fraction:
+        """The request's own class against the other on this worker, counting the request:
+        lower = its class is scarcer here."""
+        if is_heavy(req, self.heavy_decode_tokens):
+            return Fraction(load.heavy_decodes + 1, load.light_decodes + 1)
+        return Fraction(load.light_decodes + 1, load.heavy_decodes + 1)
+
+    def share(self, load: WorkerLoad) -> Fraction:
+        return load_share(load, slot_cap(load, self.max_num_seqs))
+
+    def prefer(self, a: WorkerLoad, b: WorkerLoad, req: ReqInfo) -> WorkerLoad:
+        """The better of two candidates: load first, heavy:light within the slack band."""
+        la, lb = self.share(a), self.share(b)
+        if abs(la - lb) > self.load_slack:
+            return a if la < lb else b
+        return min((a, b), key=lambda w: (self.ratio(w, req), self.share(w), -w.free_blocks, w.worker_id))
 
     def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
         cands = _eligible(loads, DECODE_ROLES)
-        alpha = [w for w in cands if fits(w, req)]
-        if not alpha:
+        admit = [w for w in cands if can_admit(w, req, slot_cap(w, self.max_num_seqs))]
+        if not admit:
+            alpha = [w for w in cands if fits(w, req)]
+            if alpha:
+                return min(alpha, key=lambda w: (self.share(w), -w.free_blocks, w.worker_id)).worker_id
             return min(cands, key=lambda w: (-w.free_blocks, _reqs(w), w.worker_id)).worker_id
-        if len(alpha) > 2:
-            alpha = self.rng.sample(alpha, 2)
-        return min(alpha, key=lambda w: self.key(w, req)).worker_id
+        if len(admit) == 1:
+            return admit[0].worker_id
+        a, b = self.rng.sample(admit, 2)
+        return self.prefer(a, b, req).worker_id
 
 
 def mixing_impact_s(load: WorkerLoad, req: ReqInfo) -> float:
@@ -300,15 +355,16 @@ def make_prefill_dispatch(name: str, rng: random.Random, prefix_index=None) -> D
 
 
 def make_decode_dispatch(name: str, rng: random.Random, heavy_decode_tokens: int = 128,
-                         fit_aware: bool = True) -> Dispatcher:
+                         fit_aware: bool = True, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> Dispatcher:
     """Level-2 dispatcher by name (see DECODE_DISPATCH). `fit_aware` does not apply to
-    `tetri`, which always filters by α."""
+    `tetri`, which always filters by α; `max_num_seqs` is `tetri`'s slot count for rows that
+    publish none."""
     builders: dict[str, Callable[[], Dispatcher]] = {
         "round-robin": lambda: _RoundRobin(DECODE_ROLES, fit_aware),
         "random": lambda: _Random(DECODE_ROLES, rng, fit_aware),
         "least-loaded": lambda: LeastLoadedDecode(fit_aware),
         "power-of-two": lambda: PowerOfTwoDecode(rng, fit_aware),
-        "tetri": lambda: TetriDecode(rng, heavy_decode_tokens),
+        "tetri": lambda: TetriDecode(rng, heavy_decode_tokens, max_num_seqs),
         "mixing": lambda: MixingDecode(fit_aware),
     }
     if name not in builders:

@@ -30,6 +30,8 @@ class WorkerLoad:
     heavy_decodes: int = 0
     light_decodes: int = 0
     block_size: int = 16
+    max_num_seqs: int = 0
+    """Request slots of the worker's batch (`--max-num-seqs`); 0: not published."""
     prefix_cache_queries: int = 0
     """Prompt tokens looked up in this worker's prefix cache, since it started (vLLM's name)."""
     prefix_cache_hits: int = 0

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", choices=("none", "oracle"), help="default: tetri oracle, else none")
     p.add_argument("--predictor-accuracy", type=float, default=1.0,
                    help="probability the predicted bucket is right (else +-1 bucket); 0.75 ~ the paper's")
+    p.add_argument("--predictor-confusion", metavar="CV_JSON",
+                   help="`tetri-predictor cv` report: draw predicted buckets from its measured confusion matrix "
+                        "(and use its bucket width)")
     p.add_argument("--flip", action="store_true", help="let idle prefill/decode workers flip roles")
     p.add_argument("--slo", type=_slo, help="ttft=SECONDS,tpot=SECONDS")
     p.add_argument("--json", dest="json_path", help="write the JSON report here")
@@ -112,6 +115,14 @@ def cost_model_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     return CostModel(model, hw)
 
 
+def _confusion(path: str | None) -> dict:
+    if not path:
+        return {}
+    report = json.loads(Path(path).read_text())
+    return {"predictor_confusion": tuple(tuple(int(c) for c in row) for row in report["confusion"]),
+            "bucket_tokens": int(report["bucket_tokens"])}
+
+
 def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
     fields = dict(
         mode=args.mode, num_gpus=args.gpus, num_prefill=args.prefill, num_decode=args.decode,
@@ -120,7 +131,8 @@ def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
         prefill_policy=args.prefill_policy, prefill_dispatch=args.prefill_dispatch,
         decode_dispatch=args.decode_dispatch, decode_policy=args.decode_policy, predictor=args.predictor,
         predictor_accuracy=args.predictor_accuracy, flip=args.flip, seed=args.seed, max_sim_s=args.max_sim_s,
-        check_invariants=args.check_invariants, prefix_caching=args.prefix_caching)
+        check_invariants=args.check_invariants, prefix_caching=args.prefix_caching,
+        **_confusion(getattr(args, "predictor_confusion", None)))
     fields.update(changes)
     return SimConfig(**fields)
 

@@ -99,7 +99,8 @@ class Cluster:
         self.decode_dispatch = None
         if cfg.decode_dispatch is not None and cfg.mode in ("disagg", "tetri"):
             self.decode_dispatch = make_decode_dispatch(cfg.decode_dispatch, rng, cfg.heavy_decode_tokens)
-        self.predictor = NoisyPredictor(cfg.predictor or "none", rng, cfg.predictor_accuracy, cfg.bucket_tokens)
+        self.predictor = NoisyPredictor(cfg.predictor or "none", rng, cfg.predictor_accuracy, cfg.bucket_tokens,
+                                        cfg.predictor_confusion)
         self.flip = FlipControl(self, cfg) if cfg.flip and cfg.mode in ("disagg", "tetri") else None
         self.pending = 0
         self.on_finish = None

@@ -47,6 +47,9 @@ class SimConfig:
     decode_policy: str | None = None
     predictor: str | None = None
     predictor_accuracy: float = 1.0
+    predictor_confusion: tuple[tuple[int, ...], ...] | None = None
+    """A measured confusion matrix (rows = true bucket, columns = predicted; counts): the
+    predicted bucket is drawn from the true bucket's row (replaces predictor_accuracy)."""
     bucket_tokens: int = 200
     heavy_decode_tokens: int = 128
     flip: bool = False
@@ -73,6 +76,12 @@ class SimConfig:
                  f"decode policy must be one of {DECODE_POLICIES}")
         _require(self.predictor in (None, "none", "oracle"), "predictor must be none or oracle")
         _require(0.0 <= self.predictor_accuracy <= 1.0, "predictor accuracy must be in [0, 1]")
+        if self.predictor_confusion is not None:
+            rows = self.predictor_confusion
+            _require(len(rows) >= 1 and all(len(r) == len(rows) for r in rows), "predictor confusion must be square")
+            _require(all(c >= 0 for r in rows for c in r) and any(c > 0 for r in rows for c in r),
+                     "predictor confusion needs non-negative counts, not all zero")
+            _require(self.predictor_accuracy == 1.0, "give predictor accuracy or a confusion matrix, not both")
         _require(self.max_sim_s > 0, "max_sim_s must be > 0")
         if self.mode in DISAGG_MODES:
             _require(self.num_gpus >= 2, f"mode {self.mode} needs at least 2 GPUs (one prefill, one decode)")

@@ -80,14 +80,18 @@ class SimRequest:
 class NoisyPredictor:
     """The real predictor (`tetri.predictor.registry`), with optional bucket noise: with
     probability `accuracy` the bucket it returns, otherwise one bucket up or down (up from
-    bucket 0), modelling a ~75%-accurate classifier whose mistakes are adjacent buckets."""
+    bucket 0), modelling a ~75%-accurate classifier whose mistakes are adjacent buckets. With
+    `confusion` (a measured matrix, `tetri-predictor cv`'s), the bucket is drawn from the
+    true bucket's row instead: a predictor with exactly the measured error pattern."""
 
-    def __init__(self, spec: str, rng: random.Random, accuracy: float = 1.0, bucket_tokens: int = 200) -> None:
+    def __init__(self, spec: str, rng: random.Random, accuracy: float = 1.0, bucket_tokens: int = 200,
+                 confusion: tuple[tuple[int, ...], ...] | None = None) -> None:
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError("predictor accuracy must be in [0, 1]")
         self.inner = make_predictor(spec, bucket_tokens)
         self.rng = rng
         self.accuracy = accuracy
+        self.confusion = confusion
         self.bucket_tokens = bucket_tokens
         self.predictions = 0
         self.misses = 0
@@ -97,11 +101,25 @@ class NoisyPredictor:
         if pred is None:
             return info
         self.predictions += 1
+        if self.confusion is not None:
+            return with_prediction(info, self._from_confusion(pred.bucket))
         if self.accuracy < 1.0 and self.rng.random() >= self.accuracy:
             self.misses += 1
             step = 1 if pred.bucket == 0 or self.rng.random() < 0.5 else -1
             pred = prediction_for_bucket(pred.bucket + step, self.bucket_tokens)
         return with_prediction(info, pred)
+
+
+    def _from_confusion(self, true_bucket: int):
+        """A bucket drawn from the true bucket's row of the measured confusion matrix (the top
+        row stands for every longer length, as the predictor's open-ended top bucket)."""
+        row = self.confusion[min(true_bucket, len(self.confusion) - 1)]
+        if not any(row):
+            return prediction_for_bucket(true_bucket, self.bucket_tokens)
+        bucket = self.rng.choices(range(len(row)), weights=row)[0]
+        if bucket != min(true_bucket, len(row) - 1):
+            self.misses += 1
+        return prediction_for_bucket(bucket, self.bucket_tokens)
 
 
 def make_sim_request(index: int, prompt_tokens: int, output_tokens: int, arrival_s: float,

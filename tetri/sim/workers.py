@@ -202,7 +202,7 @@ class SimWorker:
     def base_load(self, **fields) -> WorkerLoad:
         return WorkerLoad(worker_id=self.worker_id, role=self.role, heartbeat_s=self.env.loop.now,
                           free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_blocks,
-                          block_size=self.env.block_size, **fields)
+                          block_size=self.env.block_size, max_num_seqs=self.env.max_num_seqs, **fields)
 
     # ---- continuous-batching decode, shared by every role that decodes -------------
     def decode_round(self, running: dict[str, SimRequest], policy, now: float,
