@@ -1,8 +1,8 @@
 """tetri-serve: a single-node LLM server that disaggregates prefill from decode."""
 
-from tetri.types import CompletionOutput, RequestOutput, SamplingParams
+from tetri.types import CompletionOutput, RequestOutput, SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

@@ -18,6 +18,7 @@ from tetri.sched.chunking import PREFILL_POLICIES
 from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
 from tetri.sched.front import FrontConfig
+from tetri.server.tool_parsers import TOOL_PARSERS
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -106,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (all routes but /health)")
     g.add_argument("--log-level", default="info")
+    g = ap.add_argument_group("structured outputs and tools")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto" (the default when a request has tools): the model decides, '
+                        "and --tool-call-parser reads its calls")
+    g.add_argument("--tool-call-parser", default=None, choices=TOOL_PARSERS,
+                   help="the tool-call format the model emits: hermes (<tool_call> JSON: Hermes, Qwen2.5/3) or "
+                        "llama3_json (Llama 3.x JSON)")
+    g.add_argument("--max-grammar-bytes", type=int, default=64 * 1024,
+                   help="largest JSON schema, regex or grammar a request may constrain its output with")
+    g.add_argument("--grammar-compile-timeout-s", type=float, default=10.0,
+                   help="a request grammar that takes longer to compile is answered with a 400")
     return ap
 
 
@@ -183,7 +195,8 @@ def build_engine(args):
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching)
-    sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy)
+    sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
+                              heavy_decode_tokens=args.heavy_decode_tokens)
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
                         prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
                         dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens,
@@ -228,7 +241,10 @@ def served_names(args) -> list[str]:
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        ap.error("--enable-auto-tool-choice needs --tool-call-parser")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         engine = build_engine(args)
@@ -236,7 +252,10 @@ def serve_main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"tetri-serve: {e}")
     from tetri.server.app import run_server
 
-    cfg = ServerConfig(host=args.host, port=args.port, served_model_name=tuple(served_names(args)), api_key=args.api_key)
+    cfg = ServerConfig(host=args.host, port=args.port, served_model_name=tuple(served_names(args)), api_key=args.api_key,
+                       tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                       max_grammar_bytes=args.max_grammar_bytes,
+                       grammar_compile_timeout_s=args.grammar_compile_timeout_s)
     run_server(cfg, engine, shutdown_timeout=args.shutdown_timeout)
 
 

@@ -45,7 +45,8 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     kv_cache_gb: float | None = None
-    """KV pool size on CPU (default: 1 GiB, capped so every request of max_model_len fits twice)."""
+    """KV pool size on CPU (default: 1 GiB, at most 8192 blocks). A worker caps max_model_len to
+    what its pool holds, so one request of max_model_len always fits."""
     gpu_memory_utilization: float = 0.9
     """Share of GPU memory a CUDA worker may use for weights + KV (divided among workers on a GPU)."""
     num_blocks: int | None = None
@@ -69,10 +70,13 @@ class EngineSchedConfig:
     max_num_seqs: int = 256
     """Most requests decoding at once on one worker."""
     decode_policy: str = "greedy"
+    heavy_decode_tokens: int = 128
+    """A decode predicted to produce more tokens than this counts as heavy on the load board."""
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, "chunk_size must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _require(self.heavy_decode_tokens >= 0, "heavy_decode_tokens must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,20 @@ class ServerConfig:
     max_n: int = 16
     max_tokens_cap: int | None = None
     """Upper bound on a request's max_tokens (None: only max_model_len bounds it)."""
+    tool_call_parser: str | None = None
+    """vLLM's --tool-call-parser: how `tool_choice: "auto"` output is read ("hermes", "llama3_json")."""
+    enable_auto_tool_choice: bool = False
+    """vLLM's --enable-auto-tool-choice: `tool_choice: "auto"` (the default with tools) is served."""
+    max_grammar_bytes: int = 64 * 1024
+    """Largest schema / regex / grammar a request may constrain its output with (a 400 past it)."""
+    grammar_compile_timeout_s: float = 10.0
+    """A grammar that takes longer to compile is a 400 (the compile is ended)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port must be in [0, 65535]")
         _require(self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024")
         _require(self.max_n >= 1, "max_n must be >= 1")
+        _require(self.max_grammar_bytes >= 1, "max_grammar_bytes must be >= 1")
+        _require(self.grammar_compile_timeout_s > 0, "grammar_compile_timeout_s must be > 0")
+        _require(not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+                 "enable_auto_tool_choice needs a tool_call_parser")

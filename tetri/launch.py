@@ -141,11 +141,15 @@ class WorkerProcs:
         proc = self.procs.get(worker_id)
         return proc.pid if proc is not None else None
 
-    def kill(self, worker_id: int) -> None:
+    def kill(self, worker_id: int) -> mp.Process | None:
+        """SIGKILL the worker; returns its process for the caller to reap (`join`) off the
+        event loop, or None when it had already exited."""
         proc = self.procs.get(worker_id)
-        if proc is not None and proc.is_alive():
+        if proc is None or not proc.is_alive():
+            return None
+        with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
-            proc.join(5)
+        return proc
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """Wait for workers told to shut down; terminate, then kill, the stragglers."""

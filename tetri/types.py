@@ -7,6 +7,7 @@ msgspec Struct so it can ride inside `tetri.protocol` messages unchanged.
 from __future__ import annotations
 
 import enum
+import hashlib
 
 import msgspec
 
@@ -16,6 +17,46 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"  # client went away or an operator aborted it
     ERROR = "error"  # a worker failed while holding the request
+
+
+GRAMMAR_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+class StructuredOutputsParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The grammar an output must follow (vLLM's `StructuredOutputsParams`): exactly one of
+    `json` (a JSON schema, as JSON text), `json_object` (any JSON object), `regex`, `choice`
+    (one of these strings), `grammar` (EBNF, xgrammar's dialect) or `structural_tag` (xgrammar's
+    structural tag JSON: free text with tagged, schema-constrained regions). Every worker
+    compiles it with xgrammar (`tetri/workers/grammar.py`, cached by `key`); the front checks
+    that it compiles before admitting the request (`tetri/server/grammar_check.py`)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    strict: bool = True
+    """JSON schema: no properties or items beyond those the schema names (OpenAI's `strict`,
+    xgrammar's strict mode); False keeps JSON Schema's defaults (extra properties allowed)."""
+    any_whitespace: bool = True
+    """JSON: any whitespace between tokens (vLLM's `disable_any_whitespace` turns it off)."""
+    prefix_token_ids: tuple[int, ...] = ()
+    """Tokens the grammar has already accepted: a migrated request's output so far, which its
+    continuation carries in the prompt. Not part of `key`."""
+
+    @property
+    def kind(self) -> str:
+        kinds = [k for k in GRAMMAR_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of {', '.join(GRAMMAR_KINDS)} (got {kinds or 'none'})")
+        return kinds[0]
+
+    @property
+    def key(self) -> str:
+        """What the compiled grammar depends on: the same key compiles to the same grammar."""
+        spec = msgspec.structs.replace(self, prefix_token_ids=())
+        return hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:32]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -40,6 +81,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     prompt_logprobs: int | None = None
     """Score the prompt: each prompt token's logprob (and rank) after the tokens before it, with
     this many top alternatives (0: only the prompt token); None: not computed."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a grammar: the workers mask every step's logits with it."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field when a value is out of range."""
@@ -63,6 +106,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+        if self.structured_outputs is not None:
+            self.structured_outputs.kind  # noqa: B018 - raises ValueError unless exactly one grammar is set
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides "
+                                 "where the output may end")
 
     @property
     def greedy(self) -> bool:

@@ -46,12 +46,21 @@ def build(arch: str, out: Path, seed: int = 0, max_shard_size: str | None = None
     return out
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
+    return hf_greedy_each(model_dir, [prompt], max_new_tokens, dtype)[0]
+
+
+def hf_greedy_each(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,
+                   dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    """HF `generate` greedy for each prompt alone (batch 1: no padding), the model loaded once."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    outs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        outs.append(out[0, len(prompt):].tolist())
+    return outs

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import msgspec
 import pytest
+import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -245,18 +246,24 @@ def test_worker_shell_drops_a_hostile_message(kind, decode_node, caplog):
 async def test_front_recv_loop_survives_a_hostile_message(kind):
     from tetri.server.engine_client import RuntimeClient
 
-    class FakePull:
+    class FakePull:  # the receive loop waits on poll(); _drain_pending reads with recv(NOBLOCK)
         def __init__(self, frames):
             self.frames = list(frames)
 
-        async def recv(self):
-            if self.frames:
-                return self.frames.pop(0)
-            await asyncio.sleep(3600)
+        async def poll(self):
+            if not self.frames:
+                await asyncio.sleep(3600)
+            return zmq.POLLIN
+
+        def recv(self, flags=0):
+            if not self.frames:
+                raise zmq.Again()
+            return self.frames.pop(0)
 
     client = RuntimeClient.__new__(RuntimeClient)  # no workers: only the receive loop runs
     handled = []
-    client.pull = FakePull([HOSTILE[kind]("from_worker"), P.encode(P.Dropped(worker_id=1, req_id="x"))])
+    client.pull = client._pull_now = FakePull([HOSTILE[kind]("from_worker"),
+                                               P.encode(P.Dropped(worker_id=1, req_id="x"))])
     client._on_message = handled.append
     task = asyncio.create_task(client._recv_loop())
     await asyncio.sleep(0.2)
@@ -438,6 +445,9 @@ def http_cases(draw, doc):
     body = draw(schema_strategy(defs[name], defs, OVERRIDES))
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = draw(st.integers(1, 4))
+    for msg in body.get("messages") or ():  # content is optional (an assistant's tool calls need none): mostly there
+        if isinstance(msg, dict) and "content" not in msg:
+            msg["content"] = draw(OVERRIDES["content"])
     mutate = draw(st.integers(0, 9))
     if mutate == 0:  # a schema violation: a field of the wrong type or shape
         key = draw(st.sampled_from(sorted(defs[name]["properties"])))

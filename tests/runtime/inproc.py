@@ -18,15 +18,18 @@ from tetri.workers.node import WorkerNode, pool_info
 
 class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
-                 decode_policy="greedy", request_timeout_s: float = 600.0, prefix_caching: bool = True,
-                 loaded=None) -> None:
+                 decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
+                 heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None) -> None:
         loaded = loaded or load_model(model_dir)
-        sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy)
+        extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
+        sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy, **extra)
         self.nodes: dict[int, WorkerNode] = {}
         pools = {}
         cache = CacheConfig(num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
         for wid, role in enumerate(roles):
-            ex = Executor(ModelConfig(model=model_dir), cache, loaded=loaded)
+            blocks = decode_blocks if role == "decode" and decode_blocks is not None else num_blocks
+            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching),
+                          loaded=loaded)
             pools[wid] = ex.pool
             self.nodes[wid] = WorkerNode(wid, role, ex, sched)
         infos = {wid: pool_info(p) for wid, p in pools.items()}
@@ -36,7 +39,7 @@ class Cluster:
         seed = self.nodes[0].ex.hash_seed
         self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
                                                 prefix_caching=prefix_caching, prefix_hash_seed=seed),
-                                    random.Random(0))
+                                    random.Random(0), predictor=predictor)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
         self.tokens: dict[str, list[int]] = defaultdict(list)
@@ -56,9 +59,22 @@ class Cluster:
         for req_id, why in acts.fails:
             self.failed[req_id] = why
 
-    def submit(self, req_id: str, prompt: list[int], max_tokens: int = 8, n: int = 1) -> None:
+    def submit(self, req_id: str, prompt: list[int], max_tokens: int = 8, n: int = 1, priority: int = 0,
+               expected_output_tokens: int | None = None) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, n=n)
-        self.apply(self.front.add(FrontReq(req_id, prompt, params, self.now), self.loads(), self.now))
+        extra = {"priority": priority} if priority else {}
+        req = FrontReq(req_id, prompt, params, self.now, expected_output_tokens=expected_output_tokens, **extra)
+        self.apply(self.front.add(req, self.loads(), self.now))
+
+    def round(self) -> None:
+        """Deliver every message, step every node with work once, hand the outputs to the front."""
+        for wid in self.nodes:
+            if wid not in self.dead:
+                self.deliver(wid)
+        for wid, node in self.nodes.items():
+            if wid not in self.dead and node.has_work():
+                self.step(wid)
+        self.pump_front()
 
     def abort(self, req_id: str) -> None:
         self.apply(self.front.abort(req_id))

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import jsonschema
 import openai
 import pytest
 
@@ -27,6 +28,43 @@ def _busy_decoder(srv) -> dict | None:
     the step's tokens went out, so poll briefly)."""
     return wait_until(lambda: next((w for w in srv.workers() if w["role"] == "decode" and w["running"]), None),
                       30, every_s=0.02)
+
+
+HELD_ITEMS = {"type": "array", "items": {"enum": ["alpha", "beta", "gamma", "delta"]}, "minItems": 40, "maxItems": 40}
+HELD = {"json": HELD_ITEMS, "disable_any_whitespace": True}
+HELD_PROMPT = [9, 10, 11]
+
+
+def _kill_under_a_constrained_stream(srv, client, model) -> tuple[list[int], str, str | None, int]:
+    """Stream HELD_PROMPT under the HELD schema alone and SIGKILL the decode worker holding it once
+    it is decoding; (token ids, text, finish_reason, tokens streamed before the kill)."""
+    ids: list[int] = []
+    texts: list[str] = []
+    decoding = threading.Semaphore(0)
+
+    def stream() -> str | None:
+        finish, released = None, False
+        for chunk in client.completions.create(model=model, prompt=HELD_PROMPT, max_tokens=1500, temperature=0.0,
+                                               stream=True, extra_body={"structured_outputs": HELD,
+                                                                        "return_token_ids": True}):
+            for ch in chunk.choices:
+                ids.extend((ch.model_extra or {}).get("token_ids") or [])
+                texts.append(ch.text or "")
+                finish = ch.finish_reason or finish
+            if len(ids) >= 2 and not released:
+                released = True
+                decoding.release()
+        return finish
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(stream)
+        _decoding(decoding, 1)
+        victim = _busy_decoder(srv)  # the only request: the busy decode worker holds it
+        assert victim is not None, srv.workers()
+        emitted_at_kill = len(ids)
+        os.kill(victim["pid"], signal.SIGKILL)
+        finish = fut.result(timeout=300)
+    return ids, "".join(texts), finish, emitted_at_kill
 
 
 def _long_stream(server, model, decoding: threading.Semaphore, max_tokens=4000):
@@ -106,8 +144,11 @@ def test_shutdown_on_sigint_leaves_nothing_behind(default_model_dir):
 
 def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_dir):
     """With migration (the default) the streams on the killed worker resume elsewhere: every
-    client gets its full output, token-identical to the offline engine; the worker restarts."""
+    client gets its full output, token-identical to the offline engine; the worker restarts.
+    Then a stream held to a JSON schema loses its decode worker the same way: its grammar
+    resumes after the tokens already streamed, and its output still validates (issue 17)."""
     from tetri import LLM, SamplingParams
+    from tetri.types import StructuredOutputsParams
 
     srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2").start()
     try:
@@ -136,8 +177,8 @@ def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_di
             assert victim is not None, srv.workers()
             os.kill(victim["pid"], signal.SIGKILL)
             got = [f.result(timeout=120) for f in futs]
-        want = LLM(default_model_dir).generate(prompts, SamplingParams(max_tokens=1000, temperature=0.0,
-                                                                       ignore_eos=True))
+        llm = LLM(default_model_dir)
+        want = llm.generate(prompts, SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True))
         assert got == [w.token_ids for w in want]  # nothing duplicated, nothing missing
         status, metrics = srv.get("/metrics")
         migrated = [line for line in metrics.splitlines() if line.startswith("tetri:requests_migrated_total")]
@@ -150,6 +191,17 @@ def test_sigkill_decode_worker_migrates_streams_and_restarts_it(default_model_di
                 break
             time.sleep(0.3)
         assert row["state"] == "ready" and row["restarts"] == 1, row
+        assert srv.wait_idle()
+        held_ids, held_text, finish, emitted_at_kill = _kill_under_a_constrained_stream(srv, client, model)
+        spec = StructuredOutputsParams(json=json.dumps(HELD_ITEMS), any_whitespace=False)
+        held_want = llm.generate([HELD_PROMPT], SamplingParams(max_tokens=1500, temperature=0.0,
+                                                               structured_outputs=spec))[0]
+        assert 0 < emitted_at_kill < len(held_ids)  # the kill came mid-stream
+        assert finish == "stop" and held_ids == held_want.token_ids  # nothing duplicated, nothing missing
+        jsonschema.validate(json.loads(held_text), HELD_ITEMS)
+        migrated = [line for line in srv.get("/metrics")[1].splitlines()
+                    if line.startswith("tetri:requests_migrated_total")]
+        assert float(migrated[0].split()[-1]) >= 2
         assert srv.wait_idle()
     finally:
         srv.stop()

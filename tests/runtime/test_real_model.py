@@ -17,7 +17,6 @@ import os
 
 import pytest
 
-from tests.runtime.server_proc import ServerProc
 from tetri.workers.models.source import DEFAULT_SERVED_NAME, packaged_default_gguf
 
 GGUF = packaged_default_gguf()
@@ -80,14 +79,10 @@ def hf_prompt_logprobs(oracle, prompt_ids: list[int]) -> list[float]:
     return [logprobs[i - 1, t].item() for i, t in enumerate(prompt_ids) if i]
 
 
-@pytest.fixture(scope="module", params=["disagg", "colocated"])
-def server(request):
-    args = ["--device", "cpu"] + (["--mode", "colocated", "--workers", "1"] if request.param == "colocated" else [])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TETRI_DEFAULT_MODEL", raising=False)  # no --model: the real default, as a user gets it
-        srv = ServerProc(*args, ready_timeout_s=600).start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(real_server):
+    """tests/runtime/conftest.py's real-default server in each mode (shared with test_real_structured.py)."""
+    return real_server
 
 
 def ask(server, question: str, **extra):
@@ -173,7 +168,6 @@ def test_the_front_process_never_loads_torch(server):
         assert "libtorch" not in f.read()
 
 
-@pytest.mark.xfail(strict=True, reason="applied by the device sampler (wt-c1)")
 def test_logit_bias_minus_100_suppresses_the_greedy_token(server, oracle):
     first = ask(server, FRANCE).choices[0].model_extra["token_ids"][0]
     biased = ask(server, FRANCE, logit_bias={str(first): -100})

@@ -22,6 +22,26 @@ def tok(default_model_dir: str) -> Tokenizer:
     return load_tokenizer(default_model_dir)
 
 
+@pytest.fixture(scope="session")
+def surface_model_dir(tmp_path_factory, default_model_dir) -> str:
+    """tests/server/surface_model.py's model (a template that renders tools), built once."""
+    from tests.server.surface_model import build_surface_model
+
+    return build_surface_model(default_model_dir, tmp_path_factory.mktemp("surface-session") / "model")
+
+
+@pytest.fixture(scope="session")
+def grammar_checker(surface_model_dir: str):
+    """One grammar-check process (xgrammar over the surface model's vocabulary) for the apps of
+    the whole session: the real check, started once."""
+    from tetri.server.grammar_check import GrammarChecker
+
+    tok = load_tokenizer(surface_model_dir)
+    checker = GrammarChecker(surface_model_dir, tok.vocab_size, [tok.eos_token_id], max_bytes=4096, timeout_s=60.0)
+    yield checker
+    checker.close()
+
+
 @dataclasses.dataclass
 class Live:
     """One running app: its engine, metrics, base URL and an SDK client."""

@@ -1,6 +1,7 @@
 """A copy of the embedded model's directory whose tokenizer exercises every request field:
 a BOS post-processor (so `add_special_tokens` changes the ids), fill-in-the-middle tokens (so
-`suffix` has a template) and a chat template that renders `name` and `tool_call_id`."""
+`suffix` has a template) and a chat template that renders `name`, `tool_call_id`, an assistant's
+`tool_calls` and the request's `tools`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 FIM = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>tools\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}"
     "{% if m.get('name') %} name={{ m['name'] }}{% endif %}"
     "{% if m.get('tool_call_id') %} call={{ m['tool_call_id'] }}{% endif %}{{ '\\n' }}"
-    "{{ m['content'] }}<|im_end|>{{ '\\n' }}{% endfor %}"
+    "{{ m['content'] }}{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

@@ -6,7 +6,7 @@ schema without an entry fails), and each entry is checked against the live app:
     Response(patch)  the patched request's response differs (ids and timestamps aside)
     Refused(patch)   a 400 whose `param` names the field, and nothing reaches the engine
     Model            a served name is accepted, any other a 404
-    Logged(patch)    recorded in the server log (OpenAI's `user`)
+    Logged(patch)    recorded in the server log (OpenAI's `user`; a json_schema's name and description)
 
 Each patch is applied to a base request (`base` extras first, so the patch alone makes the
 difference): an entry whose field did nothing would fail its check.
@@ -14,6 +14,7 @@ difference): an entry whose field did nothing would fail its check.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ import aiohttp
 import msgspec
 import pytest
 
-from tests.server.surface_model import build_surface_model
 from tetri.config import ServerConfig
 from tetri.server import openai_schemas as schemas
 from tetri.server.app import create_app, start_app
@@ -54,6 +54,21 @@ def Refused(patch, param=None, **base):  # noqa: N802
     return Case("refused", patch, base, param)
 
 
+def Logged(patch, text, **base):  # noqa: N802
+    return Case("logged", patch, base, text)
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+OTHER_SCHEMA = {"type": "object", "properties": {"b": {"type": "string"}}}
+FN_A = {"name": "a", "description": "does a", "parameters": SCHEMA}
+FN_B = {"name": "b", "parameters": OTHER_SCHEMA}
+TOOLS = [{"type": "function", "function": FN_A}, {"type": "function", "function": FN_B}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "a", "arguments": '{"a": 1}'}}
+CALLED = [{"role": "assistant", "content": "calling", "tool_calls": [CALL]}, *[{"role": "user", "content": "Hello there"}]]
+TAG = json.dumps({"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f>"], "tags": [
+    {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": SCHEMA}, "end": "</f>"}]}})
+
+
 MODEL = Case("model", {})
 SHARED = {
     "model": MODEL,
@@ -80,12 +95,14 @@ SHARED = {
     "priority": Engine({"priority": 5}),
     "prompt_logprobs": Engine({"prompt_logprobs": 1}),
     "truncate_prompt_tokens": Engine({"truncate_prompt_tokens": 2}),
-    "response_format": Refused({"response_format": {"type": "json_object"}}),
-    "structured_outputs": Refused({"structured_outputs": {"json": {}}}),
-    "guided_json": Refused({"guided_json": {}}),
-    **{name: Refused({name: "a"}) for name in ("guided_regex", "guided_grammar", "guided_decoding_backend",
-                                                "guided_whitespace_pattern")},
-    "guided_choice": Refused({"guided_choice": ["a"]}),
+    "response_format": Engine({"response_format": {"type": "json_object"}}),
+    "structured_outputs": Engine({"structured_outputs": {"regex": "a+"}}),
+    "guided_json": Engine({"guided_json": SCHEMA}),
+    "guided_regex": Engine({"guided_regex": "a+"}),
+    "guided_choice": Engine({"guided_choice": ["a", "b"]}),
+    "guided_grammar": Engine({"guided_grammar": 'root ::= "a" | "b"'}),
+    "guided_decoding_backend": Refused({"guided_decoding_backend": "outlines"}),
+    "guided_whitespace_pattern": Refused({"guided_whitespace_pattern": " "}),
 }
 CHAT = {
     **SHARED,
@@ -96,11 +113,11 @@ CHAT = {
     "add_generation_prompt": Engine({"add_generation_prompt": False}),
     "continue_final_message": Engine({"continue_final_message": True}, add_generation_prompt=False, messages=CONVO),
     "echo": Response({"echo": True}, add_generation_prompt=False, continue_final_message=True, messages=CONVO),
-    "tools": Refused({"tools": []}),
-    "tool_choice": Refused({"tool_choice": "auto"}),
-    "parallel_tool_calls": Refused({"parallel_tool_calls": True}),
-    "functions": Refused({"functions": []}),
-    "function_call": Refused({"function_call": "auto"}),
+    "tools": Engine({"tools": TOOLS}),
+    "tool_choice": Engine({"tool_choice": "required"}, tools=TOOLS),
+    "parallel_tool_calls": Engine({"parallel_tool_calls": False}, tools=TOOLS, tool_choice="required"),
+    "functions": Engine({"functions": [FN_A]}, function_call="none"),
+    "function_call": Engine({"function_call": {"name": "a"}}, functions=[FN_A]),
 }
 COMPLETION = {
     **SHARED,
@@ -114,7 +131,35 @@ MESSAGE = {  # fields of one chat message (patched into messages[0])
     "content": Engine({"content": "Other words"}),
     "name": Engine({"name": "bob"}),
     "tool_call_id": Engine({"tool_call_id": "call-1"}),
-    "tool_calls": Refused({"tool_calls": []}, "messages[0].tool_calls"),
+    "tool_calls": Engine({"tool_calls": [CALL]}, role="assistant"),
+    "function_call": Engine({"function_call": CALL["function"]}, role="assistant"),
+}
+TOOL_CALL = {"id": Engine({"id": "call_2"}), "function": Engine({"function": {"name": "b", "arguments": "{}"}})}
+FUNCTION_CALL = {"name": Engine({"name": "b"}), "arguments": Engine({"arguments": '{"a": 2}'})}
+TOOL = {"function": Engine({"function": FN_B})}
+FUNCTION_DEF = {
+    "name": Engine({"name": "c"}),
+    "description": Engine({"description": "does a differently"}),
+    "parameters": Engine({"parameters": OTHER_SCHEMA}),
+    "strict": Engine({"strict": True}),
+}
+NAMED_TOOL_CHOICE = {"function": Engine({"function": {"name": "b"}})}
+NAMED_FUNCTION = {"name": Engine({"name": "b"})}
+JSON_SCHEMA_FORMAT = {"json_schema": Engine({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})}
+JSON_SCHEMA_SPEC = {
+    "name": Logged({"name": "other_label"}, "other_label"),
+    "description": Logged({"description": "what it is for"}, "what it is for"),
+    "schema": Engine({"schema": OTHER_SCHEMA}),
+    "strict": Engine({"strict": True}),
+}
+STRUCTURED_OUTPUTS = {
+    "json": Engine({"json": SCHEMA}),
+    "regex": Engine({"regex": "[ab]+"}),
+    "choice": Engine({"choice": ["a", "b"]}),
+    "grammar": Engine({"grammar": 'root ::= "a" | "b"'}),
+    "json_object": Engine({"json_object": True}),
+    "structural_tag": Engine({"structural_tag": TAG}),
+    "disable_any_whitespace": Engine({"disable_any_whitespace": True}, json=SCHEMA),
 }
 TEXT_PART = {"text": Engine({"text": "Other words"})}  # messages[0].content = [{"type": "text", ...}]
 STREAM_OPTIONS = {
@@ -148,6 +193,29 @@ TABLES = [  # (schema, table, endpoint, base request, where a patch goes)
     (schemas.TokenizeCompletionRequest, TOKENIZE_TEXT, "/tokenize", {"prompt": "Hello there"}, "top"),
     (schemas.TokenizeChatRequest, TOKENIZE_CHAT, "/tokenize", {"messages": USER}, "top"),
     (schemas.DetokenizeRequest, DETOKENIZE, "/detokenize", {"tokens": [10, 11]}, "top"),
+    (schemas.ToolCallMsg, TOOL_CALL, "/v1/chat/completions", {"messages": CALLED, "max_tokens": 4},
+     "messages.0.tool_calls.0"),
+    (schemas.FunctionCallMsg, FUNCTION_CALL, "/v1/chat/completions", {"messages": CALLED, "max_tokens": 4},
+     "messages.0.tool_calls.0.function"),
+    (schemas.Tool, TOOL, "/v1/chat/completions", {"messages": USER, "max_tokens": 4, "tools": TOOLS[:1],
+                                                   "tool_choice": "required"}, "tools.0"),
+    (schemas.FunctionDef, FUNCTION_DEF, "/v1/chat/completions", {"messages": USER, "max_tokens": 4, "tools": TOOLS[:1],
+                                                                 "tool_choice": "required"}, "tools.0.function"),
+    (schemas.NamedToolChoice, NAMED_TOOL_CHOICE, "/v1/chat/completions",
+     {"messages": USER, "max_tokens": 4, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "a"}}},
+     "tool_choice"),
+    (schemas.NamedFunction, NAMED_FUNCTION, "/v1/chat/completions",
+     {"messages": USER, "max_tokens": 4, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "a"}}},
+     "tool_choice.function"),
+    (schemas.TextFormat, {}, "/v1/completions", {"prompt": "Hello", "max_tokens": 4}, "top"),
+    (schemas.JsonObjectFormat, {}, "/v1/completions", {"prompt": "Hello", "max_tokens": 4}, "top"),
+    (schemas.JsonSchemaFormat, JSON_SCHEMA_FORMAT, "/v1/completions", {"prompt": "Hello", "max_tokens": 4},
+     "response_format"),
+    (schemas.JsonSchemaSpec, JSON_SCHEMA_SPEC, "/v1/chat/completions",
+     {"messages": USER, "max_tokens": 4, "response_format": {"type": "json_schema", "json_schema": {
+         "name": "x", "schema": SCHEMA}}}, "response_format.json_schema"),
+    (schemas.StructuredOutputsRequest, STRUCTURED_OUTPUTS, "/v1/completions", {"prompt": "Hello", "max_tokens": 4},
+     "structured_outputs"),
 ]
 
 
@@ -169,27 +237,23 @@ def test_every_request_schema_has_a_table():
 
 
 def _apply(base: dict, where: str, patch: dict) -> dict:
-    body = json.loads(json.dumps(base))
-    if where == "top":
-        body.update(patch)
-    elif where == "message":
-        body["messages"][0].update(patch)
-    elif where == "part":
-        body["messages"][0]["content"][0].update(patch)
-    else:
-        body[where].update(patch)
+    """`patch` merged into the object at `where` (a dotted path; objects missing on it are created)."""
+    body = copy.deepcopy(base)
+    target = body
+    path = {"top": "", "message": "messages.0", "part": "messages.0.content.0"}.get(where, where)
+    for key in filter(None, path.split(".")):
+        target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+    target.update(patch)
     return body
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, default_model_dir) -> str:
-    return build_surface_model(default_model_dir, tmp_path_factory.mktemp("fields") / "model")
-
-
 @pytest.fixture
-async def app(model_dir):
-    engine = FakeEngineClient(model_dir, max_model_len=256, default_seed=3)
-    runner, port = await start_app(create_app(ServerConfig(port=0, served_model_name=NAME), engine, Metrics()))
+async def app(surface_model_dir, grammar_checker):
+    """The fake engine over the surface model; the grammar check is the real one (every grammar in
+    the tables compiles)."""
+    engine = FakeEngineClient(surface_model_dir, max_model_len=2048, default_seed=3)
+    cfg = ServerConfig(port=0, served_model_name=NAME, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    runner, port = await start_app(create_app(cfg, engine, Metrics(), grammar_checker=grammar_checker))
     yield engine, f"http://127.0.0.1:{port}"
     await runner.cleanup()
 
@@ -241,4 +305,4 @@ async def test_field_has_its_effect(app, caplog, schema, name, case, endpoint, b
     elif case.kind == "response":
         assert after != before
     elif case.kind == "logged":
-        assert patch["user"] in caplog.text and after == before
+        assert (case.param or patch["user"]) in caplog.text and after == before

@@ -217,6 +217,16 @@ class _NoMessages:
         raise zmq.Again()
 
 
+class _NoLinks:
+    """What the dead worker's link does on a death: its queue is discarded."""
+
+    def __init__(self) -> None:
+        self.reset_workers: list[int] = []
+
+    def reset(self, wid: int) -> None:
+        self.reset_workers.append(wid)
+
+
 def test_a_worker_death_tells_the_survivors_at_once():
     """The survivors get PeerPools without the dead worker right away (not only at its restart,
     which may never come): decode workers close their mapping of its pool (its memory stays
@@ -229,12 +239,13 @@ def test_a_worker_death_tells_the_survivors_at_once():
     try:
         for wid, role in ((0, "prefill"), (1, "decode")):
             c.board.write(wid, role=role, state="ready", pid=1)
-        c.procs, c._pull_now = _DeadProcs(), _NoMessages()
+        c.procs, c._pull_now, c.links = _DeadProcs(), _NoMessages(), _NoLinks()
         c.ready = {w: Ready(worker_id=w, pid=1, role="x", device="cpu", pool=info(), max_model_len=8,
                             eos_token_ids=[]) for w in (0, 1)}
         sent = []
         c._send = lambda wid, msg: sent.append((wid, msg)) if wid not in c.dead else None
         c._on_dead(0, "was killed")
         assert [(w, sorted(m.pools)) for w, m in sent if isinstance(m, PeerPools)] == [(1, [1])]
+        assert c.links.reset_workers == [0]
     finally:
         c.board.close()

@@ -12,10 +12,18 @@ then cuts the scheduled queue, in order, into chunks of exactly `chunk_size` tok
     chunk 3:   R3[24:100]                      (the queue ran dry: a short last chunk)
 
 A prompt is never reordered once its first piece has been packed (non-preemptive).
+
+Priority (vLLM's semantics: lower values first). The raw queue is kept in (priority,
+arrival) order, so a group takes the best-priority prompts first and sorts them by
+priority before the policy's key; a prompt that arrives with a better priority than
+scheduled prompts that have not started goes ahead of them. With one priority everywhere
+this is exactly the order above.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -37,6 +45,14 @@ class _Pending:
     req_id: str
     num_tokens: int
     cursor: int = 0
+    priority: int = 0
+    order: int = 0
+    started: bool = False
+    """A piece of it was packed: it is not reordered any more."""
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return (self.priority, self.order)
 
 
 class ChunkPacker:
@@ -50,9 +66,10 @@ class ChunkPacker:
         self.chunk_size = chunk_size
         self.policy = policy
         self.sched_batch = sched_batch
-        self._raw: deque[_Pending] = deque()
+        self._raw: list[_Pending] = []  # in (priority, arrival) order
         self._scheduled: deque[_Pending] = deque()
         self._queued_tokens = 0
+        self._orders = itertools.count()
 
     def __len__(self) -> int:
         return len(self._raw) + len(self._scheduled)
@@ -65,12 +82,19 @@ class ChunkPacker:
         """Prompt tokens not yet packed into a chunk."""
         return self._queued_tokens
 
-    def add(self, req_id: str, num_tokens: int, start: int = 0) -> None:
-        """Queue a prompt's tokens [start, num_tokens) for prefill."""
+    def add(self, req_id: str, num_tokens: int, start: int = 0, priority: int = 0, order: int | None = None) -> None:
+        """Queue a prompt's tokens [start, num_tokens) for prefill. `priority`: lower first;
+        `order`: its place among equal priorities (default: arrival order here)."""
         if not 0 <= start < num_tokens:
             raise ValueError("need 0 <= start < num_tokens")
-        self._raw.append(_Pending(req_id, num_tokens, start))
+        entry = _Pending(req_id, num_tokens, start, priority, next(self._orders) if order is None else order)
         self._queued_tokens += num_tokens - start
+        # ahead of scheduled prompts of a worse priority that have not started
+        at = next((i for i, p in enumerate(self._scheduled) if not p.started and p.priority > priority), None)
+        if at is not None:
+            self._scheduled.insert(at, entry)
+        else:
+            bisect.insort(self._raw, entry, key=lambda p: p.rank)
 
     def remove(self, req_id: str) -> bool:
         """Drop a prompt's unpacked tokens (abort). Returns whether it was queued."""
@@ -88,15 +112,16 @@ class ChunkPacker:
         if head is not None and head.req_id == piece.req_id:
             head.cursor = piece.start
         else:
-            self._scheduled.appendleft(_Pending(piece.req_id, piece.start + piece.num_tokens, piece.start))
+            self._scheduled.appendleft(_Pending(piece.req_id, piece.start + piece.num_tokens, piece.start,
+                                                started=True))
         self._queued_tokens += piece.num_tokens
 
     def _refill(self) -> None:
-        group = [self._raw.popleft() for _ in range(min(self.sched_batch, len(self._raw)))]
+        group, self._raw = self._raw[: self.sched_batch], self._raw[self.sched_batch:]
         if self.policy == "sjf":
-            group.sort(key=lambda p: p.num_tokens - p.cursor)
+            group.sort(key=lambda p: (p.priority, p.num_tokens - p.cursor))
         elif self.policy == "ljf":
-            group.sort(key=lambda p: -(p.num_tokens - p.cursor))
+            group.sort(key=lambda p: (p.priority, -(p.num_tokens - p.cursor)))
         self._scheduled.extend(group)
 
     def next_chunk(self, budget_tokens: int | None = None) -> list[ChunkPiece]:
@@ -113,6 +138,7 @@ class ChunkPacker:
             is_last = head.cursor + take == head.num_tokens
             pieces.append(ChunkPiece(head.req_id, head.cursor, take, is_last))
             head.cursor += take
+            head.started = True
             budget -= take
             self._queued_tokens -= take
             if is_last:

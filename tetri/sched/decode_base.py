@@ -20,6 +20,13 @@ class DecodeReqView:
     predicted_output_tokens: int | None = None
     arrival_s: float = 0.0
     held_blocks: int = 0
+    priority: int = 0
+    """vLLM's semantics: lower values first."""
+
+
+def by_priority(reqs: Iterable[DecodeReqView]) -> list[DecodeReqView]:
+    """Lower priority values first; the given (arrival or admission) order within one."""
+    return sorted(reqs, key=lambda r: r.priority)
 
 
 class DecodePolicy(Protocol):

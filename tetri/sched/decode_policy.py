@@ -24,15 +24,20 @@ the request view and the admission helpers live in `tetri.sched.decode_base`):
   mlfq             FastServe skip-join MLFQ with token-level preemption (`tetri.sched.mlfq`).
 Invariant for all: the blocks the admitted requests need right now (context + 1 token, less
 what they hold) never sum to more than `free_blocks`.
+
+Priority (vLLM's semantics, `DecodeReqView.priority`: lower first): every policy admits in
+priority order (arrival order within one priority), runs the best-priority requests first
+and preempts the worst-priority, most recently admitted ones first. With one priority
+everywhere the policies behave exactly as described above.
 """
 
 from __future__ import annotations
 
-from tetri.sched.decode_base import DecodePolicy, DecodeReqView, admit_in_order, admit_need_blocks
+from tetri.sched.decode_base import DecodePolicy, DecodeReqView, admit_in_order, admit_need_blocks, by_priority
 from tetri.sched.kv_blocks import blocks_for_tokens
 
 __all__ = ["DecodePolicy", "DecodeReqView", "GreedyDecodePolicy", "ReserveDynamicPolicy", "ReserveStaticPolicy",
-           "admit_in_order", "admit_need_blocks", "blocks_at_step", "predicted_remaining_tokens"]
+           "admit_in_order", "admit_need_blocks", "blocks_at_step", "by_priority", "predicted_remaining_tokens"]
 
 
 class GreedyDecodePolicy:
@@ -43,10 +48,11 @@ class GreedyDecodePolicy:
     name = "greedy"
 
     def admit(self, waiting, running, free_blocks, block_size, now):
-        return admit_in_order(waiting, free_blocks, lambda req: blocks_for_tokens(req.context_tokens + 1, block_size))
+        return admit_in_order(by_priority(waiting), free_blocks,
+                              lambda req: blocks_for_tokens(req.context_tokens + 1, block_size))
 
     def schedule(self, running, max_seqs, free_blocks, block_size, now):
-        run = list(running[:max_seqs])
+        run = by_priority(running)[:max_seqs]
         preempt: list[str] = []
         while run:
             grow = sum(1 for r in run if r.context_tokens + 1 > r.held_blocks * block_size)
@@ -87,7 +93,7 @@ class ReserveStaticPolicy(GreedyDecodePolicy):
             reserve = blocks_for_tokens(req.context_tokens + predicted_remaining_tokens(req), block_size)
             return max(admit_need_blocks(req, block_size), reserve - req.held_blocks)
 
-        return admit_in_order(waiting, free_blocks, need)
+        return admit_in_order(by_priority(waiting), free_blocks, need)
 
 
 def blocks_at_step(reqs: list[DecodeReqView], steps: int, block_size: int) -> int:
@@ -111,7 +117,7 @@ class ReserveDynamicPolicy(GreedyDecodePolicy):
         batch = list(running)
         held_now = sum(r.held_blocks for r in batch)
         admitted = []
-        for req in waiting:
+        for req in by_priority(waiting):
             trial = batch + [req]
             horizon_steps = min(predicted_remaining_tokens(r) for r in trial)
             extra = blocks_at_step(trial, horizon_steps, block_size) - held_now - req.held_blocks

@@ -13,9 +13,15 @@ decisions from load-board snapshots. It performs no I/O: each method returns `Ac
     death of a worker: each request it held is migrated (n = 1: re-queued for prefill as
     prompt + the tokens already emitted, under the same id, so the client's stream goes on
     with nothing duplicated or missing) or, with migrate off or n > 1, failed; blocks other
-    workers held for it are Released / Aborted.
+    workers held for it are Released / Aborted. The continuation keeps its sampling params
+    and tells the workers how many of its prompt's last tokens are outputs already
+    (`prior_output_tokens`), so max/min_tokens, penalties and seeded draws go on from the
+    position the stream had reached.
     AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails.
 Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
+
+Priority (vLLM's: lower first) orders each prefill worker's queue and rides to the workers
+for decode admission.
 """
 
 from __future__ import annotations
@@ -35,10 +41,6 @@ from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
 from tetri.types import SamplingParams
-
-
-def replace_params(params: SamplingParams, **changes) -> SamplingParams:
-    return msgspec.structs.replace(params, **changes)
 
 
 class ReqState(enum.IntEnum):
@@ -88,11 +90,20 @@ class FrontReq:
     output_ids: list[int] = field(default_factory=list)
     """Tokens of choice 0 already sent to the client (what a migration re-prefills)."""
     migrations: int = 0
-    output_in_prompt: int = 0
-    """How many of `output_ids` an earlier migration already folded into the prompt (and took
-    off `params.max_tokens`): a second migration adds only the ones after them."""
+    priority: int = 0
+    """vLLM's semantics: lower values first."""
+    resume_tokens: int = 0
+    """After a migration: how many of `output_ids` this incarnation re-prefills as context."""
     block_hashes: list[bytes] | None = None
-    """Prefix-cache hashes of the prompt's full blocks (computed once, when caching is on)."""
+    """Prefix-cache hashes of the context's full blocks (computed on each placement, when
+    caching is on)."""
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the workers prefill: the prompt, plus the outputs emitted before a migration."""
+        if not self.resume_tokens:
+            return self.prompt_token_ids
+        return self.prompt_token_ids + self.output_ids[: self.resume_tokens]
 
 
 @dataclass
@@ -165,8 +176,10 @@ class FrontScheduler:
     # ---- arrivals ----------------------------------------------------------------------
     def add(self, req: FrontReq, loads: list[WorkerLoad], now: float) -> Actions:
         """Place a new request; raises NoWorker when no live worker can take it."""
+        context = req.context_ids
+        req.block_hashes = None  # (re)placed: hash what the workers will prefill now
         view = self._view(loads)
-        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s,
+        info = ReqInfo(req.req_id, len(context), req.params.max_tokens, arrival_s=req.arrival_s, priority=req.priority,
                        **self._prefix_fields(req, view))
         wid = self.level1.pick(view, info)
         role = next(w.role for w in view if w.worker_id == wid)
@@ -177,11 +190,13 @@ class FrontScheduler:
         acts = Actions()
         if role == "mixed":
             req.state, req.decode_worker = ReqState.DECODING, wid
-            acts.send(wid, SubmitMixed(req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
-                                       params=req.params, arrival_s=req.arrival_s))
+            acts.send(wid, SubmitMixed(req_id=req.req_id, prompt_token_ids=context, params=req.params,
+                                       arrival_s=req.arrival_s, priority=req.priority,
+                                       prior_output_tokens=req.resume_tokens))
             return acts
         block_size = next(w.block_size for w in view if w.worker_id == wid)
-        self._packer(wid).add(req.req_id, len(req.prompt_token_ids), self._cached_start(req, wid, block_size))
+        self._packer(wid).add(req.req_id, len(context), self._cached_start(req, wid, block_size),
+                              priority=req.priority)
         return self._pump(wid, acts)
 
     def _prefix_fields(self, req: FrontReq, view: list[WorkerLoad]) -> dict:
@@ -189,12 +204,12 @@ class FrontScheduler:
         bs = next((w.block_size for w in view if w.role in ("prefill", "mixed")), 0)
         if not self.cfg.prefix_caching or not bs or req.params.prompt_logprobs is not None:
             return {}
-        hashes = self._hashes(req, bs)[:cacheable_blocks(len(req.prompt_token_ids), bs)]
+        hashes = self._hashes(req, bs)[:cacheable_blocks(len(req.context_ids), bs)]
         return dict(prefix_hashes=tuple(hashes), prefix_block_tokens=bs)
 
     def _hashes(self, req: FrontReq, block_size: int) -> list[bytes]:
         if req.block_hashes is None:
-            req.block_hashes = block_hashes(req.prompt_token_ids, block_size, self.cfg.prefix_hash_seed)
+            req.block_hashes = block_hashes(req.context_ids, block_size, self.cfg.prefix_hash_seed)
         return req.block_hashes
 
     def _cached_start(self, req: FrontReq, wid: int, block_size: int) -> int:
@@ -202,7 +217,7 @@ class FrontScheduler:
         hold (the worker computes any it turns out to lack), so chunks pack uncached tokens."""
         if not self.cfg.prefix_caching or req.params.prompt_logprobs is not None:
             return 0
-        hashes = self._hashes(req, block_size)[:cacheable_blocks(len(req.prompt_token_ids), block_size)]
+        hashes = self._hashes(req, block_size)[:cacheable_blocks(len(req.context_ids), block_size)]
         return self.prefix_index.matched_blocks(wid, hashes) * block_size
 
     def _pump(self, wid: int, acts: Actions) -> Actions:
@@ -213,7 +228,8 @@ class FrontScheduler:
                 req = self.reqs[piece.req_id]
                 new = None
                 if not req.first_sent:
-                    new = NewReq(prompt_token_ids=req.prompt_token_ids, params=req.params, arrival_s=req.arrival_s)
+                    new = NewReq(prompt_token_ids=req.context_ids, params=req.params, arrival_s=req.arrival_s,
+                                 priority=req.priority, prior_output_tokens=req.resume_tokens)
                     req.first_sent, req.state = True, ReqState.PREFILLING
                 pieces.append(PlanPiece(req_id=piece.req_id, start=piece.start, num_tokens=piece.num_tokens,
                                         is_last=piece.is_last, new=new))
@@ -224,16 +240,43 @@ class FrontScheduler:
 
     # ---- worker events -----------------------------------------------------------------
     def on_chunk_done(self, msg: ChunkDone, loads: list[WorkerLoad], now: float) -> Actions:
+        acts = self.chunk_done(msg)
+        for res in msg.finished:
+            acts.extend(self.prefilled(res, msg.worker_id, loads, now))
+        return acts
+
+    def chunk_done(self, msg: ChunkDone) -> Actions:
+        """The chunk-pipeline half of a ChunkDone: one chunk fewer outstanding (unless only a
+        part of it ran), and the next chunks packed. `prefilled` handles each result."""
         wid = msg.worker_id
-        acts = Actions()
+        self.prefix_index.evicted(wid, msg.evicted_hashes)
+        if msg.partial:
+            return Actions()
         if wid in self.outstanding:
             self.outstanding[wid] = max(0, self.outstanding[wid] - 1)
-        self.prefix_index.evicted(wid, msg.evicted_hashes)
-        for res in msg.finished:
-            self._prefilled(res, wid, loads, now, acts)
-        return self._pump(wid, acts)
+        return self._pump(wid, Actions())
 
-    def _prefilled(self, res: PrefillResult, wid: int, loads, now: float, acts: Actions) -> None:
+    def predict_inputs(self, req_id: str, res: PrefillResult) -> tuple[ReqInfo, dict] | None:
+        """What the predictor reads for a prefilled request (callers that run the predictor
+        elsewhere, e.g. off the event loop); None when the request is gone."""
+        req = self.reqs.get(req_id)
+        if req is None:
+            return None
+        info = ReqInfo(req.req_id, len(req.context_ids), req.params.max_tokens, arrival_s=req.arrival_s,
+                       priority=req.priority)
+        return info, {"expected_output_tokens": req.expected_output_tokens, "hidden": res.hidden,
+                      "prompt": req.prompt_text}
+
+    def prefilled(self, res: PrefillResult, wid: int, loads: list[WorkerLoad], now: float,
+                  prediction=None, predicted: bool = False) -> Actions:
+        """A prompt's prefill ended on `wid`: order its handoff (or release it). With
+        `predicted`, `prediction` is the predictor's answer computed by the caller."""
+        acts = Actions()
+        self._prefilled(res, wid, loads, now, acts, prediction, predicted)
+        return acts
+
+    def _prefilled(self, res: PrefillResult, wid: int, loads, now: float, acts: Actions,
+                   prediction=None, predicted: bool = False) -> None:
         req = self.reqs.get(res.req_id)
         if req is None:  # aborted while its last chunk ran
             acts.send(wid, Release(req_id=res.req_id))
@@ -248,7 +291,7 @@ class FrontScheduler:
             acts.send(wid, Release(req_id=req.req_id))
             self._drop(req.req_id)
             return
-        info = self._predict(req, res)
+        info = self._predict(req, res, prediction, predicted)
         try:
             did = self.level2.pick([w for w in self._view(loads) if w.role == "decode"], info)
         except NoWorker:
@@ -260,22 +303,21 @@ class FrontScheduler:
         self._owned(req, did)
         req.deadline_s = now + self.cfg.handoff_timeout_s
         acts.send(did, Handoff(req_id=req.req_id, src_worker=wid, block_ids=res.block_ids,
-                               prompt_token_ids=req.prompt_token_ids, params=req.params,
+                               prompt_token_ids=req.context_ids, params=req.params,
                                first_tokens=res.first_tokens, open_choices=sorted(req.open_choices),
-                               predicted_output_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s))
+                               predicted_output_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s,
+                               priority=req.priority, prior_output_tokens=req.resume_tokens))
 
-    def _predict(self, req: FrontReq, res: PrefillResult) -> ReqInfo:
-        info = ReqInfo(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, arrival_s=req.arrival_s)
-        if self.predictor is None:
+    def _predict(self, req: FrontReq, res: PrefillResult, prediction=None, predicted: bool = False) -> ReqInfo:
+        info, features = self.predict_inputs(req.req_id, res)
+        if self.predictor is None and not predicted:
             return info
-        features = {"expected_output_tokens": req.expected_output_tokens, "hidden": res.hidden,
-                    "prompt": req.prompt_text}
-        pred = self.predictor.predict(info, features)
+        pred = prediction if predicted else self.predictor.predict(info, features)
         if pred is None:
             return info
         req.predicted_low_tokens = min(pred.low_tokens, req.params.max_tokens)
         return ReqInfo(req.req_id, info.prompt_tokens, info.max_tokens, req.predicted_low_tokens,
-                       pred.high_tokens, req.arrival_s)
+                       pred.high_tokens, req.arrival_s, req.priority)
 
     def on_kv_copied(self, msg: KVCopied) -> Actions:
         acts = Actions()
@@ -380,18 +422,19 @@ class FrontScheduler:
             acts.send(req.prefill_worker, Abort(req_id=req.req_id))
 
     def _migrate(self, req: FrontReq, loads: list[WorkerLoad], acts: Actions) -> bool:
-        """Re-queue as a continuation: prompt + emitted tokens, the remaining token budget."""
-        new_ids = req.output_ids[req.output_in_prompt:]  # not yet in the prompt (all, the first time)
-        emitted = len(new_ids)
-        p = req.params
-        params = replace_params(p, max_tokens=p.max_tokens - emitted, min_tokens=max(0, p.min_tokens - emitted))
+        """Re-queue as a continuation: prompt + emitted tokens, the emitted ones counted as
+        outputs (same params: the workers count them against max_tokens and min_tokens)."""
+        params = req.params
+        if params.structured_outputs is not None:  # the grammar resumes after what was emitted (now in the prompt)
+            params = msgspec.structs.replace(params, structured_outputs=msgspec.structs.replace(
+                params.structured_outputs, prefix_token_ids=tuple(req.output_ids)))
         self._released(req.req_id, req.prefill_worker)
         self._released(req.req_id, req.decode_worker)
         self.reqs.pop(req.req_id)
-        cont = FrontReq(req.req_id, req.prompt_token_ids + new_ids, params, req.arrival_s,
+        cont = FrontReq(req.req_id, req.prompt_token_ids, params, req.arrival_s,
                         expected_output_tokens=req.expected_output_tokens, prompt_text=req.prompt_text,
-                        output_ids=list(req.output_ids), migrations=req.migrations + 1,
-                        output_in_prompt=len(req.output_ids))
+                        output_ids=list(req.output_ids), migrations=req.migrations + 1, priority=req.priority,
+                        resume_tokens=len(req.output_ids))
         try:
             acts.extend(self.add(cont, loads, 0.0))
         except NoWorker:  # no live worker of the role: wait for the supervisor's restart

@@ -2,11 +2,14 @@
 
 `WorkerLoad` is what one row of the shared-memory load board (`tetri.control.load_board`)
 decodes to; the front scheduler and the simulator both hand lists of these to the policies.
+`fit_error` reads the rows' pool sizes to refuse, at once, a request no live pool can hold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tetri.sched.kv_blocks import blocks_for_tokens
 
 ROLE_CODES = {"prefill": 1, "decode": 2, "mixed": 3}
 ROLE_NAMES = {v: k for k, v in ROLE_CODES.items()}
@@ -26,9 +29,12 @@ class WorkerLoad:
     free_blocks: int = 0
     total_blocks: int = 0
     predicted_decode_tokens: int = 0
-    """Sum over running + waiting decodes of their predicted remaining output tokens."""
+    """Sum over running + waiting decodes (each choice) of their predicted remaining output
+    tokens: the low end of the predicted bucket less the tokens generated so far."""
     heavy_decodes: int = 0
+    """Requests held whose predicted output exceeds the worker's heavy_decode_tokens."""
     light_decodes: int = 0
+    """The other requests held (also those without a prediction)."""
     block_size: int = 16
     max_num_seqs: int = 0
     """Request slots of the worker's batch (`--max-num-seqs`); 0: not published."""
@@ -63,3 +69,23 @@ class ReqInfo:
     (`prefix_hash.cacheable_blocks`), for cache-aware dispatch; () when caching is off."""
     prefix_block_tokens: int = 0
     """Tokens per entry of `prefix_hashes`."""
+
+
+def fit_error(prompt_tokens: int, n: int, loads: list[WorkerLoad]) -> str | None:
+    """Why no live pool can hold a request of `prompt_tokens` with `n` choices, or None. A
+    prefill pool must hold the prompt; a decode or mixed pool the prompt + 1 token for every
+    choice (each choice gets its own blocks there). Only roles with a live worker are judged
+    (none live: the caller answers 503 or parks the request)."""
+    needs = {"prefill": lambda bs: blocks_for_tokens(prompt_tokens, bs),
+             "decode": lambda bs: blocks_for_tokens(prompt_tokens + 1, bs) * n,
+             "mixed": lambda bs: blocks_for_tokens(prompt_tokens + 1, bs) * n}
+    live = [w for w in loads if w.alive and w.total_blocks > 0]
+    for role, need in needs.items():
+        rows = [w for w in live if w.role == role]
+        if rows and all(need(w.block_size) > w.total_blocks for w in rows):
+            most = max(rows, key=lambda w: w.total_blocks)
+            each = f" for each of n={n} choices" if n > 1 and role != "prefill" else ""
+            return (f"this request needs {need(most.block_size)} KV blocks of {most.block_size} tokens on a {role} "
+                    f"worker ({prompt_tokens} prompt tokens{each}); the largest live {role} pool holds "
+                    f"{most.total_blocks}")
+    return None

@@ -33,7 +33,9 @@ Starvation: a request that has not run for `starvation_s` (measured from its las
 from when the policy first saw it) is promoted to level 0 with its service reset (checked in
 every `admit` and `schedule`). FastServe's paper default is 0.3 s.
 
-Order within a level is FIFO by the time the request entered the level.
+Order within a level is FIFO by the time the request entered the level. A request's own
+`priority` (vLLM's semantics: lower first) ranks above the levels: the queues order by
+(priority, level, entry).
 """
 
 from __future__ import annotations
@@ -110,9 +112,9 @@ class MLFQDecodePolicy:
                 entry.enter_seq = self._next_seq()
 
     def _priority_order(self, reqs: list[DecodeReqView]) -> list[DecodeReqView]:
-        def key(req: DecodeReqView) -> tuple[int, int]:
+        def key(req: DecodeReqView) -> tuple[int, int, int]:
             entry = self._entries[req.req_id]
-            return (entry.level, entry.enter_seq)
+            return (req.priority, entry.level, entry.enter_seq)
 
         return sorted(reqs, key=key)
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from tetri.config import ServerConfig
 from tetri.server.engine_api import EngineClient
 from tetri.server.errors import ApiError, auth_middleware, error_middleware
+from tetri.server.grammar_check import GrammarChecker
 from tetri import __version__
 from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE, ServerState, served_model_names
 from tetri.server.metrics import CONTENT_TYPE, Metrics
@@ -120,14 +121,21 @@ ROUTES = [
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    engine = app[ENGINE]
+    engine, state = app[ENGINE], app[STATE]
+    own_checker = state.grammar is None
     await engine.start()
     try:
-        state = app[STATE]
         state.served_names = served_model_names(app[CONFIG], engine)
-        state.tokenizer = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, engine.model_dir)
+        state.tokenizer = tok = await asyncio.get_running_loop().run_in_executor(None, load_tokenizer, engine.model_dir)
+        if own_checker:
+            cfg = app[CONFIG]
+            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+            state.grammar = GrammarChecker(engine.model_dir, tok.vocab_size, eos, max_bytes=cfg.max_grammar_bytes,
+                                           timeout_s=cfg.grammar_compile_timeout_s)
         yield
     finally:
+        if own_checker and state.grammar is not None:
+            state.grammar.close()
         await engine.close()
 
 
@@ -135,8 +143,10 @@ async def _on_shutdown(app: web.Application) -> None:
     app[STATE].draining = True
 
 
-def create_app(cfg: ServerConfig, engine: EngineClient, metrics: Metrics | None = None) -> web.Application:
-    """The front-end app for `engine`; `metrics` defaults to a fresh private registry."""
+def create_app(cfg: ServerConfig, engine: EngineClient, metrics: Metrics | None = None,
+               grammar_checker: GrammarChecker | None = None) -> web.Application:
+    """The front-end app for `engine`; `metrics` defaults to a fresh private registry; the grammar
+    checker to one of the app's own (tests share one across apps: its process starts once)."""
     metrics = metrics if metrics is not None else Metrics()
     if hasattr(engine, "metrics"):
         engine.metrics = metrics  # type: ignore[attr-defined] - the engine client reports KV transfers
@@ -147,7 +157,7 @@ def create_app(cfg: ServerConfig, engine: EngineClient, metrics: Metrics | None 
     app[CONFIG] = cfg
     app[ENGINE] = engine
     app[METRICS] = metrics
-    app[STATE] = ServerState(served_names=())
+    app[STATE] = ServerState(served_names=(), grammar=grammar_checker)
     app.router.add_routes(ROUTES)
     app.cleanup_ctx.append(_engine_ctx)
     app.on_shutdown.append(_on_shutdown)

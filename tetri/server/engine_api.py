@@ -37,6 +37,12 @@ class Unavailable(EngineError):
     status = 503
 
 
+class InvalidRequest(EngineError):
+    """The request can never be served here (e.g. no live KV pool holds it): HTTP 400."""
+
+    status = 400
+
+
 class EngineRequest(msgspec.Struct, kw_only=True):
     req_id: str
     prompt_token_ids: list[int]

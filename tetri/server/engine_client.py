@@ -9,17 +9,28 @@
                beating, is marked dead; the scheduler fails or releases what it held
     close(): Shutdown to every worker -> join / terminate / kill -> unlink shared memory,
              remove the ipc dir
+
+One receive path: every message is read by `_drain_pending` (synchronous reads until the
+socket is empty); the recv loop only waits for readability, and a death drains through the
+same function first, so messages from one worker are handled in the order it sent them.
+No control message is dropped (`worker_links.WorkerLinks`: a send that would block queues
+and is retried in order; failures counted in `tetri:worker_send_failures`; a dead worker's
+queue and socket are discarded). Nothing slow runs on the event loop: the tokenizer
+load, prompt decodes and learned-predictor inference run on one helper thread, the length
+log writes on its own thread, and a killed worker is reaped in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import pathlib
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 import zmq.asyncio
@@ -31,9 +42,11 @@ from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPaths, 
                             TokenBatch, WorkerError, decode_or_none, encode, from_worker_decoder)
 from tetri.sched.dispatch import NoWorker
 from tetri.sched.front import Actions, FrontConfig, FrontReq, FrontScheduler
-from tetri.server.engine_api import (ChoiceDelta, EngineError, EngineOutput, EngineRequest, Overloaded,
-                                     RequestStream, Unavailable)
+from tetri.sched.load import fit_error
+from tetri.server.engine_api import (ChoiceDelta, EngineError, EngineOutput, EngineRequest, InvalidRequest,
+                                     Overloaded, RequestStream, Unavailable)
 from tetri.server.supervision import STARTUP_GRACE_S, RestartBook, missing_roles_reason, worker_fields
+from tetri.server.worker_links import WorkerLinks
 
 log = logging.getLogger("tetri.engine")
 SUPERVISE_EVERY_S = 0.1
@@ -57,7 +70,11 @@ class RuntimeClient:
         self.scheduler = FrontScheduler(front, random.Random(seed), predictor=predictor, flip=flip)
         self.length_log = length_log  # tetri.server.length_log.LengthLog or None
         self.wants_prompt_text = length_log is not None or getattr(predictor, "kind", None) == "text"
+        self.predict_off_loop = getattr(predictor, "kind", None) is not None  # a learned (torch) model
         self._tok = None
+        self._aux = ThreadPoolExecutor(1, thread_name_prefix="tetri-front-aux")  # FIFO: decodes before predictions
+        self._texts: dict = {}  # req_id -> Future of its prompt text
+        self.send_failures: collections.Counter = collections.Counter()
         self.metrics = None  # set by create_app
         self.streams: dict[str, RequestStream] = {}
         self.ready: dict[int, Ready] = {}
@@ -78,19 +95,7 @@ class RuntimeClient:
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         n = len(self.launch_cfg.workers)
-        self.board = LoadBoard.create(n)
-        self.procs = WorkerProcs(self.model_cfg, self.cache_cfg, self.sched_cfg, self.launch_cfg, self.board.name)
-        self.zctx = zmq.asyncio.Context()
-        self.pull = self.zctx.socket(zmq.PULL)
-        self.pull.bind(self.procs.front_endpoint)
-        self._pull_now = zmq.Socket.shadow(self.pull.underlying)  # synchronous view, for draining
-        self.push: dict[int, zmq.Socket] = {}
-        for wid in range(n):
-            sock = self.zctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 100000)
-            sock.connect(self.procs.endpoint(wid))
-            self.push[wid] = sock
+        self.wire()
         self.procs.spawn_all()
         try:
             await asyncio.wait_for(self._handshake(n), self.launch_cfg.ready_timeout_s)
@@ -98,8 +103,21 @@ class RuntimeClient:
             await self.close()
             raise RuntimeError(f"workers did not become ready: {e or 'timeout'}") from e
         self.max_model_len = min(r.max_model_len for r in self.ready.values())
+        if self.wants_prompt_text:
+            self._tok = await asyncio.get_running_loop().run_in_executor(self._aux, self._load_tokenizer)
         self._broadcast_pools()
         self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._supervise_loop())]
+
+    def wire(self) -> None:
+        """The load board, the ipc directory and the sockets (`start` then spawns the workers)."""
+        n = len(self.launch_cfg.workers)
+        self.board = LoadBoard.create(n)
+        self.procs = WorkerProcs(self.model_cfg, self.cache_cfg, self.sched_cfg, self.launch_cfg, self.board.name)
+        self.zctx = zmq.asyncio.Context()
+        self.pull = self.zctx.socket(zmq.PULL)
+        self.pull.bind(self.procs.front_endpoint)
+        self._pull_now = zmq.Socket.shadow(self.pull.underlying)  # the one reader (see _drain_pending)
+        self.links = WorkerLinks(self.zctx, self.procs.endpoint, n, self._count_send_failure)
 
     async def _handshake(self, n: int) -> None:
         while len(self.ready) < n:
@@ -129,17 +147,20 @@ class RuntimeClient:
                 await task
         for stream in self.streams.values():
             stream.put(EngineOutput(req_id=stream.req_id, choices=[], error="server shutting down"))
-        for wid in self.push:
-            self._send(wid, Shutdown())
-        await asyncio.get_running_loop().run_in_executor(None, self.procs.stop_all)
-        for sock in [self.pull, *self.push.values()]:
-            sock.close(linger=0)
+        for wid in self.links.socks:
+            self._send(wid, Shutdown())  # behind whatever is still queued for it
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.procs.stop_all)
+        await self.links.close()  # stragglers were terminated: drop what they never read
+        self.links.close_sockets()
+        self.pull.close(linger=0)
         self.zctx.term()
         self._unlink_pools(self.ready)
         self.board.close()
         self.procs.remove_ipc_dir()
+        await loop.run_in_executor(None, self._aux.shutdown)  # finish the decodes the length log waits for
         if self.length_log is not None:
-            self.length_log.close()
+            await loop.run_in_executor(None, self.length_log.close)
 
     def _unlink_pools(self, workers) -> None:
         """Workers unlink their own pools; this catches those of workers that were killed."""
@@ -160,32 +181,41 @@ class RuntimeClient:
             raise Unavailable("server is shutting down")
         if len(self.scheduler.reqs) >= self.max_queue:
             raise Overloaded(f"admission queue full ({self.max_queue} requests)")
+        loads = self._loads()
+        why = fit_error(len(req.prompt_token_ids), req.params.n, loads)
+        if why is not None:
+            raise InvalidRequest(why)
         expected = req.expected_output_tokens
         if expected is None and req.params.ignore_eos:
             expected = req.params.max_tokens  # the length is forced: what an oracle would know
         text = req.prompt_text
-        if text is None and self.wants_prompt_text:
-            text = self._tokenizer().decode(req.prompt_token_ids)
         front_req = FrontReq(req.req_id, list(req.prompt_token_ids), req.params, req.arrival_s or time.monotonic(),
-                             expected_output_tokens=expected, prompt_text=text)
+                             expected_output_tokens=expected, prompt_text=text, priority=req.priority)
         try:
-            acts = self.scheduler.add(front_req, self._loads(), time.monotonic())
+            acts = self.scheduler.add(front_req, loads, time.monotonic())
         except NoWorker as e:
             raise Unavailable("no live worker can take the request") from e
+        if text is None and self.wants_prompt_text and self._tok is not None:  # decoded off the loop
+            text = self._texts[req.req_id] = self._aux.submit(self._tok.decode, front_req.prompt_token_ids)
         stream = RequestStream(req.req_id, req.params.n)
         self.streams[req.req_id] = stream
         if self.length_log is not None:
-            self.length_log.start(req.req_id, text, len(req.prompt_token_ids))
+            self.length_log.start(req.req_id, text, len(req.prompt_token_ids), req.params.n)
         self._apply(acts)
         return stream
 
     def abort(self, req_id: str, index: int | None = None) -> None:
         self._apply(self.scheduler.abort(req_id, index))
-        if self.length_log is not None and index is None:
-            self.length_log.forget(req_id)
         if index is None:
-            self.streams.pop(req_id, None)
-            self._dispatched.pop(req_id, None)
+            self._ended(req_id)
+
+    def _ended(self, req_id: str) -> None:
+        """The client's side of a request is over (finished, failed or aborted): forget it."""
+        self.streams.pop(req_id, None)
+        self._dispatched.pop(req_id, None)
+        self._texts.pop(req_id, None)
+        if self.length_log is not None:
+            self.length_log.forget(req_id)
 
     def fail_all(self, why: str) -> None:
         """End every running request with an error (shutdown past its timeout)."""
@@ -226,23 +256,22 @@ class RuntimeClient:
         return rows
 
     # ---- internals -----------------------------------------------------------------------
-    def _tokenizer(self):
-        if self._tok is None:
-            from transformers import AutoTokenizer
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
 
-            self._tok = AutoTokenizer.from_pretrained(self.model_dir)
-        return self._tok
+        return AutoTokenizer.from_pretrained(self.model_dir)
 
     def _loads(self):
         return [w if w.worker_id not in self.dead else _dead(w) for w in self.board.read_all()]
 
+    def _count_send_failure(self, reason: str, count: int = 1) -> None:
+        self.send_failures[reason] += count
+        if self.metrics is not None:
+            self.metrics.observe_send_failure(reason, count)
+
     def _send(self, wid: int, msg) -> None:
-        if wid in self.dead:
-            return
-        try:
-            self.push[wid].send(encode(msg), zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.warning("could not send %s to worker %d: %s", type(msg).__name__, wid, e)
+        if wid not in self.dead:  # what a dead worker held is handled by on_worker_dead
+            self.links.send(wid, encode(msg))
 
     def _apply(self, acts: Actions) -> None:
         now = time.monotonic()
@@ -253,10 +282,10 @@ class RuntimeClient:
                         self._dispatched[p.req_id] = now - p.new.arrival_s
             self._send(wid, msg)
         for req_id, why in acts.fails:
-            self._dispatched.pop(req_id, None)
-            stream = self.streams.pop(req_id, None)
+            stream = self.streams.get(req_id)
             if stream is not None:
                 stream.put(EngineOutput(req_id=req_id, choices=[], error=why))
+            self._ended(req_id)
 
     @staticmethod
     def _decode(raw: bytes):
@@ -267,11 +296,8 @@ class RuntimeClient:
 
     async def _recv_loop(self) -> None:
         while True:
-            raw = await self.pull.recv()
-            try:
-                self._on_message(self._decode(raw))
-            except Exception:  # one bad message must never stop the loop
-                log.exception("error handling a worker message")
+            await self.pull.poll()  # only waits: the messages are read by _drain_pending
+            self._drain_pending()
 
     def _on_message(self, msg) -> None:
         if msg is None:
@@ -314,8 +340,40 @@ class RuntimeClient:
             stream.put(EngineOutput(req_id=res.req_id, choices=choices, queue_time_s=self._dispatched.pop(res.req_id, None),
                                     prompt_logprobs=res.prompt_logprobs))
             if stream.done:
-                self.streams.pop(res.req_id, None)
-        self._apply(self.scheduler.on_chunk_done(msg, self._loads(), time.monotonic()))
+                self._ended(res.req_id)
+        self._apply(self.scheduler.chunk_done(msg))
+        for res in msg.finished:
+            if self.predict_off_loop and res.req_id in self.scheduler.reqs:
+                self._predict_then_hand_off(res, msg.worker_id)
+            else:
+                self._apply(self.scheduler.prefilled(res, msg.worker_id, self._loads(), time.monotonic()))
+
+    def _predict_then_hand_off(self, res, wid: int) -> None:
+        """Run the learned predictor on the helper thread; order the handoff when it answers
+        (unless the worker died or the request moved meanwhile)."""
+        info, features = self.scheduler.predict_inputs(res.req_id, res)
+        text = self._texts.get(res.req_id)
+        predictor = self.scheduler.predictor
+        incarnation = (self.procs.restarts.get(wid, 0), self.scheduler.reqs[res.req_id].migrations)
+
+        def predict():
+            if features.get("prompt") is None and text is not None:
+                features["prompt"] = text.result()
+            return predictor.predict(info, features)
+
+        def done(fut) -> None:
+            req = self.scheduler.reqs.get(res.req_id)
+            now_incarnation = (self.procs.restarts.get(wid, 0), req.migrations if req else incarnation[1])
+            if self._closed or wid in self.dead or now_incarnation != incarnation:
+                return  # on_worker_dead already released, migrated or failed what it held
+            try:
+                pred = fut.result()
+            except Exception:
+                log.exception("length predictor failed for %s", res.req_id)
+                pred = None
+            self._apply(self.scheduler.prefilled(res, wid, self._loads(), time.monotonic(), pred, predicted=True))
+
+        asyncio.get_running_loop().run_in_executor(self._aux, predict).add_done_callback(done)
 
     def _on_tokens(self, msg: TokenBatch) -> None:
         per_req: dict[str, list[ChoiceDelta]] = {}
@@ -339,7 +397,7 @@ class RuntimeClient:
             stream.put(EngineOutput(req_id=req_id, choices=choices,
                                     queue_time_s=self._dispatched.pop(req_id, None), prompt_logprobs=scored.get(req_id)))
             if stream.done:
-                self.streams.pop(req_id, None)
+                self._ended(req_id)
 
     async def _supervise_loop(self) -> None:
         while True:
@@ -363,8 +421,9 @@ class RuntimeClient:
                 self._apply(self.scheduler.flip_tick(self._loads(), now))
 
     def _drain_pending(self) -> None:
-        """Handle every message already delivered, so what a dead worker sent before dying
-        is counted before its requests are migrated."""
+        """The one receive path: handle every message already delivered, in order. The recv
+        loop calls it when the socket is readable; a death calls it first, so what a dead
+        worker sent before dying is counted before its requests are migrated."""
         while True:
             try:
                 raw = self._pull_now.recv(zmq.NOBLOCK)
@@ -372,15 +431,18 @@ class RuntimeClient:
                 return
             try:
                 self._on_message(self._decode(raw))
-            except Exception:
-                log.exception("error handling a drained message")
+            except Exception:  # one bad message must never stop the loop
+                log.exception("error handling a worker message")
 
     def _on_dead(self, wid: int, how: str) -> None:
         log.error("worker %d %s; %s what it held", wid, how, "migrating" if self.migrate else "failing")
         self._drain_pending()
         role = self.board.read(wid).role
         self.dead.add(wid)
-        self.procs.kill(wid)
+        proc = self.procs.kill(wid)
+        if proc is not None:  # reaped in a thread: never a join on the event loop
+            asyncio.get_running_loop().run_in_executor(None, proc.join, 5)
+        self.links.reset(wid)
         self.board.set_state(wid, "dead")
         migrated_before = self.scheduler.migrated_total
         self._apply(self.scheduler.on_worker_dead(wid, self._loads(), migrate=self.migrate))
@@ -408,7 +470,8 @@ class RuntimeClient:
         self._starting.add(wid)
         self.procs.restarts[wid] = self.procs.restarts.get(wid, 0) + 1
         log.warning("restarting worker %d as %s (restart %d)", wid, self._dead_role[wid], self.procs.restarts[wid])
-        self.procs.spawn(wid, role=self._dead_role[wid])
+        # spawning pickles the args and forks the spawn helper: a thread's work, not the loop's
+        asyncio.get_running_loop().run_in_executor(None, self.procs.spawn, wid, self._dead_role[wid])
         if self.metrics is not None:
             self.metrics.observe_restart()
 

@@ -6,7 +6,8 @@ a `random.Random` seeded by (prompt ids, seed or `default_seed`, choice index), 
 printable token ids of the model's tokenizer, or cycle through `script` when given. The
 fake honours max_tokens, min_tokens, ignore_eos (EOS only after `eos_after` tokens when
 set), stop_token_ids, n, logprobs and prompt_logprobs (well-formed made-up values), max_model_len and aborts,
-and records what it was sent (`submitted`, `aborted`) for tests to inspect. Knobs:
+and records what it was sent (`submitted`, `aborted`) for tests to inspect. It applies no grammar
+(`structured_outputs` is recorded, not enforced: the workers enforce it; a test scripts the text). Knobs:
 `max_queue` (Overloaded beyond it), `is_healthy` (False: Unavailable and /health 503),
 `error_after` (fail every request with an engine error after that many tokens).
 """

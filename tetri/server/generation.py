@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -57,13 +58,16 @@ class ChoiceState:
                  "drop_stop_logprob", "discard")
 
     def __init__(self, index: int, tokenizer: Tokenizer, prompt_ids: list[int], stops: list[str], min_tokens: int,
-                 drop_stop_logprob: bool = False, discard: bool = False) -> None:
+                 drop_stop_logprob: bool = False, discard: bool = False, keep_special: bool = False) -> None:
         self.index = index
         self.drop_stop_logprob = drop_stop_logprob
         """Chat: the end-of-turn token's logprob is left out, so the joined tokens equal the content."""
         self.discard = discard
         """max_tokens=0 (prompt scoring): the one token the engine must sample is not output."""
-        self.detok = IncrementalDetokenizer(tokenizer.decode, prompt_ids)
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=False) if keep_special else tokenizer.decode
+        self.detok = IncrementalDetokenizer(decode, prompt_ids)
+        """`keep_special`: special tokens stay in the text (a tool-call parser reads markers such as
+        <tool_call> that some tokenizers mark special, as vLLM keeps them for its parsers)."""
         self.matcher = StopMatcher(stops)
         self.min_tokens = min_tokens
         self.num_tokens = 0
@@ -149,6 +153,7 @@ class Generation:
         arrival_s: float | None = None,
         drop_stop_logprob: bool = False,
         discard_output: bool = False,
+        keep_special: bool = False,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -158,8 +163,8 @@ class Generation:
         self.priority = priority
         n = params.n
         self.choices = [
-            [ChoiceState(p * n + i, tokenizer, ids, stops, params.min_tokens, drop_stop_logprob, discard_output)
-             for i in range(n)]
+            [ChoiceState(p * n + i, tokenizer, ids, stops, params.min_tokens, drop_stop_logprob, discard_output,
+                         keep_special) for i in range(n)]
             for p, ids in enumerate(prompts)
         ]
         self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * len(prompts)

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from tetri.config import ServerConfig
 from tetri.server.engine_api import EngineClient
+from tetri.server.grammar_check import GrammarChecker
 from tetri.server.metrics import Metrics
 from tetri.server.tokenizer import Tokenizer
 
@@ -21,6 +22,8 @@ class ServerState:
     """Every name the model answers to; the first is the one responses report."""
     tokenizer: Tokenizer | None = None
     draining: bool = False
+    grammar: GrammarChecker | None = None
+    """Checks that request grammars compile (structured outputs, tool calls) before admission."""
 
     @property
     def served_name(self) -> str:

@@ -5,22 +5,32 @@ One JSONL line per finished choice, in `DIR/lengths-<pid>.jsonl`, in the format
 `tetri-predictor train` reads: `prompt` (text), `output_tokens`, plus `finish_reason`
 ("stop" lines are natural lengths; "length" lines were cut by max_tokens), `prompt_tokens`
 and, when the prefill workers report it, `hidden` (the probe's features).
+
+A request is forgotten when its last choice finishes, or on `forget` (abort, failure): the
+log never holds more than the requests in flight. Lines are written by a writer thread
+(the event loop never waits on the file); the prompt may be given as a
+`concurrent.futures.Future` of its text (decoded off the loop), which the writer resolves.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 @dataclass
 class _Entry:
-    prompt: str | None
+    prompt: str | Future | None
     prompt_tokens: int
+    num_choices: int = 1
     hidden: list[float] | None = None
     counts: dict[int, int] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
 
 
 class LengthLog:
@@ -30,9 +40,17 @@ class LengthLog:
         self.path = path / f"lengths-{os.getpid()}.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._live: dict[str, _Entry] = {}
+        self._lines: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_lines, name="tetri-length-log", daemon=True)
+        self._writer.start()
 
-    def start(self, req_id: str, prompt: str | None, prompt_tokens: int) -> None:
-        self._live[req_id] = _Entry(prompt, prompt_tokens)
+    @property
+    def num_live(self) -> int:
+        """Requests being tracked (in flight)."""
+        return len(self._live)
+
+    def start(self, req_id: str, prompt: str | Future | None, prompt_tokens: int, num_choices: int = 1) -> None:
+        self._live[req_id] = _Entry(prompt, prompt_tokens, num_choices)
 
     def on_prefilled(self, req_id: str, hidden, first_tokens: list[int], finish_reasons: list[str | None]) -> None:
         entry = self._live.get(req_id)
@@ -44,19 +62,40 @@ class LengthLog:
 
     def on_token(self, req_id: str, choice: int, finish_reason: str | None) -> None:
         entry = self._live.get(req_id)
-        if entry is None:
+        if entry is None or choice in entry.finished:
             return
         entry.counts[choice] = entry.counts.get(choice, 0) + 1
-        if finish_reason is not None:
-            line = {"prompt": entry.prompt, "output_tokens": entry.counts[choice], "finish_reason": finish_reason,
-                    "prompt_tokens": entry.prompt_tokens}
-            if entry.hidden is not None:
-                line["hidden"] = entry.hidden
-            self._file.write(json.dumps(line) + "\n")
-            self._file.flush()
+        if finish_reason is None:
+            return
+        entry.finished.add(choice)
+        self._lines.put((entry.prompt, entry.counts[choice], finish_reason, entry.prompt_tokens, entry.hidden))
+        if len(entry.finished) >= entry.num_choices:
+            del self._live[req_id]
 
     def forget(self, req_id: str) -> None:
         self._live.pop(req_id, None)
 
+    def _write_lines(self) -> None:
+        while True:
+            item = self._lines.get()
+            if item is None:
+                return
+            prompt, output_tokens, finish_reason, prompt_tokens, hidden = item
+            if isinstance(prompt, Future):
+                try:
+                    prompt = prompt.result()
+                except Exception:  # the decode failed or was cancelled at shutdown
+                    prompt = None
+            line = {"prompt": prompt, "output_tokens": output_tokens, "finish_reason": finish_reason,
+                    "prompt_tokens": prompt_tokens}
+            if hidden is not None:
+                line["hidden"] = hidden
+            self._file.write(json.dumps(line) + "\n")
+            if self._lines.empty():
+                self._file.flush()
+
     def close(self) -> None:
+        """Write what is queued, then close the file (blocks until the writer is done)."""
+        self._lines.put(None)
+        self._writer.join()
         self._file.close()

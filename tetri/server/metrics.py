@@ -18,6 +18,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 _TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _WORKER_LABELS = ("worker", "role")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -43,6 +44,11 @@ class Metrics:
         self.kv_path = Gauge("tetri:kv_transfer_path_info", "1 for the KV transfer path each (source, destination) worker pair uses.", ["src_worker", "dst_worker", "path"], registry=r)
         self.migrated = Counter("tetri:requests_migrated", "Requests resumed on another worker after a worker died.", registry=r)
         self.restarts = Counter("tetri:worker_restarts", "Worker processes restarted by the supervisor.", registry=r)
+        self.grammar_compile = Histogram("tetri:grammar_compile_seconds", "Time to compile a request's grammar (the front's check, xgrammar).", buckets=_COMPILE_BUCKETS, registry=r)
+        self.grammar_cache = Counter("tetri:grammar_cache_requests", "Structured-output requests by whether their grammar was already compiled.", ["result"], registry=r)
+        self.send_failures = Counter("tetri:worker_send_failures", "Control messages to workers not sent at once, by reason "
+                                     "(deferred: queued behind a full socket, error: retried, dead_worker: discarded "
+                                     "with a dead worker's queue).", ["reason"], registry=r)
         self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
         self.running = Gauge("tetri:num_requests_running", "Requests running per worker.", _WORKER_LABELS, registry=r)
         self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
@@ -82,6 +88,14 @@ class Metrics:
         for reason in reasons:
             self.request_success.labels(finished_reason=reason).inc()
 
+    # -- fed by the grammar check ---------------------------------------------------------
+
+    def observe_grammar_compile(self, seconds: float) -> None:
+        self.grammar_compile.observe(seconds)
+
+    def observe_grammar_cache(self, hit: bool) -> None:
+        self.grammar_cache.labels(result="hit" if hit else "miss").inc()
+
     # -- fed by the engine client --------------------------------------------------------
 
     def observe_kv_transfer(self, num_bytes: int, seconds: float, path: str = "") -> None:
@@ -104,6 +118,9 @@ class Metrics:
 
     def observe_restart(self) -> None:
         self.restarts.inc()
+
+    def observe_send_failure(self, reason: str, count: int = 1) -> None:
+        self.send_failures.labels(reason=reason).inc(count)
 
     # -- scrape --------------------------------------------------------------------------
 

@@ -9,15 +9,16 @@ tokenizer or the server config live in `request_checks.py` and `sampling_params`
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
 
 from tetri.server.errors import ApiError, bad_request
-from tetri.types import SamplingParams
+from tetri.types import SamplingParams, StructuredOutputsParams
 
 I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Meta(ge=1, le=2**63 - 1)]
@@ -38,15 +39,89 @@ class TextPart(_Strict, tag_field="type", tag="text"):
 Content = str | list[TextPart]
 
 
+class FunctionCallMsg(_Strict, kw_only=True):
+    """A call the assistant made: `arguments` is JSON text (the chat template gets it parsed)."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    arguments: str
+
+
+class ToolCallMsg(_Strict, tag_field="type", tag="function", kw_only=True):
+    id: Annotated[str, Meta(min_length=1)]
+    function: FunctionCallMsg
+
+
 class Message(_Strict, kw_only=True):
     """A chat message. Any role is accepted, as vLLM does (custom roles go to the chat template
-    as given); tool calls belong to the tool-calling issue and are refused until it lands."""
+    as given): `tool` messages answer a call by `tool_call_id`, assistant messages may carry the
+    `tool_calls` they made (or the legacy `function_call`)."""
 
     role: Annotated[str, Meta(min_length=1)]
     content: Content | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallMsg] | None = None
+    function_call: FunctionCallMsg | None = None
+
+
+FunctionName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+"""OpenAI's rule for function names: letters, digits, underscores and dashes, at most 64."""
+
+
+class FunctionDef(_Strict, kw_only=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments object (absent: any object)."""
+    strict: bool | None = None
+
+
+class Tool(_Strict, tag_field="type", tag="function", kw_only=True):
+    function: FunctionDef
+
+
+class NamedFunction(_Strict, kw_only=True):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict, tag_field="type", tag="function", kw_only=True):
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_Strict, kw_only=True):
+    """`response_format.json_schema` (OpenAI's shape; `schema` is the JSON schema itself)."""
+
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class TextFormat(_Strict, tag_field="type", tag="text"):
+    pass
+
+
+class JsonObjectFormat(_Strict, tag_field="type", tag="json_object"):
+    pass
+
+
+class JsonSchemaFormat(_Strict, tag_field="type", tag="json_schema", kw_only=True):
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+
+
+class StructuredOutputsRequest(_Strict, kw_only=True):
+    """vLLM's `structured_outputs` extra: exactly one of the constraints (see `structured.py`)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Meta(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool | None = None
 
 
 class StreamOptions(_Strict, kw_only=True):
@@ -84,11 +159,11 @@ class SamplingRequest(_Strict, kw_only=True):
     priority: I64 | None = 0
     prompt_logprobs: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1, le=2**31 - 1)] | None = None
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: Annotated[list[str], Meta(min_length=1)] | None = None
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
@@ -103,11 +178,11 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     echo: bool | None = False
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
@@ -180,12 +255,11 @@ def check_model(requested: str | None, served: Sequence[str] | str) -> None:
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """Messages as the plain dicts a chat template expects (text parts joined by newlines)."""
+    """Messages as the plain dicts a chat template expects (text parts joined by newlines; an
+    assistant's calls as `tool_calls` with their arguments parsed, as Hugging Face templates and
+    vLLM render them)."""
     out = []
     for i, msg in enumerate(messages):
-        if msg.tool_calls is not None:
-            raise bad_request("tool calls are not supported yet (tool calling is a separate issue)",
-                              f"messages[{i}].tool_calls")
         content = msg.content
         if content is None and msg.role != "assistant":
             raise bad_request("Object missing required field `content`", f"messages[{i}].content")
@@ -198,8 +272,27 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
             item["name"] = msg.name
         if msg.tool_call_id is not None:
             item["tool_call_id"] = msg.tool_call_id
+        calls = [(f"messages[{i}].tool_calls[{j}].function", c.id, c.function) for j, c in enumerate(msg.tool_calls or ())]
+        if msg.function_call is not None:
+            calls.append((f"messages[{i}].function_call", None, msg.function_call))
+        if calls:
+            if msg.role != "assistant":
+                field = "tool_calls" if msg.tool_calls else "function_call"
+                raise bad_request("only assistant messages carry tool calls", f"messages[{i}].{field}")
+            item["tool_calls"] = [_template_call(param, call_id, fn) for param, call_id, fn in calls]
         out.append(item)
     return out
+
+
+def _template_call(param: str, call_id: str | None, fn: FunctionCallMsg) -> dict[str, Any]:
+    try:
+        arguments = json.loads(fn.arguments)
+    except ValueError:
+        raise bad_request(f"arguments must be JSON text (got {fn.arguments[:80]!r})", f"{param}.arguments") from None
+    call: dict[str, Any] = {"type": "function", "function": {"name": fn.name, "arguments": arguments}}
+    if call_id is not None:
+        call["id"] = call_id
+    return call
 
 
 def completion_prompts(req: CompletionRequest) -> list[str] | list[list[int]]:
@@ -268,7 +361,7 @@ def resolve_max_tokens(
 
 def sampling_params(req: SamplingRequest, *, max_tokens: int, logprobs: int | None, max_n: int,
                     logit_bias: dict[int, float] | None = None, prompt_logprobs: int | None = None,
-                    n: int | None = None) -> SamplingParams:
+                    n: int | None = None, structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     """Build and validate the engine's SamplingParams; a ValueError names the field -> 400."""
     n = n if n is not None else (req.n if req.n is not None else 1)
     if n > max_n:
@@ -292,6 +385,7 @@ def sampling_params(req: SamplingRequest, *, max_tokens: int, logprobs: int | No
         logprobs=logprobs,
         logit_bias=logit_bias,
         prompt_logprobs=prompt_logprobs,
+        structured_outputs=structured_outputs,
         **{k: v for k, v in opt.items() if v is not None},
     )
     try:

@@ -1,46 +1,20 @@
 """The request rules that span fields or need the tokenizer, written after vLLM's protocol.
 
 Each function either returns what the engine request needs or raises a 400 naming the field.
-Fields that belong to features not built yet (tool calling, structured output) are refused
-here with a 400 naming them, except their documented no-op values (`tool_choice: "none"`
-without tools, `response_format: {"type": "text"}`), so nothing is ever accepted and ignored.
+The structured-output fields are read by `structured.py` and the tool-calling ones by
+`tool_calls.py`, under the same rule.
 """
 
 from __future__ import annotations
 
 from tetri.server.errors import bad_request
-from tetri.server.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from tetri.server.openai_schemas import CompletionRequest, SamplingRequest
 from tetri.server.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20
 """vLLM's default `--max-logprobs`: the most alternatives per token (logprobs and prompt_logprobs)."""
-_STRUCTURED = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-               "guided_decoding_backend", "guided_whitespace_pattern")
-_NOT_YET = "is not supported yet (tool calling and structured output are a separate issue)"
 FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
 """Fill-in-the-middle tokens (StarCoder's, Qwen's): a tokenizer holding one set can take `suffix`."""
-
-
-def refuse_unsupported(req: SamplingRequest) -> None:
-    """400 for every field of a feature not built yet, unless it holds its no-op value."""
-    for name in _STRUCTURED:
-        if getattr(req, name) is not None:
-            raise bad_request(f"{name} {_NOT_YET}", name)
-    fmt = req.response_format
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad_request(f"response_format {fmt.get('type')!r} {_NOT_YET}; only {{\"type\": \"text\"}} is accepted",
-                          "response_format")
-    if isinstance(req, ChatCompletionRequest):
-        if req.tools is not None:
-            raise bad_request(f"tools {_NOT_YET}", "tools")
-        if req.functions is not None:
-            raise bad_request(f"functions {_NOT_YET}", "functions")
-        if req.parallel_tool_calls is not None:
-            raise bad_request(f"parallel_tool_calls {_NOT_YET}", "parallel_tool_calls")
-        if req.tool_choice not in (None, "none"):
-            raise bad_request(f"tool_choice {req.tool_choice!r} {_NOT_YET}; only \"none\" is accepted", "tool_choice")
-        if req.function_call not in (None, "none"):
-            raise bad_request(f"function_call {req.function_call!r} {_NOT_YET}", "function_call")
 
 
 def check_stream_options(req: SamplingRequest) -> None:

@@ -10,11 +10,14 @@ from aiohttp import web
 
 from tetri.server import openai_schemas as schemas
 from tetri.server import request_checks as checks
+from tetri.server import structured
 from tetri.server.errors import bad_request
 from tetri.server.generation import ChoiceUpdate, Generation, LogprobEntry
 from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE
 from tetri.server.serving import ChoiceAccum, ResponseOptions, clamp_logprob, off_loop, prompt_logprobs_json, serve
 from tetri.server.tokenizer import Tokenizer
+from tetri.server.tool_calls import ToolPlan, plan_tools, template_inputs
+from tetri.server.tool_parsers import CallDelta, ToolCall
 
 log = logging.getLogger("tetri.server")
 
@@ -24,7 +27,7 @@ class ChatFormatter:
 
     def __init__(self, req_id: str, model: str, tok: Tokenizer, n: int, prompt_ids: list[int], opts: ResponseOptions,
                  *, role: str = "assistant", echo: str = "", gen: Generation | None = None,
-                 prompt_logprobs: int | None = None) -> None:
+                 prompt_logprobs: int | None = None, tools: ToolPlan | None = None) -> None:
         self.base = {"id": req_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
         self.tok = tok
         self.n = n
@@ -36,6 +39,9 @@ class ChatFormatter:
         """`echo`: the last message's content, prepended when it has the response's role."""
         self.gen = gen
         self.prompt_logprobs = prompt_logprobs
+        self.tools = tools
+        """Tool calling: each choice's text goes through a parser (`tool_parsers.py`)."""
+        self._parsers: dict[int, object] = {}
 
     def head_chunks(self) -> list[dict]:
         chunks = []
@@ -50,13 +56,23 @@ class ChatFormatter:
 
     def chunk(self, up: ChoiceUpdate, usage: dict | None) -> dict | None:
         has_lp = bool(up.logprobs)
-        if not up.text and up.finish_reason is None and not has_lp and not (self.opts.return_token_ids and up.token_ids):
+        parser = self._parser(up.index)
+        if parser is None:
+            delta = {"content": up.text} if up.text or up.finish_reason is None else {}
+            finish, said = up.finish_reason, bool(up.text)
+        else:
+            parsed = parser.feed(up.text)
+            if up.finish_reason is not None:
+                parsed.extend(parser.finish())
+            delta = self._tool_delta(parsed.content, parsed.calls)
+            finish, said = self.tools.finish_reason(up.finish_reason, bool(parser.calls)), bool(delta)
+        if not said and finish is None and not has_lp and not (self.opts.return_token_ids and up.token_ids):
             return None
         choice: dict = {
             "index": up.index,
-            "delta": {"content": up.text} if up.text or up.finish_reason is None else {},
+            "delta": delta,
             "logprobs": {"content": self._logprobs(up.logprobs)} if up.logprobs is not None else None,
-            "finish_reason": up.finish_reason,
+            "finish_reason": finish,
         }
         if self.opts.return_token_ids:
             choice["token_ids"] = up.token_ids
@@ -65,17 +81,53 @@ class ChatFormatter:
             chunk["usage"] = usage
         return chunk
 
+    def _parser(self, index: int):
+        if self.tools is None:
+            return None
+        if index not in self._parsers:
+            self._parsers[index] = self.tools.parser()
+        return self._parsers[index]
+
+    def _tool_delta(self, content: str, calls: list[CallDelta]) -> dict:
+        delta: dict = {"content": content} if content else {}
+        if calls and self.tools.legacy:
+            c = calls[0]
+            delta["function_call"] = {"name": c.name, "arguments": c.arguments} if c.id else {"arguments": c.arguments}
+        elif calls:
+            delta["tool_calls"] = [
+                {"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                if c.id else {"index": c.index, "function": {"arguments": c.arguments}} for c in calls]
+        return delta
+
+    def _message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """The message of a finished choice (its tool calls parsed out) and its finish reason."""
+        parser = self.tools.parser() if self.tools is not None else None
+        if parser is None:
+            return {"role": self.role, "content": self.echo + text}, finish_reason
+        parser.feed(text)
+        parser.finish()
+        calls: list[ToolCall] = parser.calls
+        content = self.echo + parser.content
+        message: dict = {"role": self.role, "content": content if content or not calls else None}
+        if calls and self.tools.legacy:
+            message["function_call"] = {"name": calls[0].name, "arguments": calls[0].arguments}
+        elif calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in calls]
+        return message, self.tools.finish_reason(finish_reason, bool(calls))
+
     def usage_chunk(self, usage: dict) -> dict:
         return {**self.base, "choices": [], "usage": usage}
 
     def response(self, choices: list[ChoiceAccum], usage: dict) -> dict:
         out = []
         for acc in choices:
+            message, finish = self._message(acc.text, acc.finish_reason)
             choice: dict = {
                 "index": acc.index,
-                "message": {"role": self.role, "content": self.echo + acc.text},
+                "message": message,
                 "logprobs": {"content": self._logprobs(acc.logprobs)} if acc.logprobs is not None else None,
-                "finish_reason": acc.finish_reason,
+                "finish_reason": finish,
             }
             if self.opts.return_token_ids:
                 choice["token_ids"] = acc.token_ids
@@ -124,23 +176,37 @@ def check_chat(req: schemas.ChatCompletionRequest | schemas.TokenizeChatRequest)
                           "continue_final_message")
 
 
-async def render_chat(state, req) -> tuple[list[dict], list[int]]:
+async def render_chat(state, req, tools: ToolPlan | None = None) -> tuple[list[dict], list[int]]:
     """The messages as template dicts and the prompt ids (a template failure is a 400)."""
     check_chat(req)
     messages = schemas.chat_messages(req.messages)
-    size = sum(len(m["content"]) for m in messages)
+    rendered, tool_dicts = template_inputs(messages, tools, state.tok.hf)
+    size = sum(len(m["content"]) for m in rendered) + (len(str(tool_dicts)) if tool_dicts else 0)
     try:
         ids = await off_loop(lambda: state.tok.apply_chat_template(
-            messages, bool(req.add_generation_prompt), bool(req.continue_final_message)), size)
+            rendered, bool(req.add_generation_prompt), bool(req.continue_final_message), tools=tool_dicts), size)
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     return messages, ids
 
 
 def log_user(req_id: str, req: schemas.SamplingRequest) -> None:
-    """OpenAI's `user` (an end-user id for abuse monitoring): recorded in the server log."""
+    """OpenAI's `user` (an end-user id for abuse monitoring) and a json_schema's `name` and
+    `description` (labels: the schema alone constrains the output): recorded in the server log."""
     if req.user is not None:
         log.info("%s: user=%r", req_id, req.user)
+    fmt = req.response_format
+    if isinstance(fmt, schemas.JsonSchemaFormat):
+        log.info("%s: response_format json_schema name=%r description=%r", req_id, fmt.json_schema.name,
+                 fmt.json_schema.description)
+
+
+def _special_markers(tok: Tokenizer, tools: ToolPlan) -> bool:
+    """Whether the hermes parser's markers are special tokens (then decoded, not skipped)."""
+    if tools.parser_name != "hermes":
+        return False
+    special = set(getattr(tok.hf, "all_special_tokens", ()))
+    return "<tool_call>" in special or "</tool_call>" in special
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -149,10 +215,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cfg, engine, state = app[CONFIG], app[ENGINE], app[STATE]
     req = schemas.decode_request(await request.read(), schemas.ChatCompletionRequest)
     schemas.check_model(req.model, state.served_names)
-    checks.refuse_unsupported(req)
     checks.check_stream_options(req)
     checks.check_best_of(req)
-    messages, ids = await render_chat(state, req)
+    tools = plan_tools(req, cfg)
+    grammar = structured.request_grammar(req, tools.grammar if tools is not None else None)
+    messages, ids = await render_chat(state, req, tools)
     ids = checks.truncate(ids, req, engine.max_model_len)
     schemas.check_prompt_ids(ids, state.tok.vocab_size, engine.max_model_len, "messages")
     use_mct = req.max_completion_tokens is not None
@@ -162,17 +229,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     vocab = state.tok.vocab_size
     plp = checks.prompt_logprobs(req, vocab)
-    params = schemas.sampling_params(req, max_tokens=max_tokens, logprobs=_logprobs_param(req), max_n=cfg.max_n,
-                                     logit_bias=checks.logit_bias(req, vocab), prompt_logprobs=plp)
+    lp = _logprobs_param(req)
+    bias = checks.logit_bias(req, vocab)
+    spec = await structured.checked(grammar, state.grammar, app[METRICS])
+    params = schemas.sampling_params(req, max_tokens=max_tokens, logprobs=lp, max_n=cfg.max_n, logit_bias=bias,
+                                     prompt_logprobs=plp, structured_outputs=spec)
     req_id = f"chatcmpl-{uuid.uuid4().hex}"
     log_user(req_id, req)
     gen = Generation(
         engine, state.tok, app[METRICS], req_id=req_id, prompts=[ids], params=params,
         stops=schemas.stop_strings(req), priority=req.priority or 0, arrival_s=arrival_s, drop_stop_logprob=True,
+        keep_special=tools is not None and _special_markers(state.tok, tools),
     )
     role = "assistant" if req.add_generation_prompt else messages[-1]["role"]
     echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == role else ""
     opts = response_options(req)
     fmt = ChatFormatter(req_id, state.served_name, state.tok, params.n, ids, opts, role=role, echo=echo, gen=gen,
-                        prompt_logprobs=plp)
+                        prompt_logprobs=plp, tools=tools)
     return await serve(request, gen, fmt, opts)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tetri.server import openai_schemas as schemas
 from tetri.server import request_checks as checks
+from tetri.server import structured
 from tetri.server.errors import bad_request
 from tetri.server.generation import ChoiceUpdate, Generation, LogprobEntry
 from tetri.server.keys import CONFIG, ENGINE, METRICS, STATE
@@ -159,7 +160,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
     cfg, engine, state = app[CONFIG], app[ENGINE], app[STATE]
     req = schemas.decode_request(await request.read(), schemas.CompletionRequest)
     schemas.check_model(req.model, state.served_names)
-    checks.refuse_unsupported(req)
     checks.check_stream_options(req)
     checks.check_best_of(req)
     if req.max_tokens == 0 and not req.echo:
@@ -170,8 +170,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
     vocab = state.tok.vocab_size
     plp = checks.prompt_logprobs(req, vocab, echo_logprobs=req.logprobs if req.echo else None)
+    bias = checks.logit_bias(req, vocab)
+    spec = await structured.checked(structured.request_grammar(req), state.grammar, app[METRICS])
     params = schemas.sampling_params(req, max_tokens=max(1, max_tokens), logprobs=req.logprobs, max_n=cfg.max_n,
-                                     logit_bias=checks.logit_bias(req, vocab), prompt_logprobs=plp)
+                                     logit_bias=bias, prompt_logprobs=plp, structured_outputs=spec)
     req_id = f"cmpl-{uuid.uuid4().hex}"
     log_user(req_id, req)
     gen = Generation(

@@ -50,7 +50,7 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> list[int]:
+                            continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
         """Render the chat template to text, then encode it without adding specials twice.
 
         Raises ValueError (the caller answers 400) when the model has no template or the
@@ -59,7 +59,8 @@ class Tokenizer:
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            text = self.hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt,
                                                continue_final_message=continue_final_message)
         except Exception as exc:  # jinja2 TemplateError and friends: the conversation is at fault
             raise ValueError(f"chat template failed: {exc}") from exc

@@ -12,6 +12,12 @@ once; on CUDA they run on a copy stream while decode steps go on, and the reques
 batch (and `KVCopied` goes out) only once the host has seen the copy's event complete. A
 request is never read from a peer pool after an Abort was processed: an Abort waits for the
 request's copy in flight before its destination blocks are freed and `Dropped` is sent.
+
+Board fields (`load`): `predicted_decode_tokens` is the predicted tokens still to come
+(low end of the bucket less what each sequence has generated, summed over running, waiting,
+copying and preempted sequences); a request is a heavy decode when its prediction exceeds
+`heavy_decode_tokens` (the front's `--heavy-decode-tokens`), otherwise light (also without
+a prediction). Policies see `priority` (lower first) in every view.
 """
 
 from __future__ import annotations
@@ -36,11 +42,15 @@ class _Waiting:
 
 
 class DecodeCore:
-    def __init__(self, executor: Executor, worker_id: int, policy, max_num_seqs: int = 256) -> None:
+    def __init__(self, executor: Executor, worker_id: int, policy, max_num_seqs: int = 256,
+                 heavy_decode_tokens: int = 128) -> None:
         self.ex = executor
         self.worker_id = worker_id
         self.policy = policy
         self.max_num_seqs = max_num_seqs
+        self.heavy_decode_tokens = heavy_decode_tokens
+        self.progressed = False
+        """Whether the last step did anything (admitted, copied, re-prefilled or decoded)."""
         self.peers: dict[int, PeerSource] = {}
         self.copies = InflightCopies()  # handoffs whose KV is being copied in (not acked yet)
         self.waiting: dict[str, _Waiting] = {}
@@ -48,6 +58,7 @@ class DecodeCore:
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
         self.predicted: dict[str, int] = {}
         self._resumed: list[Seq] = []
+        self._preempted = False
 
     def add_peer(self, worker_id: int, source) -> None:
         """A peer pool opened for copying (a `PeerSource`, or a pool of this process)."""
@@ -99,11 +110,26 @@ class DecodeCore:
         return bool(self.waiting or self.running or self.recompute or self.copies)
 
     def load(self) -> dict:
-        heavy = sum(1 for r in self.predicted.values() if r > 128)
+        remaining = 0
+        for req_id, w in self.waiting.items():
+            if w.msg.predicted_output_tokens is not None:
+                done = w.msg.prior_output_tokens + 1  # the first token came from the prefill
+                remaining += max(0, w.msg.predicted_output_tokens - done) * len(w.msg.open_choices)
+        held = set(self.waiting)
+        for table in (self.running, self.recompute):
+            for seq in table.values():
+                held.add(seq.req_id)
+                if seq.req_id in self.predicted:
+                    remaining += max(0, self.predicted[seq.req_id] - seq.num_outputs)
+        for copy in self.copies._by_req.values():  # copying in: their seqs hold the first token
+            held.add(copy.req_id)
+            for seq in copy.seqs:
+                if copy.req_id in self.predicted:
+                    remaining += max(0, self.predicted[copy.req_id] - seq.num_outputs)
+        heavy = sum(1 for r in held if self.predicted.get(r, 0) > self.heavy_decode_tokens)
         return dict(running_reqs=len(self.running),
                     waiting_reqs=len(self.waiting) + len(self.recompute) + len(self.copies),
-                    predicted_decode_tokens=sum(self.predicted.values()), heavy_decodes=heavy,
-                    light_decodes=len(self.predicted) - heavy)
+                    predicted_decode_tokens=remaining, heavy_decodes=heavy, light_decodes=len(held) - heavy)
 
     # ---- one step ------------------------------------------------------------------
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
@@ -116,6 +142,7 @@ class DecodeCore:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
             s.num_computed += 1
+        self.progressed = bool(segments or acks or self._preempted or self.copies)  # a copy: wait on it
         if not segments:
             return [], acks
         sampled = self.ex.run(segments, [x for x in samplers if x])
@@ -126,22 +153,26 @@ class DecodeCore:
                 self.running.pop(seq.key, None)
                 self.ex.free(seq)
                 self.policy.forget(seq.key)
-                if not any(s.req_id == seq.req_id for s in self.running.values()):
+                if not any(s.req_id == seq.req_id for t in (self.running, self.recompute) for s in t.values()):
                     self.predicted.pop(seq.req_id, None)
         return sampled, acks
 
     def _view(self, seq: Seq) -> DecodeReqView:
-        return DecodeReqView(seq.key, seq.num_tokens, len(seq.output_ids), seq.params.max_tokens,
+        return DecodeReqView(seq.key, seq.num_tokens, seq.num_outputs, seq.params.max_tokens,
                              self.predicted.get(seq.req_id), seq.arrival_s,
-                             len(self.ex.blocks.blocks_of(seq.key)))
+                             len(self.ex.blocks.blocks_of(seq.key)), priority=seq.priority)
 
     def _admit(self, now: float) -> list[KVCopied]:
         bs = self.ex.block_size
         views = []
         for req_id, w in self.waiting.items():
-            per_choice = blocks_for_tokens(len(w.msg.prompt_token_ids) + 1, bs)
-            views.append(DecodeReqView(req_id, per_choice * bs * len(w.msg.open_choices), 1, w.msg.params.max_tokens,
-                                       w.msg.predicted_output_tokens, w.arrival_s, 0))
+            m = w.msg
+            # its choices' blocks (prompt + 1 token each) as one context the policy adds 1 to:
+            # exactly the blocks `_copy_in` takes (a whole-block context + 1 used to ask for one more)
+            per_choice = blocks_for_tokens(len(m.prompt_token_ids) + 1, bs)
+            views.append(DecodeReqView(req_id, per_choice * bs * len(m.open_choices) - 1, m.prior_output_tokens + 1,
+                                       m.params.max_tokens, m.predicted_output_tokens, w.arrival_s, 0,
+                                       priority=m.priority))
         running = [self._view(s) for s in self.running.values()]
         admitted = self.policy.admit(views, running, self.ex.blocks.num_free, bs, now) if views else []
         return [ack for ack in (self._copy_in(self.waiting.pop(r).msg) for r in admitted) if ack]
@@ -166,7 +197,8 @@ class DecodeCore:
         start = time.perf_counter()
         seqs, completions = [], []
         for choice in msg.open_choices:
-            seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s)
+            seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s,
+                      priority=msg.priority, prior_outputs=msg.prior_output_tokens)
             seq.output_ids.append(msg.first_tokens[choice])
             seq.num_computed = prompt_len
             dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)
@@ -210,6 +242,7 @@ class DecodeCore:
     def _schedule(self, now: float) -> list[Seq]:
         views = [self._view(s) for s in self.running.values()]
         run_ids, preempt_ids = self.policy.schedule(views, self.max_num_seqs, self.ex.blocks.num_free, self.ex.block_size, now)
+        self._preempted = bool(preempt_ids)
         for key in preempt_ids:
             seq = self.running.pop(key)
             self.ex.free(seq)
@@ -229,7 +262,7 @@ class DecodeCore:
         """Re-prefill preempted sequences (all tokens but the last) when their blocks fit."""
         segments, samplers = [], []
         self._resumed = []
-        for key in list(self.recompute):
+        for key in sorted(self.recompute, key=lambda k: self.recompute[k].priority):  # stable: arrival within one
             seq = self.recompute[key]
             if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
                 break

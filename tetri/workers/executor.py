@@ -15,7 +15,10 @@ from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
+from tetri.types import FinishReason
+from tetri.workers.grammar import GrammarRuntime
 from tetri.workers.sampler import Sampler, SampleRow
+from tetri.workers.sampling_batch import to_device
 from tetri.workers.seq import Seq, check_stop, new_uid
 
 log = logging.getLogger("tetri.executor")
@@ -55,6 +58,28 @@ def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: flo
     return min(CPU_MAX_DEFAULT_BLOCKS, blocks_for_budget(layout1, CPU_DEFAULT_KV_GB * 2**30))
 
 
+MIN_MODEL_LEN = 2
+"""The least a pool must hold: a one-token prompt and one output token."""
+
+
+def cap_max_model_len(requested: int | None, model_limit: int, num_blocks: int, block_size: int) -> int:
+    """Prompt + output cap: the model's limit, the operator's `max_model_len`, and what one
+    request may hold of this pool (so a request of max_model_len always fits). Raises
+    ValueError when the pool cannot hold even a minimal request."""
+    pool_tokens = max(0, num_blocks) * block_size
+    if pool_tokens < MIN_MODEL_LEN:
+        raise ValueError(f"the KV pool holds {max(0, num_blocks)} blocks of {block_size} tokens, too few for even a "
+                         f"{MIN_MODEL_LEN}-token request: give it more memory (--kv-cache-gb, "
+                         f"--gpu-memory-utilization) or a larger --block-size")
+    cap = min(requested or model_limit, model_limit)
+    if pool_tokens < cap:
+        if requested:
+            log.warning("max_model_len %d capped to %d: one request must fit this worker's KV pool (%d blocks of %d)",
+                        requested, pool_tokens, num_blocks, block_size)
+        cap = pool_tokens
+    return cap
+
+
 class Executor:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, shared_pool: bool = False,
                  memory_share: float = 1.0, loaded: LoadedModel | None = None,
@@ -68,14 +93,15 @@ class Executor:
         limit = spec.max_position_embeddings
         if spec.sliding_window:
             limit = min(limit, spec.sliding_window)  # attention is exact only inside the window
-        self.max_model_len = min(model_cfg.max_model_len or limit, limit)
         self.eos_token_ids = self.loaded.eos_token_ids
+        self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.block_size = cache_cfg.block_size
         self.hash_seed = hash_seed(self.loaded.model_dir)
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
+        self.grammar = GrammarRuntime(self.loaded.model_dir, self.loaded.spec.vocab_size, self.eos_token_ids)
 
     def _build_pool_and_runner(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, sched: EngineSchedConfig,
                                shared_pool: bool, memory_share: float) -> int:
@@ -96,6 +122,8 @@ class Executor:
         min_blocks = -(-sched.chunk_size // cache_cfg.block_size) + 1
         num_blocks = pool_blocks(cache_cfg, layout1, device, memory_share, usage, graph_bytes, sampler_bytes,
                                  min_blocks)
+        self.max_model_len = cap_max_model_len(model_cfg.max_model_len, self.max_model_len, num_blocks,
+                                               cache_cfg.block_size)  # one request of it always fits
         layout = PoolLayout.for_model(spec, num_blocks, cache_cfg.block_size, dtype)
         self.pool = KVPool.allocate(layout, device, shared=shared_pool)
         if shared_pool:
@@ -125,20 +153,22 @@ class Executor:
         index: list[int] = []
         for i, seqs in enumerate(sample_seqs):
             for s in seqs:
-                rows.append(SampleRow(s.params, s.output_ids, s.prompt_ids, s.choice))
+                rows.append(SampleRow(s.params, s.sample_output_ids, s.sample_prompt_ids, s.choice))
                 index.append(i)
         if not rows:
             return []
         if len(index) != logits.shape[0]:
-            logits = logits[torch.tensor(index, device=logits.device)]
-        tokens, logprobs = self.sampler.sample(logits, rows)
-        out = []
+            logits = logits.index_select(0, to_device(index, torch.long, logits.device))  # n choices of a prompt
         flat = [s for seqs in sample_seqs for s in seqs]
-        for seq, tok, lp in zip(flat, tokens, logprobs):
+        constrained = self.grammar.mask(logits, flat)  # structured outputs: disallowed tokens -> -inf
+        tokens, logprobs = self.sampler.sample(logits, rows)
+        refused = self.grammar.accept(flat, tokens) if constrained else ()
+        out = []
+        for i, (seq, tok, lp) in enumerate(zip(flat, tokens, logprobs)):
             seq.output_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)
-            reason = check_stop(seq, tok, self.eos_token_ids, self.max_model_len)
+            reason = FinishReason.ERROR if i in refused else check_stop(seq, tok, self.eos_token_ids, self.max_model_len)
             seq.finish_reason = reason
             out.append(SampledToken(seq, tok, reason is not None))
         return out

@@ -20,8 +20,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-SAMPLER_WORKSPACE = 4
-"""Logits-sized fp32 buffers budgeted for the sampler beside the logits (sort, probabilities)."""
+SAMPLER_OWN_BUFFERS = 6.5
+"""The most logits-sized fp32 buffers the sampler's own tensors hold at once beside the logits
+(a copy of the logits, the drawing rows' copy, sorted probabilities, their int64 order and
+running sum, with top-p): measured on CPU by tests/engine/test_sampler.py (5.3 when every
+row draws, 6.0 with one greedy row beside them)."""
+SAMPLER_WORKSPACE = 9
+"""Logits-sized fp32 buffers budgeted for the sampler: its own (above) plus about 2.5 for the
+key and index copies a CUDA segmented sort makes inside `torch.sort` (estimated, not measured:
+no GPU was available)."""
 
 
 @dataclass(frozen=True)

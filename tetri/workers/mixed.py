@@ -3,15 +3,26 @@ offline `LLM`'s engine).
 
 Each step (one forward pass):
   1. every running sequence gets one decode token (growing its blocks; when the pool is
-     short, the newest sequences are preempted: blocks freed, re-prefilled later);
-  2. the chunk packer adds one chunk of exactly `chunk_size` queued prompt tokens (fewer
-     only when the queue runs dry or blocks are short), possibly pieces of several prompts;
+     short, the most junior block holder gives its blocks back: a running sequence is
+     preempted (re-prefilled later), a prompt whose prefill is under way restarts later);
+  2. the chunk packer adds one chunk of up to `chunk_size` queued prompt tokens, possibly
+     pieces of several prompts; a prompt's first piece reserves the blocks of its whole
+     prefill (and of the forks its other choices will get), so a prefill under way never
+     waits for blocks, and prompts are taken strictly in queue order;
   3. one sample per decode and per prompt whose last piece ran; a prompt with n choices
      samples n first tokens from its one prefill and forks its blocks to the other choices.
+
+Seniority is (priority, admission order): lower `priority` first (vLLM's semantics), then
+first come. The most senior sequence is never preempted for a junior one, so it always
+progresses; a sequence that cannot grow although it holds every block in use (it needs more
+than the whole pool) ends its request with an error (`errors`) instead of cycling through
+preemption. The executor caps `max_model_len` by the pool, so that only happens when a
+caller lifts the cap.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from tetri.config import EngineSchedConfig
@@ -31,6 +42,8 @@ class Request:
     seqs: list[Seq]
     arrival_s: float = 0.0
     done: set[int] = field(default_factory=set)
+    order: int = 0
+    """Admission order: the tie-break after priority."""
 
 
 class MixedCore:
@@ -41,21 +54,30 @@ class MixedCore:
         self.requests: dict[str, Request] = {}
         self.prefilling: dict[str, Seq] = {}  # packer key -> seq being (re)prefilled
         self.running: list[Seq] = []
+        self.errors: list[tuple[str, str]] = []
+        """(req_id, why) of requests this core ended because they cannot fit; the caller drains it."""
+        self.progressed = False
+        self._orders = itertools.count()
 
     # ---- admission -------------------------------------------------------------
-    def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0) -> None:
+    def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
+                    priority: int = 0, prior_outputs: int = 0) -> None:
         if req_id in self.requests:
             raise ValueError(f"duplicate request id {req_id!r}")
         if not prompt_ids:
             raise ValueError("prompt must contain at least one token")
         if len(prompt_ids) >= self.ex.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len {self.ex.max_model_len}")
-        if blocks_for_tokens(len(prompt_ids) + 1, self.ex.block_size) * params.n > self.ex.blocks.num_blocks:
-            raise ValueError("prompt does not fit in the KV cache")
-        seqs = [Seq(req_id, c, prompt_ids, params, arrival_s=arrival_s) for c in range(params.n)]
-        self.requests[req_id] = Request(req_id, seqs, arrival_s)
+        need = blocks_for_tokens(len(prompt_ids) + 1, self.ex.block_size) * params.n
+        if need > self.ex.blocks.num_blocks:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens with n={params.n} needs {need} KV blocks; "
+                             f"the pool holds {self.ex.blocks.num_blocks}")
+        seqs = [Seq(req_id, c, prompt_ids, params, arrival_s=arrival_s, priority=priority,
+                    prior_outputs=prior_outputs) for c in range(params.n)]
+        order = next(self._orders)
+        self.requests[req_id] = Request(req_id, seqs, arrival_s, order=order)
         self.prefilling[seqs[0].key] = seqs[0]
-        self.packer.add(seqs[0].key, len(prompt_ids), self._cached_start(seqs[0]))
+        self.packer.add(seqs[0].key, len(prompt_ids), self._cached_start(seqs[0]), priority=priority, order=order)
 
     def abort(self, req_id: str) -> list[Seq]:
         req = self.requests.pop(req_id, None)
@@ -90,6 +112,7 @@ class MixedCore:
 
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[SampledToken]:
+        errors_before = len(self.errors)
         decodes = self._grow_decodes()
         pieces = self._pack_prefill()
         segments = [self.ex.decode_segment(s) for s in decodes]
@@ -103,6 +126,7 @@ class MixedCore:
             segments.append(seg)
             if seg.sample:
                 samplers.append(self._choices(seq))
+        self.progressed = bool(segments) or len(self.errors) > errors_before
         if not segments:
             self._after_prefill(pieces)  # pieces wholly in the cache: nothing to run
             return []
@@ -123,16 +147,30 @@ class MixedCore:
         self._retire(sampled)
         return sampled
 
+    def _rank(self, seq: Seq) -> tuple[int, int, int]:
+        """Seniority: lower is more senior (kept from preemption, prefilled first)."""
+        return (seq.priority, self.requests[seq.req_id].order, seq.choice)
+
     def _grow_decodes(self) -> list[Seq]:
-        run = self.running[: self.sched.max_num_seqs]
-        while run:
-            need = [s for s in run if s.num_tokens > len(self.ex.blocks.blocks_of(s.key)) * self.ex.block_size]
+        """The running sequences that step now, each with room for its next token."""
+        bs = self.ex.block_size
+        while True:
+            self.running.sort(key=self._rank)
+            run = self.running[: self.sched.max_num_seqs]
+            need = [s for s in run if s.num_tokens > len(self.ex.blocks.blocks_of(s.key)) * bs]
             if len(need) <= self.ex.blocks.num_free:
                 for s in need:
                     self.ex.blocks.ensure_capacity(s.key, s.num_tokens)
                 return run
-            self._preempt(run.pop())
-        return run
+            holders = self.running + [s for s in self.prefilling.values() if self.ex.blocks.blocks_of(s.key)]
+            victim = max(holders, key=self._rank)
+            if len(holders) == 1:  # it holds every block in use and still cannot grow
+                self._fail(victim.req_id, f"the request needs more than this worker's {self.ex.blocks.num_blocks} "
+                                          f"KV blocks of {bs} tokens")
+            elif victim.key in self.prefilling:
+                self._restart_prefill(victim)
+            else:
+                self._preempt(victim)
 
     def _preempt(self, seq: Seq) -> None:
         """Recompute preemption: free the blocks, re-prefill prompt + outputs later."""
@@ -141,33 +179,61 @@ class MixedCore:
         seq.num_computed = 0
         seq.recompute = True
         self.prefilling[seq.key] = seq
-        self.packer.add(seq.key, seq.num_tokens - 1, self._cached_start(seq))
+        self._queue_prefill(seq)
+
+    def _restart_prefill(self, seq: Seq) -> None:
+        """Give back the blocks a prefill under way reserved; it starts over later, in order."""
+        for holder in self._reservation_holders(seq):
+            self.ex.free(holder)
+        seq.num_computed = 0
+        self.packer.remove(seq.key)
+        self._queue_prefill(seq)
+
+    def _queue_prefill(self, seq: Seq) -> None:
+        req = self.requests[seq.req_id]
+        self.packer.add(seq.key, self._prefill_len(seq), self._cached_start(seq), priority=seq.priority,
+                        order=req.order)
+
+    def _prefill_len(self, seq: Seq) -> int:
+        """Tokens a (re)prefill computes: the prompt, or everything but the last token."""
+        return seq.num_tokens - 1 if seq.recompute else len(seq.prompt_ids)
+
+    def _reservation_holders(self, seq: Seq) -> list[Seq]:
+        """The seq, and for a first prefill the other open choices it will fork to."""
+        if seq.recompute or seq.choice != 0:
+            return [seq]
+        return [seq] + [o for o in self.requests[seq.req_id].seqs[1:] if o.finish_reason is None]
+
+    def _reserve(self, seq: Seq) -> bool:
+        """On a prefill's first piece: blocks for the whole prefill (and its forks), or False."""
+        if self.ex.blocks.blocks_of(seq.key):
+            return True
+        holders = self._reservation_holders(seq)
+        per = blocks_for_tokens(self._prefill_len(seq), self.ex.block_size)
+        self.ex.attach_cached_prefix(seq, self._prefill_len(seq))  # its cached prefix, shared
+        attached = len(self.ex.blocks.blocks_of(seq.key))
+        if per * len(holders) - attached > self.ex.blocks.num_free:
+            self.ex.free(seq)  # let go of the cached blocks until it fits
+            seq.num_computed = 0
+            return False
+        for holder in holders:
+            self.ex.blocks.allocate(holder.key, per - (attached if holder is seq else 0))
+        return True
 
     def _pack_prefill(self) -> list[tuple[Seq, object]]:
-        bs = self.ex.block_size
-        budget = min(self.sched.chunk_size, self.ex.blocks.num_free * bs)
         out = []
-        pieces = self.packer.next_chunk(budget)
+        pieces = self.packer.next_chunk()
         for i, piece in enumerate(pieces):
             seq = self.prefilling[piece.req_id]
-            if seq.num_computed == 0 and not self.ex.blocks.blocks_of(seq.key):  # its first piece
-                self.ex.attach_cached_prefix(seq, self._prefill_tokens(seq))
-            end = piece.start + piece.num_tokens
-            new_blocks = blocks_for_tokens(end, bs) - len(self.ex.blocks.blocks_of(seq.key))
-            if new_blocks > self.ex.blocks.num_free:  # block-boundary slack: the rest runs later, in order
+            if not self._reserve(seq):  # runs once blocks free up; nothing behind it overtakes
                 for later in reversed(pieces[i:]):
                     self.packer.push_front(later)
                 break
+            end = piece.start + piece.num_tokens
             if seq.num_computed >= end and not piece.is_last:
                 continue  # wholly cached (the last piece always computes a token)
-            self.ex.blocks.ensure_capacity(seq.key, end)
             out.append((seq, piece, min(seq.num_computed, end)))
         return out
-
-    def _prefill_tokens(self, seq: Seq) -> int:
-        """Tokens its (re)prefill computes: the prompt, or for a preempted sequence every
-        token but the last (which its next decode step feeds)."""
-        return seq.num_tokens - 1 if seq.recompute else len(seq.prompt_ids)
 
     def _cached_start(self, seq: Seq) -> int:
         """Where its prefill would start now, from the cache (0 with caching off): the
@@ -175,7 +241,7 @@ class MixedCore:
         blocks = self.ex.blocks
         if not blocks.caching or seq.params.prompt_logprobs is not None:
             return 0
-        n = self._prefill_tokens(seq)
+        n = self._prefill_len(seq)
         hashes = extend_block_hashes(seq.block_hashes, seq.tokens(0, n), self.ex.block_size, self.ex.hash_seed)
         return len(blocks.match(hashes[:cacheable_blocks(n, self.ex.block_size)])) * self.ex.block_size
 
@@ -194,9 +260,11 @@ class MixedCore:
                 self.running.append(seq)
                 continue
             req = self.requests[seq.req_id]
+            src_ids = self.ex.blocks.blocks_of(seq.key)
             for other in req.seqs[1:]:
-                if other.finish_reason is None:
-                    self.ex.fork(seq, other)
+                if other.finish_reason is None:  # into the blocks reserved for it
+                    self.ex.pool.copy_within(src_ids, self.ex.blocks.blocks_of(other.key))
+                    other.num_computed = seq.num_computed
             self.running.extend(s for s in req.seqs if s.finish_reason is None)
             if seq.finish_reason is FinishReason.ABORT:
                 self.ex.free(seq)
@@ -209,6 +277,13 @@ class MixedCore:
                     self.running.remove(st.seq)
                 self.ex.free(st.seq)
                 self._finish(self.requests[st.seq.req_id], st.seq)
+
+    def _fail(self, req_id: str, why: str) -> None:
+        """End a request that cannot make progress here: every choice finishes with an error."""
+        for seq in self.abort(req_id):
+            if seq.finish_reason is None:
+                seq.finish_reason = FinishReason.ERROR
+        self.errors.append((req_id, why))
 
     def _finish(self, req: Request, seq: Seq) -> None:
         req.done.add(seq.choice)

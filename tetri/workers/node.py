@@ -3,6 +3,11 @@
 `handle(msg)` and `step(now)` return the messages to send to the front. The process shell
 (`workers/proc.py`) wraps a node with ZeroMQ and the load board; tests run nodes in one
 process and route messages by hand.
+
+`can_step()` is "a step would do something": the core has work and its last step made
+progress, or a message arrived since (or the shell retries on its heartbeat tick). A core
+that has work but cannot step (blocks held until a `Release`, handoffs its admission
+policy refuses for now) leaves the shell blocked on its socket instead of spinning.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class WorkerNode:
         self.pool_opener = pool_opener
         self.peer_infos: dict[int, PoolInfo] = {}
         self.stop = False
+        self.stalled = False
+        """The last step did nothing; cleared by a message (or the shell's periodic retry)."""
         self.core = self._make_core(role)
 
     def _make_core(self, role: str):
@@ -66,7 +73,7 @@ class WorkerNode:
             from tetri.workers.decode import DecodeCore
 
             core = DecodeCore(self.ex, self.worker_id, make_decode_policy(self.sched.decode_policy),
-                              self.sched.max_num_seqs)
+                              self.sched.max_num_seqs, heavy_decode_tokens=self.sched.heavy_decode_tokens)
             for wid, info in self.peer_infos.items():
                 if wid != self.worker_id:
                     core.add_peer(wid, self._open_peer(info))
@@ -78,8 +85,12 @@ class WorkerNode:
     def has_work(self) -> bool:
         return self.core.has_work()
 
+    def can_step(self) -> bool:
+        return not self.stalled and self.core.has_work()
+
     # ---- messages ----------------------------------------------------------------------
     def handle(self, msg, now: float) -> list:
+        self.stalled = False
         core, out = self.core, []
         match msg:
             case ChunkPlan() if self.role == "prefill":
@@ -92,7 +103,8 @@ class WorkerNode:
                 out.extend(self._abort(msg))
             case SubmitMixed() if self.role == "mixed":
                 try:
-                    core.add_request(msg.req_id, msg.prompt_token_ids, msg.params, msg.arrival_s)
+                    core.add_request(msg.req_id, msg.prompt_token_ids, msg.params, msg.arrival_s,
+                                     priority=msg.priority, prior_outputs=msg.prior_output_tokens)
                 except ValueError as e:
                     out.append(WorkerError(worker_id=self.worker_id, message=str(e), req_id=msg.req_id))
             case PeerPools():
@@ -177,11 +189,16 @@ class WorkerNode:
                 from tetri.workers import kv_stage
 
                 kv_stage.stage_finished(self.ex, self.core, done)  # before the peers hear of it
+            self.stalled = done is None
             return [done] if done is not None else []
         if self.role == "decode":
             sampled, out = self.core.step(now)
         else:
-            sampled, out = self.core.step(), []
+            sampled = self.core.step()
+            out = [WorkerError(worker_id=self.worker_id, message=why, req_id=req_id)
+                   for req_id, why in self.core.errors]
+            self.core.errors.clear()
+        self.stalled = not self.core.progressed
         return [*out, token_batch(self.worker_id, sampled)] if sampled else list(out)
 
     def board_fields(self) -> dict:

@@ -12,6 +12,13 @@ After the pass, the full blocks computed are committed to the cache.
     ChunkPlan -> attach cached prefixes -> allocate blocks for every piece (wait while short)
               -> one forward pass -> first token(s) for prompts whose last piece ran
               -> ChunkDone(finished=[PrefillResult(block ids, first tokens)])
+
+When the whole chunk does not fit the free blocks, its leading pieces that do fit run now
+and the rest stays at the head (`ChunkDone(partial=True)`): pieces of several prompts may
+share a chunk, and a pool that holds every one of them but not all at once must not wedge.
+A piece whose request was aborted (or already prefilled) needs no blocks and never counts.
+`step` returns None only when not even the head piece fits: the blocks it waits for are
+held by prefilled prompts until their `Release`.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ class PrefillCore:
         for p in plan.pieces:
             if p.new is not None and p.req_id not in self.seqs:
                 self.seqs[p.req_id] = [Seq(p.req_id, c, p.new.prompt_token_ids, p.new.params,
-                                           arrival_s=p.new.arrival_s) for c in range(p.new.params.n)]
+                                           arrival_s=p.new.arrival_s, priority=p.new.priority,
+                                           prior_outputs=p.new.prior_output_tokens)
+                                       for c in range(p.new.params.n)]
         self.chunks.append(plan)
 
     def release(self, req_id: str) -> None:
@@ -70,37 +79,53 @@ class PrefillCore:
     def num_prefilling(self) -> int:
         return len(self.seqs) - len(self.done)
 
-    def _blocks_needed(self, plan: ChunkPlan) -> int:
-        need = 0
-        for p in plan.pieces:
-            seqs = self.seqs.get(p.req_id)
-            have = len(self.ex.blocks.blocks_of(seqs[0].key)) if seqs else 0
-            need += max(0, blocks_for_tokens(p.start + p.num_tokens, self.ex.block_size) - have)
-        return need
+    def _live(self, p) -> bool:
+        return p.req_id in self.seqs and p.req_id not in self.done
 
-    def _attach_cached(self, plan: ChunkPlan) -> None:
-        for p in plan.pieces:
-            seqs = self.seqs.get(p.req_id)
-            if seqs is not None and p.req_id not in self.looked_up:
-                self.looked_up.add(p.req_id)
-                self.cached_tokens[p.req_id] = self.ex.attach_cached_prefix(seqs[0], len(seqs[0].prompt_ids))
+    def _blocks_needed(self, p) -> int:
+        """New blocks a live piece needs (aborted or finished pieces need none)."""
+        if not self._live(p):
+            return 0
+        have = len(self.ex.blocks.blocks_of(self.seqs[p.req_id][0].key))
+        return max(0, blocks_for_tokens(p.start + p.num_tokens, self.ex.block_size) - have)
+
+    def _runnable(self, plan: ChunkPlan) -> int:
+        """How many leading pieces of `plan` fit the free blocks now."""
+        need = 0
+        for i, p in enumerate(plan.pieces):
+            self._attach_cached(p)  # in order: a later piece never pins blocks an earlier one needs
+            need += self._blocks_needed(p)
+            if need > self.ex.blocks.num_free:
+                return i
+        return len(plan.pieces)
+
+    def _attach_cached(self, p) -> None:
+        """A prompt's first piece: attach its cached prefix (once)."""
+        if self._live(p) and p.req_id not in self.looked_up:
+            self.looked_up.add(p.req_id)
+            head = self.seqs[p.req_id][0]
+            self.cached_tokens[p.req_id] = self.ex.attach_cached_prefix(head, len(head.prompt_ids))
 
     def step(self) -> ChunkDone | None:
-        """Run the next chunk, or return None while the pool cannot hold it yet."""
+        """Run the next chunk (or its leading pieces that fit), or return None while the pool
+        cannot hold even its first piece yet."""
         if not self.chunks:
             return None
         plan = self.chunks[0]
-        self._attach_cached(plan)
-        if self._blocks_needed(plan) > self.ex.blocks.num_free:
+        k = self._runnable(plan)
+        if k == 0:  # the head piece is live and waits for blocks (dead pieces need none)
             return None
-        self.chunks.popleft()
+        pieces, rest = plan.pieces[:k], plan.pieces[k:]
+        if rest:
+            self.chunks[0] = ChunkPlan(chunk_id=plan.chunk_id, pieces=rest)
+        else:
+            self.chunks.popleft()
         segments, samplers, failed, last, scored, ran = [], [], [], [], [], []
-        for p in plan.pieces:
-            seqs = self.seqs.get(p.req_id)
-            if seqs is None or p.req_id in self.done:
+        for p in pieces:
+            if not self._live(p):
                 failed.append(p.req_id)  # aborted meanwhile
                 continue
-            head = seqs[0]
+            head = self.seqs[p.req_id][0]
             begin, end = head.num_computed, p.start + p.num_tokens  # from the first token without KV here
             if begin < end:
                 self.ex.blocks.ensure_capacity(head.key, end)
@@ -111,13 +136,13 @@ class PrefillCore:
                 head.num_computed = end
                 ran.append(head)
             if p.is_last:
-                samplers.append(seqs)
+                samplers.append(self.seqs[p.req_id])
                 last.append(p.req_id)
         finished = self._run(segments, samplers, last, scored) if segments else []
         for head in ran:
             self.ex.commit_computed(head)
         return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed,
-                         evicted_hashes=self.ex.blocks.take_evicted())
+                         partial=bool(rest), evicted_hashes=self.ex.blocks.take_evicted())
 
     def _run(self, segments, samplers, last, scored) -> list[PrefillResult]:
         self.ex.run(segments, samplers)

@@ -1,8 +1,16 @@
 """The worker process shell: sockets, load board, signals around a `WorkerNode`.
 
     spawn -> attach load board -> load model + allocate KV pool -> send Ready
-    loop: drain messages (dispatch by type) -> core.step() -> send outputs -> write board row
+    loop: drain messages (dispatch by type) -> core.step() when it can step -> send outputs
+          -> write the board row when it changed
           exit on Shutdown, SIGTERM, or the parent's death (checked every iteration)
+
+A worker that has nothing it can step (idle, or back-pressured: blocks held until a
+`Release`, handoffs its policy will not admit yet) blocks on its socket until a message
+arrives or the heartbeat interval passes; it never spins. The heartbeat is written by a
+thread every `HEARTBEAT_S`, so a step longer than the supervisor's heartbeat timeout does
+not get a healthy worker killed. The thread stops beating when the loop itself stops
+turning outside a step or a message (`LOOP_STALL_S`): a hung loop is still detected.
 
 A malformed or unknown message is logged and dropped, never fatal. An exception inside a
 step is fatal for this worker (its state may be inconsistent): it reports WorkerError and
@@ -14,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 
@@ -24,6 +33,9 @@ from tetri.protocol import Ready, WorkerError, decode_or_none, encode, to_worker
 
 log = logging.getLogger("tetri.worker")
 HEARTBEAT_S = 0.1
+LOOP_STALL_S = 5.0
+"""Outside a step or a message, the loop turns at least every HEARTBEAT_S; past this the
+heartbeat thread stops beating, so the supervisor sees the hang."""
 
 
 class WorkerArgs(msgspec.Struct, kw_only=True):
@@ -73,7 +85,12 @@ class WorkerShell:
         self.ex = Executor(args.model, args.cache, shared_pool=True,
                            memory_share=args.memory_share, sched=args.sched)
         self.node = WorkerNode(args.worker_id, args.role, self.ex, args.sched, collect_hidden=args.collect_hidden)
-        self._last_board = 0.0
+        self._board_lock = threading.Lock()
+        self._row: dict | None = None  # the fields last written
+        self._busy = False  # inside a message or a step
+        self._turned_s = time.monotonic()  # when the loop last turned
+        self._beat_stop = threading.Event()
+        self._beater = threading.Thread(target=self._beat, name="tetri-heartbeat", daemon=True)
 
     @property
     def stop(self) -> bool:
@@ -94,38 +111,68 @@ class WorkerShell:
             self.send(out)
 
     def _write_board(self, state: str) -> None:
+        """Write the row when its fields changed (the heartbeat thread refreshes it anyway)."""
         a = self.args
-        self.board.write(a.worker_id, state=state, pid=os.getpid(), restarts=a.restarts, **self.node.board_fields())
-        self._last_board = time.monotonic()
+        row = dict(state=state, pid=os.getpid(), restarts=a.restarts, **self.node.board_fields())
+        if row == self._row:
+            return
+        with self._board_lock:
+            self.board.write(a.worker_id, **row)
+            self._row = row
 
-    def run(self) -> None:
+    def _beat(self) -> None:
+        """Heartbeat thread: rewrite the last row (a fresh heartbeat_s) every HEARTBEAT_S while
+        the loop is healthy: inside a message or step, or turning."""
+        while not self._beat_stop.wait(HEARTBEAT_S):
+            if self._row is None or not (self._busy or time.monotonic() - self._turned_s < LOOP_STALL_S):
+                continue
+            with self._board_lock:
+                self.board.write(self.args.worker_id, **self._row)
+
+    def _drain(self) -> None:
         import zmq
 
+        while True:
+            try:
+                raw = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._busy = True
+            try:
+                self.handle(raw)
+            finally:
+                self._busy = False
+
+    def run(self) -> None:
         from tetri.workers.node import pool_info
 
         a = self.args
+        self._write_board("ready")  # before Ready: the front may dispatch as soon as it hears it
         self.send(Ready(worker_id=a.worker_id, pid=os.getpid(), role=self.node.role, device=a.model.device,
                         pool=pool_info(self.ex.pool), max_model_len=self.ex.max_model_len,
                         eos_token_ids=list(self.ex.eos_token_ids)))
-        self._write_board("ready")
+        self._beater.start()
         while not self.stop:
-            busy = self.node.has_work()
-            if self.pull.poll(0 if busy else int(HEARTBEAT_S * 500)):
-                while True:
-                    try:
-                        self.handle(self.pull.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+            self._turned_s = time.monotonic()
+            if self.pull.poll(0 if self.node.can_step() else int(HEARTBEAT_S * 1000)):
+                self._drain()
+            elif self.node.stalled:
+                self.node.stalled = False  # a quiet heartbeat interval: try the step once more
             if self.stop or os.getppid() != a.parent_pid:  # told to stop, or the front died
                 break
-            if self.node.has_work():
-                for out in self.node.step(time.monotonic()):
-                    self.send(out)
-                self._write_board("ready")
-            elif time.monotonic() - self._last_board > HEARTBEAT_S:
-                self._write_board("ready")
+            if self.node.can_step():
+                self._busy = True
+                try:
+                    for out in self.node.step(time.monotonic()):
+                        self.send(out)
+                finally:
+                    self._busy = False
+            self._write_board("ready")
 
     def close(self) -> None:
+        self._beat_stop.set()
+        if self._beater.is_alive():
+            self._beater.join(1.0)
         for sock in (self.pull, self.push):
             sock.close(linger=500)
         self.ctx.term()

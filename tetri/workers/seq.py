@@ -2,6 +2,11 @@
 
 A request with n choices becomes n `Seq`s that share one prefill: choice 0 runs the prompt,
 then the others fork its KV blocks. A sequence's block owner key is `Seq.key`.
+
+A migrated request arrives with its earlier outputs appended to its prompt (they need KV
+like the prompt) and `prior_outputs` saying how many of the prompt's last tokens those are:
+for sampling (penalties, the seeded draw's position) and the stop rules they count as
+outputs, so the stream goes on exactly as it would have on the worker that died.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ class Seq:
     uid: int = field(default_factory=new_uid)
     """Unique in the process for this sequence's current KV: renewed whenever its blocks are
     freed (the attention backend's decode staging keys on it)."""
+    grammar: object | None = None
+    """With `params.structured_outputs`: this worker's xgrammar matcher for it, built on the
+    first step that samples it (`tetri/workers/grammar.py`)."""
+    priority: int = 0
+    """vLLM's semantics: lower values are served (and kept from preemption) first."""
+    prior_outputs: int = 0
+    """How many of `prompt_ids`' last tokens are outputs emitted before a migration."""
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix-cache hashes of its leading full blocks (prompt, then outputs), as far as known."""
 
@@ -57,6 +69,23 @@ class Seq:
         n = len(self.prompt_ids)
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
 
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the request so far, those before a migration included."""
+        return self.prior_outputs + len(self.output_ids)
+
+    @property
+    def sample_prompt_ids(self) -> list[int]:
+        """The request's own prompt (without earlier outputs), as the sampler sees it."""
+        return self.prompt_ids[: len(self.prompt_ids) - self.prior_outputs] if self.prior_outputs else self.prompt_ids
+
+    @property
+    def sample_output_ids(self) -> list[int]:
+        """Every output of the request so far, as the sampler sees it."""
+        if not self.prior_outputs:
+            return self.output_ids
+        return self.prompt_ids[len(self.prompt_ids) - self.prior_outputs:] + self.output_ids
+
     def tokens(self, start: int, stop: int) -> list[int]:
         return (self.prompt_ids + self.output_ids)[start:stop] if stop > len(self.prompt_ids) else self.prompt_ids[start:stop]
 
@@ -64,7 +93,7 @@ class Seq:
 def check_stop(seq: Seq, token: int, eos_ids: tuple[int, ...], max_model_len: int) -> FinishReason | None:
     """Finish reason after `token` was appended to `seq.output_ids`, or None to go on."""
     p = seq.params
-    n_out = len(seq.output_ids)
+    n_out = seq.num_outputs
     if n_out >= p.min_tokens:
         if (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids:
             return FinishReason.STOP
