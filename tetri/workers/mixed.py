@@ -213,7 +213,10 @@ class MixedCore:
         self.ex.attach_cached_prefix(seq, self._prefill_len(seq))  # its cached prefix, shared
         attached = len(self.ex.blocks.blocks_of(seq.key))
         if per * len(holders) - attached > self.ex.blocks.num_free:
-            self.ex.free(seq)  # let go of the cached blocks until it fits
+            self.ex.free(seq)  # let go of the cached blocks until it fits (and count the lookup then)
+            if self.ex.blocks.caching and seq.params.prompt_logprobs is None:
+                self.ex.blocks.queries -= self._prefill_len(seq)
+                self.ex.blocks.hits -= seq.num_computed
             seq.num_computed = 0
             return False
         for holder in holders:
