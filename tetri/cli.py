@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-gb", type=float, default=None, help="CPU: KV pool size per worker in GiB")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests decoding at once per worker")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed on a worker (default on; "
+                        "--no-enable-prefix-caching to turn it off)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g = ap.add_argument_group("scheduling")
@@ -190,7 +193,8 @@ def build_engine(args):
     model = ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed,
                         enforce_eager=args.enforce_eager)
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
-                        gpu_memory_utilization=args.gpu_memory_utilization)
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        enable_prefix_caching=args.enable_prefix_caching)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
                               heavy_decode_tokens=args.heavy_decode_tokens)
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,

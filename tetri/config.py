@@ -51,6 +51,8 @@ class CacheConfig:
     """Share of GPU memory a CUDA worker may use for weights + KV (divided among workers on a GPU)."""
     num_blocks: int | None = None
     """Exact pool size in blocks (overrides the memory budget; tests use it)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full prompt blocks already computed on the worker (vLLM's flag and default)."""
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size must be a power of 2 <= 256")

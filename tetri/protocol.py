@@ -84,6 +84,7 @@ class PrefillResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reasons: list[str | None] = []
     hidden: list[float] | None = None  # final hidden state of the last prompt token (predictor probe)
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. scored (params.prompt_logprobs)
+    num_cached_tokens: int = 0  # leading prompt tokens whose KV came from the prefix cache
 
 
 # ---- front -> worker ------------------------------------------------------------------
@@ -178,6 +179,7 @@ class ChunkDone(_Msg):
     partial: bool = False
     """Only a leading part of the chunk ran (the rest did not fit the pool yet); another
     ChunkDone with the same chunk_id follows. The front counts the chunk done only then."""
+    evicted_hashes: list[bytes] = []  # prefix-cache block hashes evicted since the last ChunkDone
 
 
 class KVCopied(_Msg):

@@ -51,7 +51,7 @@ def bench_tetri(model_dir: str, prompts: torch.Tensor, new_tokens: int, chunk_si
     os.environ["TETRI_CPU_KERNELS"] = "1" if kernels else "0"
     cpu_kernels.load.cache_clear()
 
-    llm = LLM(model_dir, dtype="float32", chunk_size=chunk_size, kv_cache_gb=2.0)
+    llm = LLM(model_dir, dtype="float32", chunk_size=chunk_size, kv_cache_gb=2.0, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     outs = llm.generate(prompts.tolist(), params)

@@ -29,7 +29,7 @@ def test_azure_trace(traces_dir):
 def test_mooncake_trace(traces_dir):
     reqs = wl.load_trace(traces_dir / wl.MOONCAKE_RELPATH)
     assert len(reqs) == 3_993
-    assert reqs[0] == Request(40160, 6, 0.0)
+    assert reqs[0] == Request(40160, 6, 0.0, tuple(range(79)))  # its prefix-block ids (512 tokens each)
     assert reqs[-1].arrival_s == pytest.approx(1022.025)
     assert np.mean([r.prompt_tokens for r in reqs]) == pytest.approx(15325.5, abs=0.1)
 

@@ -19,22 +19,26 @@ from tetri.workers.node import WorkerNode, pool_info
 class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
                  decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
-                 heavy_decode_tokens: int = 128, predictor=None) -> None:
-        loaded = load_model(model_dir)
+                 heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None) -> None:
+        loaded = loaded or load_model(model_dir)
         extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy, **extra)
         self.nodes: dict[int, WorkerNode] = {}
         pools = {}
+        cache = CacheConfig(num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
         for wid, role in enumerate(roles):
             blocks = decode_blocks if role == "decode" and decode_blocks is not None else num_blocks
-            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks), loaded=loaded)
+            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching),
+                          loaded=loaded)
             pools[wid] = ex.pool
             self.nodes[wid] = WorkerNode(wid, role, ex, sched)
         infos = {wid: pool_info(p) for wid, p in pools.items()}
         for wid, node in self.nodes.items():
             node.pool_opener = _opener(infos, pools)
             node.handle(PeerPools(pools=infos), 0.0)
-        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s),
+        seed = self.nodes[0].ex.hash_seed
+        self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
+                                                prefix_caching=prefix_caching, prefix_hash_seed=seed),
                                     random.Random(0), predictor=predictor)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()

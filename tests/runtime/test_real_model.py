@@ -139,6 +139,30 @@ def test_prompt_logprobs_and_echo_scoring_equal_hf(server, oracle):
           f"echo scoring diff {echo_diff:.2e}")
 
 
+def _cache_hits(server) -> int:
+    return sum(w["prefix_cache_hits"] for w in server.workers())
+
+
+def test_a_multi_turn_chat_reuses_the_cached_history_and_equals_hf(server, oracle):
+    """Turn two resends turn one's whole prompt: the worker serves its full blocks from the
+    prefix cache (on by default), and the answer still equals HF token for token."""
+    hits_before = _cache_hits(server)
+    first = ask(server, "Tell me one fact about Paris.")
+    history = chat("Tell me one fact about Paris.") + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And one about Rome?"}]
+    second = server.openai().chat.completions.create(
+        model=DEFAULT_SERVED_NAME, messages=history, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={"return_token_ids": True})
+    first_ids = first.model_extra["prompt_token_ids"]
+    second_ids = second.model_extra["prompt_token_ids"]
+    assert second_ids[:len(first_ids)] == first_ids
+    assert second.choices[0].model_extra["token_ids"] == hf_greedy(oracle, second_ids)[0]
+    assert _cache_hits(server) - hits_before >= len(first_ids) // 16 * 16
+    rows = [w for w in server.workers() if w["prefix_cache_queries"]]
+    assert rows and all(0 < w["prefix_cache_hit_rate"] <= 1 for w in rows)
+
+
 def test_the_front_process_never_loads_torch(server):
     with open(f"/proc/{server.proc.pid}/maps") as f:
         assert "libtorch" not in f.read()

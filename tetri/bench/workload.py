@@ -55,6 +55,8 @@ class Request(msgspec.Struct, frozen=True):
     prompt_tokens: int
     output_tokens: int
     arrival_s: float | None = None
+    hash_ids: tuple[int, ...] = ()
+    """Mooncake traces: one prefix-block id per 512 prompt tokens (equal ids: a shared prefix)."""
 
 
 # ---------------------------------------------------------------- locating files
@@ -113,7 +115,8 @@ def load_azure_csv(path: str | os.PathLike) -> list[Request]:
 
 
 def load_mooncake_jsonl(path: str | os.PathLike) -> list[Request]:
-    """Mooncake-style JSONL: timestamp (ms), input_length, output_length (hash_ids are ignored)."""
+    """Mooncake-style JSONL: timestamp (ms), input_length, output_length, hash_ids (the
+    simulator's prefix caching reads them; the load generator sends random ids)."""
     reqs = []
     with open(path) as f:
         for line in f:
@@ -122,10 +125,11 @@ def load_mooncake_jsonl(path: str | os.PathLike) -> list[Request]:
             obj = json.loads(line)
             ts_ms = obj.get("timestamp")
             reqs.append(Request(int(obj["input_length"]), int(obj["output_length"]),
-                                None if ts_ms is None else float(ts_ms) / 1000.0))
+                                None if ts_ms is None else float(ts_ms) / 1000.0,
+                                tuple(int(h) for h in obj.get("hash_ids") or ())))
     if reqs and all(r.arrival_s is not None for r in reqs):
         t0 = min(r.arrival_s for r in reqs)
-        reqs = sorted((Request(r.prompt_tokens, r.output_tokens, r.arrival_s - t0) for r in reqs),
+        reqs = sorted((Request(r.prompt_tokens, r.output_tokens, r.arrival_s - t0, r.hash_ids) for r in reqs),
                       key=lambda r: r.arrival_s)
     return reqs
 
@@ -225,7 +229,9 @@ def scale_lengths(requests: list[Request], length_scale: float = 1.0,
             p = min(p, max_prompt_tokens)
         if max_output_tokens is not None:
             o = min(o, max_output_tokens)
-        out.append(Request(p, o, r.arrival_s))
+        # Prefix ids stay meaningful only for unscaled lengths (clipping keeps the leading ones).
+        hashes = r.hash_ids[:-(-p // 512)] if length_scale == 1.0 else ()
+        out.append(Request(p, o, r.arrival_s, hashes))
     return out
 
 
@@ -243,7 +249,7 @@ def poisson_arrivals_s(n: int, rate: float, rng: np.random.Generator) -> list[fl
 
 
 def with_arrivals(requests: list[Request], arrivals_s: list[float | None]) -> list[Request]:
-    return [Request(r.prompt_tokens, r.output_tokens, a) for r, a in zip(requests, arrivals_s)]
+    return [Request(r.prompt_tokens, r.output_tokens, a, r.hash_ids) for r, a in zip(requests, arrivals_s)]
 
 
 def select_requests(requests: list[Request], num_requests: int, rng: np.random.Generator) -> list[Request]:

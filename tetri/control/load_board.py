@@ -9,10 +9,10 @@ without locks or messages. A seqlock keeps readers from using a torn row:
 A writer can be descheduled mid-write (or die there), so a reader that keeps seeing a torn
 row yields, and after `TORN_WAIT_S` uses the row's last stable snapshot instead of waiting.
 
-Row layout (little-endian, 8-byte fields, 128-byte stride):
+Row layout (little-endian, 8-byte fields, 256-byte stride):
     version, heartbeat_s, role, state, pid, queued_prefill_tokens, running_reqs, waiting_reqs,
     free_blocks, total_blocks, predicted_decode_tokens, heavy_decodes, light_decodes,
-    block_size, restarts, max_num_seqs
+    block_size, restarts, max_num_seqs, prefix_cache_queries, prefix_cache_hits
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from multiprocessing import shared_memory
 from tetri.sched.load import ROLE_CODES, ROLE_NAMES, STATE_CODES, STATE_NAMES, WorkerLoad
 
 _VERSION = struct.Struct("<Q")
-_BODY = struct.Struct("<d" + "q" * 14)
-ROW_BYTES = 128
+_BODY = struct.Struct("<d" + "q" * 16)
+ROW_BYTES = 256
 TORN_WAIT_S = 0.05
 FIELDS = ("heartbeat_s", "role", "state", "pid", "queued_prefill_tokens", "running_reqs", "waiting_reqs",
           "free_blocks", "total_blocks", "predicted_decode_tokens", "heavy_decodes", "light_decodes",
-          "block_size", "restarts", "max_num_seqs")
+          "block_size", "restarts", "max_num_seqs", "prefix_cache_queries", "prefix_cache_hits")
 
 
 class LoadBoard:
@@ -63,7 +63,8 @@ class LoadBoard:
     def write(self, worker_id: int, *, role: str, state: str, pid: int, queued_prefill_tokens: int = 0,
               running_reqs: int = 0, waiting_reqs: int = 0, free_blocks: int = 0, total_blocks: int = 0,
               predicted_decode_tokens: int = 0, heavy_decodes: int = 0, light_decodes: int = 0,
-              block_size: int = 16, restarts: int = 0, max_num_seqs: int = 0) -> None:
+              block_size: int = 16, restarts: int = 0, max_num_seqs: int = 0, prefix_cache_queries: int = 0,
+              prefix_cache_hits: int = 0) -> None:
         off = worker_id * ROW_BYTES
         (version,) = _VERSION.unpack_from(self._buf, off)
         if version % 2:  # a writer died mid-write: step back onto an even value
@@ -71,7 +72,8 @@ class LoadBoard:
         _VERSION.pack_into(self._buf, off, version + 1)
         _BODY.pack_into(self._buf, off + 8, time.monotonic(), ROLE_CODES[role], STATE_CODES[state], pid,
                         queued_prefill_tokens, running_reqs, waiting_reqs, free_blocks, total_blocks,
-                        predicted_decode_tokens, heavy_decodes, light_decodes, block_size, restarts, max_num_seqs)
+                        predicted_decode_tokens, heavy_decodes, light_decodes, block_size, restarts, max_num_seqs,
+                        prefix_cache_queries, prefix_cache_hits)
         _VERSION.pack_into(self._buf, off, version + 2)
 
     def set_state(self, worker_id: int, state: str) -> None:
@@ -112,6 +114,7 @@ class LoadBoard:
             total_blocks=row["total_blocks"], predicted_decode_tokens=row["predicted_decode_tokens"],
             heavy_decodes=row["heavy_decodes"], light_decodes=row["light_decodes"], block_size=row["block_size"],
             max_num_seqs=row["max_num_seqs"],
+            prefix_cache_queries=row["prefix_cache_queries"], prefix_cache_hits=row["prefix_cache_hits"],
         )
 
     def read_all(self) -> list[WorkerLoad]:

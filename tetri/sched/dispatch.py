@@ -3,7 +3,7 @@
 Every dispatcher has one method, `pick(loads, req) -> worker_id`, and is built by a factory
 that the front scheduler and the simulator both call:
 
-    make_prefill_dispatch(name, rng)                        least-loaded | round-robin | random
+    make_prefill_dispatch(name, rng, prefix_index=None)     least-loaded | round-robin | random | cache-aware
     make_decode_dispatch(name, rng, heavy_decode_tokens=128, fit_aware=True, max_num_seqs=256)
                               round-robin | random | least-loaded | power-of-two | tetri | mixing
 
@@ -66,7 +66,7 @@ from typing import Callable, Protocol
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.load import ReqInfo, WorkerLoad
 
-PREFILL_DISPATCH = ("least-loaded", "round-robin", "random")
+PREFILL_DISPATCH = ("least-loaded", "round-robin", "random", "cache-aware")
 DECODE_DISPATCH = ("round-robin", "random", "least-loaded", "power-of-two", "tetri", "mixing")
 PREFILL_ROLES = ("prefill", "mixed")
 DECODE_ROLES = ("decode", "mixed")
@@ -158,6 +158,43 @@ class LeastLoadedPrefill:
     def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
         cands = _eligible(loads, PREFILL_ROLES)
         return min(cands, key=lambda w: (w.queued_prefill_tokens, _reqs(w), w.worker_id)).worker_id
+
+
+class CacheAwarePrefill:
+    """Level 1 with prefix caching (SGLang's cache-aware router, production-stack's KV-aware
+    routing): each eligible worker scores
+
+        score = matched / prompt - beta * queued / prompt
+
+    with `matched` the prompt tokens the `PrefixIndex` expects the worker to hold (its
+    leading cached blocks) and `queued` its queued prefill tokens. With beta = 1 (default)
+    the best score is the least `queued + (prompt - matched)`: the prefill work ahead of this
+    request's first token there, the cached part discounted. Ties -> the least-loaded order.
+    When no worker matches at least `min_match` of the prompt (default: one block), or the
+    request has no hashes, it is plain least-loaded."""
+
+    def __init__(self, prefix_index, beta: float = 1.0, min_match: float = 0.0) -> None:
+        self.index = prefix_index
+        self.beta = beta
+        self.min_match = min_match
+        self.fallback = LeastLoadedPrefill()
+
+    def matched_tokens(self, worker_id: int, req: ReqInfo) -> int:
+        return self.index.matched_blocks(worker_id, list(req.prefix_hashes)) * req.prefix_block_tokens
+
+    def pick(self, loads: list[WorkerLoad], req: ReqInfo) -> int:
+        cands = _eligible(loads, PREFILL_ROLES)
+        prompt = max(1, req.prompt_tokens)
+        matched = {w.worker_id: self.matched_tokens(w.worker_id, req) for w in cands} if req.prefix_hashes else {}
+        best = max(matched.values(), default=0)
+        if best == 0 or best < self.min_match * prompt:
+            return self.fallback.pick(loads, req)
+
+        def key(w: WorkerLoad) -> tuple:
+            score = matched[w.worker_id] / prompt - self.beta * w.queued_prefill_tokens / prompt
+            return (-score, w.queued_prefill_tokens, _reqs(w), w.worker_id)
+
+        return min(cands, key=key).worker_id
 
 
 class _ScoredDecode:
@@ -298,12 +335,19 @@ class MixingDecode(_ScoredDecode):
         return (mixing_impact_s(load, req), -load.free_blocks, load.worker_id)
 
 
-def make_prefill_dispatch(name: str, rng: random.Random) -> Dispatcher:
-    """Level-1 dispatcher by name (see PREFILL_DISPATCH)."""
+def make_prefill_dispatch(name: str, rng: random.Random, prefix_index=None) -> Dispatcher:
+    """Level-1 dispatcher by name (see PREFILL_DISPATCH); `cache-aware` reads `prefix_index`
+    (a `tetri.sched.prefix_index.PrefixIndex` the caller keeps up to date; default: a new
+    one, its `.index`)."""
+    if prefix_index is None:
+        from tetri.sched.prefix_index import PrefixIndex
+
+        prefix_index = PrefixIndex()
     builders: dict[str, Callable[[], Dispatcher]] = {
         "least-loaded": LeastLoadedPrefill,
         "round-robin": lambda: _RoundRobin(PREFILL_ROLES),
         "random": lambda: _Random(PREFILL_ROLES, rng),
+        "cache-aware": lambda: CacheAwarePrefill(prefix_index),
     }
     if name not in builders:
         raise ValueError(f"prefill dispatch must be one of {PREFILL_DISPATCH}, got {name!r}")

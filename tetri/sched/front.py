@@ -38,6 +38,8 @@ from tetri.sched.chunking import ChunkPacker
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.load import ReqInfo, WorkerLoad
+from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
+from tetri.sched.prefix_index import PrefixIndex
 from tetri.types import SamplingParams
 
 
@@ -61,6 +63,11 @@ class FrontConfig:
     """No request lives longer than this in any state: it fails with an error instead of hanging."""
     chunks_ahead: int = 2
     """Chunks outstanding per prefill worker: the one running plus one queued behind it."""
+    prefix_caching: bool = False
+    """The workers cache prefix blocks: index them, and start each prompt's first chunk where
+    its worker's cache is expected to end (the runtime mirrors `CacheConfig`)."""
+    prefix_hash_seed: bytes = b""
+    """`prefix_hash.hash_seed` of the model, as the workers compute it."""
 
 
 @dataclass
@@ -87,6 +94,9 @@ class FrontReq:
     """vLLM's semantics: lower values first."""
     resume_tokens: int = 0
     """After a migration: how many of `output_ids` this incarnation re-prefills as context."""
+    block_hashes: list[bytes] | None = None
+    """Prefix-cache hashes of the context's full blocks (computed on each placement, when
+    caching is on)."""
 
     @property
     def context_ids(self) -> list[int]:
@@ -121,7 +131,8 @@ class FrontScheduler:
         self.predictor = predictor
         self.flip_policy = flip
         self.flip_plan: FlipPlan | None = None
-        self.level1 = make_prefill_dispatch(cfg.global_policy, rng)
+        self.prefix_index = PrefixIndex()
+        self.level1 = make_prefill_dispatch(cfg.global_policy, rng, self.prefix_index)
         self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
         self.reqs: dict[str, FrontReq] = {}
         self.parked: list[str] = []
@@ -166,8 +177,10 @@ class FrontScheduler:
     def add(self, req: FrontReq, loads: list[WorkerLoad], now: float) -> Actions:
         """Place a new request; raises NoWorker when no live worker can take it."""
         context = req.context_ids
-        info = ReqInfo(req.req_id, len(context), req.params.max_tokens, arrival_s=req.arrival_s, priority=req.priority)
+        req.block_hashes = None  # (re)placed: hash what the workers will prefill now
         view = self._view(loads)
+        info = ReqInfo(req.req_id, len(context), req.params.max_tokens, arrival_s=req.arrival_s, priority=req.priority,
+                       **self._prefix_fields(req, view))
         wid = self.level1.pick(view, info)
         role = next(w.role for w in view if w.worker_id == wid)
         req.open_choices = set(range(req.params.n))
@@ -181,8 +194,31 @@ class FrontScheduler:
                                        arrival_s=req.arrival_s, priority=req.priority,
                                        prior_output_tokens=req.resume_tokens))
             return acts
-        self._packer(wid).add(req.req_id, len(context), priority=req.priority)
+        block_size = next(w.block_size for w in view if w.worker_id == wid)
+        self._packer(wid).add(req.req_id, len(context), self._cached_start(req, wid, block_size),
+                              priority=req.priority)
         return self._pump(wid, acts)
+
+    def _prefix_fields(self, req: FrontReq, view: list[WorkerLoad]) -> dict:
+        """What cache-aware dispatch reads: the prompt's cacheable block hashes."""
+        bs = next((w.block_size for w in view if w.role in ("prefill", "mixed")), 0)
+        if not self.cfg.prefix_caching or not bs or req.params.prompt_logprobs is not None:
+            return {}
+        hashes = self._hashes(req, bs)[:cacheable_blocks(len(req.context_ids), bs)]
+        return dict(prefix_hashes=tuple(hashes), prefix_block_tokens=bs)
+
+    def _hashes(self, req: FrontReq, block_size: int) -> list[bytes]:
+        if req.block_hashes is None:
+            req.block_hashes = block_hashes(req.context_ids, block_size, self.cfg.prefix_hash_seed)
+        return req.block_hashes
+
+    def _cached_start(self, req: FrontReq, wid: int, block_size: int) -> int:
+        """Where the prompt's first chunk starts: after the blocks the index expects `wid` to
+        hold (the worker computes any it turns out to lack), so chunks pack uncached tokens."""
+        if not self.cfg.prefix_caching or req.params.prompt_logprobs is not None:
+            return 0
+        hashes = self._hashes(req, block_size)[:cacheable_blocks(len(req.context_ids), block_size)]
+        return self.prefix_index.matched_blocks(wid, hashes) * block_size
 
     def _pump(self, wid: int, acts: Actions) -> Actions:
         packer = self._packer(wid)
@@ -213,6 +249,7 @@ class FrontScheduler:
         """The chunk-pipeline half of a ChunkDone: one chunk fewer outstanding (unless only a
         part of it ran), and the next chunks packed. `prefilled` handles each result."""
         wid = msg.worker_id
+        self.prefix_index.evicted(wid, msg.evicted_hashes)
         if msg.partial:
             return Actions()
         if wid in self.outstanding:
@@ -245,6 +282,8 @@ class FrontScheduler:
             acts.send(wid, Release(req_id=res.req_id))
             return
         req.holds_prefill_blocks = True
+        if self.cfg.prefix_caching and req.block_hashes is not None:
+            self.prefix_index.add(wid, req.block_hashes)  # its full blocks are cached there now
         for choice, reason in enumerate(res.finish_reasons):
             if reason is not None:
                 req.open_choices.discard(choice)
@@ -354,6 +393,7 @@ class FrontScheduler:
         acts = Actions()
         self.packers.pop(wid, None)
         self.outstanding.pop(wid, None)
+        self.prefix_index.forget(wid)
         if self.flip_plan is not None and wid in self.flip_plan._workers:
             self.flip_plan.remove_worker(wid)
         for req in list(self.reqs.values()):
@@ -468,5 +508,6 @@ class FrontScheduler:
         for order in plan.poll(loads):  # every request it held is done, so our packer for it is empty
             self.packers.pop(order.worker_id, None)
             self.outstanding.pop(order.worker_id, None)
+            self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role
             acts.send(order.worker_id, SetRole(role=order.to_role))
         return acts

@@ -1,18 +1,30 @@
-"""KV block accounting: which block ids are free and who owns the rest.
+"""KV block accounting: which block ids are free, who holds the rest, which are cached.
 
 Pure bookkeeping (no tensors): the memory lives in `tetri.workers.kv_pool`. One allocator per
 worker pool. An owner is any hashable key (a request id, or `(req_id, choice)` for forks).
 
-    pool:  [ b0 | b1 | b2 | ... | bN-1 ]       free list: ids nobody owns
+    pool:  [ b0 | b1 | b2 | ... | bN-1 ]       free list: ids nobody holds, no cached content
     owner "r1" -> [b4, b2, b7]                 a request's blocks in token order
     slot of token t of r1 = blocks[t // block_size] * block_size + t % block_size
 
-Invariant (`check_invariants`): free + owned == total, and no block is owned twice or both
-owned and free.
+Prefix caching (`enable_caching`): a full block whose KV was computed is *committed* under
+its hash (`tetri.sched.prefix_hash`: a chain over its tokens and every token before it).
+A later request whose leading blocks hash the same *attaches* those blocks instead of
+computing them: a block then has several holders (`ref` counts them), and nobody writes it
+again (`check_writable`). A cached block nobody holds stays cached, in LRU order
+(`_evictable`), and still counts as free: `allocate` takes uncached free blocks first and
+evicts the least recently released cached ones only when those run out; the hashes it
+evicted are kept for `take_evicted` (the front's index of who caches what).
+
+Invariants (`check_invariants`): every block is in exactly one of free, evictable (cached,
+no holder) or held (ref >= 1); ref[b] is the number of owner lists naming b; a block held
+more than once is cached; the hash maps are inverse of each other and name only cached
+blocks; no owner lists a block twice.
 """
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from collections.abc import Hashable
 
 
@@ -25,22 +37,40 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.caching = enable_caching
         # Pop from the end: low ids first, which keeps a request's blocks mostly contiguous.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; oldest first
         self._owned: dict[Hashable, list[int]] = {}
+        self._ref = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
+        self._evicted: list[bytes] = []
+        self.queries = 0
+        """Prompt tokens looked up in the cache (vLLM's prefix_cache_queries)."""
+        self.hits = 0
+        """Of those, tokens found cached (vLLM's prefix_cache_hits)."""
+        self.evictions = 0
+        """Cached blocks evicted to make room."""
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an `allocate` can hand out: uncached free ones plus evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks some owner holds (cached blocks nobody holds count as free)."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._hash_of)
 
     def owners(self) -> list[Hashable]:
         return list(self._owned)
@@ -49,13 +79,25 @@ class BlockAllocator:
         return self._owned.get(owner, [])
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self.num_free
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        block, _ = self._evictable.popitem(last=False)
+        h = self._hash_of.pop(block)
+        del self._by_hash[h]
+        self._evicted.append(h)
+        self.evictions += 1
+        return block
 
     def allocate(self, owner: Hashable, num_blocks: int) -> list[int]:
-        """Append `num_blocks` fresh blocks to `owner`'s list and return the new ids."""
-        if num_blocks > len(self._free):
-            raise OutOfBlocks(f"need {num_blocks} blocks, {len(self._free)} free")
-        new_ids = [self._free.pop() for _ in range(num_blocks)]
+        """Append `num_blocks` fresh (uncached, unshared) blocks to `owner`'s list."""
+        if num_blocks > self.num_free:
+            raise OutOfBlocks(f"need {num_blocks} blocks, {self.num_free} free")
+        new_ids = [self._take() for _ in range(num_blocks)]
+        for b in new_ids:
+            self._ref[b] = 1
         self._owned.setdefault(owner, []).extend(new_ids)
         return new_ids
 
@@ -66,21 +108,118 @@ class BlockAllocator:
         return self.allocate(owner, need) if need > 0 else []
 
     def free(self, owner: Hashable) -> int:
-        """Release every block of `owner` (unknown owners are a no-op); return how many."""
+        """Release every block of `owner` (unknown owners are a no-op); return how many.
+        Cached blocks nobody holds any more become evictable, the last block first (a
+        prompt's tail is evicted before its head, which more requests share)."""
         ids = self._owned.pop(owner, None)
         if not ids:
             return 0
-        self._free.extend(reversed(ids))
+        for b in reversed(ids):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                if b in self._hash_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
         return len(ids)
+
+    # ---- prefix caching ------------------------------------------------------------------
+    def match(self, hashes: list[bytes]) -> list[int]:
+        """Block ids of the longest cached prefix of `hashes` (no side effects)."""
+        out = []
+        if self.caching:
+            for h in hashes:
+                b = self._by_hash.get(h)
+                if b is None:
+                    break
+                out.append(b)
+        return out
+
+    def attach(self, owner: Hashable, block_ids: list[int]) -> None:
+        """Make `owner` (holding nothing yet) a holder of cached `block_ids`, in order."""
+        if self._owned.get(owner):
+            raise ValueError(f"{owner!r} already holds blocks")
+        for b in block_ids:
+            if b not in self._hash_of:
+                raise ValueError(f"block {b} is not cached")
+            if self._ref[b] == 0:
+                del self._evictable[b]
+            self._ref[b] += 1
+        if block_ids:
+            self._owned[owner] = list(block_ids)
+
+    def lookup(self, owner: Hashable, hashes: list[bytes], num_tokens: int) -> int:
+        """Attach the cached prefix of `hashes` (the leading full blocks of a `num_tokens`
+        prefill) to `owner`; count the lookup; return the cached tokens."""
+        ids = self.match(hashes)
+        self.attach(owner, ids)
+        self.queries += num_tokens
+        self.hits += len(ids) * self.block_size
+        return len(ids) * self.block_size
+
+    def commit(self, owner: Hashable, hashes: list[bytes], first_block: int = 0) -> None:
+        """Cache `owner`'s blocks [first_block, len(hashes)) (full, their KV computed) under
+        `hashes`. A block already cached stays as it is; a hash already cached in another
+        block (two requests computed the same prefix at once) leaves this block uncached."""
+        if not self.caching:
+            return
+        ids = self._owned.get(owner, [])
+        for b, h in zip(ids[first_block:len(hashes)], hashes[first_block:]):
+            if b in self._hash_of or h in self._by_hash:
+                continue
+            self._hash_of[b] = h
+            self._by_hash[h] = b
+
+    def take_evicted(self) -> list[bytes]:
+        """Hashes evicted since the last call."""
+        out, self._evicted = self._evicted, []
+        return out
+
+    def clear_cache(self) -> None:
+        """Drop every cached block nobody holds (an instance flip); held ones stay cached."""
+        for b in self._evictable:
+            self._evicted.append(self._hash_of.pop(b))
+            del self._by_hash[self._evicted[-1]]
+            self._free.append(b)
+        self._evictable.clear()
+
+    def check_writable(self, owner: Hashable, start_token: int, stop_token: int) -> None:
+        """The blocks `owner` is about to write tokens [start, stop) into are its alone and
+        uncached: a shared (cached) block is never written."""
+        ids = self._owned.get(owner, [])
+        bs = self.block_size
+        for i in range(start_token // bs, blocks_for_tokens(stop_token, bs)):
+            b = ids[i]
+            if self._ref[b] != 1 or b in self._hash_of:
+                raise AssertionError(f"{owner!r} would write block {b} (refs {self._ref[b]}, cached "
+                                     f"{b in self._hash_of}) at tokens [{start_token}, {stop_token})")
 
     def check_invariants(self) -> None:
         owned = [b for ids in self._owned.values() for b in ids]
-        if len(owned) + len(self._free) != self.num_blocks:
-            raise AssertionError(
-                f"free {len(self._free)} + owned {len(owned)} != total {self.num_blocks}"
-            )
-        every = owned + self._free
-        if len(set(every)) != len(every):
-            raise AssertionError("a block is owned twice or both owned and free")
+        refs = Counter(owned)
+        held = set(refs)
+        free, evictable = set(self._free), set(self._evictable)
+        if len(free) != len(self._free):
+            raise AssertionError("a block is on the free list twice")
+        if len(held) + len(free) + len(evictable) != self.num_blocks or held & free or held & evictable \
+                or free & evictable:
+            raise AssertionError(f"held {len(held)} + free {len(free)} + evictable {len(evictable)} "
+                                 f"!= total {self.num_blocks}, or a block is in two of them")
+        every = held | free | evictable
         if every and (min(every) < 0 or max(every) >= self.num_blocks):
             raise AssertionError("block id out of range")
+        for b, n in refs.items():
+            if self._ref[b] != n:
+                raise AssertionError(f"block {b}: ref {self._ref[b]} but {n} holders")
+            if n > 1 and b not in self._hash_of:
+                raise AssertionError(f"block {b} is shared but not cached")
+        if sum(self._ref) != len(owned) or min(self._ref) < 0:  # so every unheld block has ref 0
+            raise AssertionError("a block nobody holds has a nonzero ref")
+        if any(len(set(ids)) != len(ids) for ids in self._owned.values()):
+            raise AssertionError("an owner lists a block twice")
+        if free & set(self._hash_of) or not evictable <= set(self._hash_of):
+            raise AssertionError("a free block is cached, or an evictable one is not")
+        if len(self._by_hash) != len(self._hash_of) or any(self._hash_of.get(b) != h for h, b in self._by_hash.items()):
+            raise AssertionError("the hash maps disagree")
+        if not self.caching and self._hash_of:
+            raise AssertionError("caching is off but blocks are cached")

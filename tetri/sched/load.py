@@ -38,6 +38,10 @@ class WorkerLoad:
     block_size: int = 16
     max_num_seqs: int = 0
     """Request slots of the worker's batch (`--max-num-seqs`); 0: not published."""
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in this worker's prefix cache, since it started (vLLM's name)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose KV the cache held."""
 
     @property
     def alive(self) -> bool:
@@ -60,6 +64,11 @@ class ReqInfo:
     predicted_high_tokens: int | None = None
     arrival_s: float = 0.0
     priority: int = 0
+    prefix_hashes: tuple = ()
+    """Prefix-cache hashes of the prompt's leading full blocks that may come from a cache
+    (`prefix_hash.cacheable_blocks`), for cache-aware dispatch; () when caching is off."""
+    prefix_block_tokens: int = 0
+    """Tokens per entry of `prefix_hashes`."""
 
 
 def fit_error(prompt_tokens: int, n: int, loads: list[WorkerLoad]) -> str | None:

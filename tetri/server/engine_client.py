@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import pathlib
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,10 @@ class RuntimeClient:
         self.cache_cfg, self.sched_cfg, self.launch_cfg = cache, sched, launch
         self.max_queue = max_queue
         self.max_model_len = model.max_model_len or 0
+        from tetri.sched.prefix_hash import hash_seed
+
+        front = dataclasses.replace(front, prefix_caching=cache.enable_prefix_caching,
+                                    prefix_hash_seed=hash_seed(str(pathlib.Path(self.model_dir))))  # as the workers
         self.scheduler = FrontScheduler(front, random.Random(seed), predictor=predictor, flip=flip)
         self.length_log = length_log  # tetri.server.length_log.LengthLog or None
         self.wants_prompt_text = length_log is not None or getattr(predictor, "kind", None) == "text"
@@ -244,6 +249,9 @@ class RuntimeClient:
                              kv_blocks_used=w.total_blocks - w.free_blocks, kv_blocks_total=w.total_blocks,
                              running=w.running_reqs, waiting=w.waiting_reqs,
                              queued_prefill_tokens=w.queued_prefill_tokens,
+                             prefix_cache_queries=w.prefix_cache_queries, prefix_cache_hits=w.prefix_cache_hits,
+                             prefix_cache_hit_rate=w.prefix_cache_hits / w.prefix_cache_queries
+                             if w.prefix_cache_queries else 0.0,
                              restarts=self.procs.restarts.get(w.worker_id, 0)))
             rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)
         return rows

@@ -3,7 +3,8 @@
 Each `Metrics` owns its `CollectorRegistry` (no process globals), so tests can build many
 apps. Request-level series are fed by `Generation`; KV-transfer series by the engine client
 (`observe_kv_transfer`); the per-worker gauges are refreshed from `engine.workers()` rows at
-scrape time (`render`).
+scrape time (`render`), and so are the per-worker prefix-cache counters (vLLM's
+`prefix_cache_queries` / `prefix_cache_hits`, in tokens), which the workers count themselves.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -50,6 +52,8 @@ class Metrics:
         self.kv_usage = Gauge("tetri:kv_cache_usage_perc", "KV-cache usage per worker (1 = full).", _WORKER_LABELS, registry=r)
         self.running = Gauge("tetri:num_requests_running", "Requests running per worker.", _WORKER_LABELS, registry=r)
         self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
+        self._cache_rows: list[dict] = []
+        r.register(_PrefixCacheCounters(self))
 
     # -- fed by Generation ---------------------------------------------------------------
 
@@ -124,6 +128,8 @@ class Metrics:
         """Refresh the per-worker gauges (stale workers disappear)."""
         for gauge in (self.kv_usage, self.running, self.waiting):
             gauge.clear()
+        rows = list(rows)
+        self._cache_rows = rows
         for row in rows:
             labels = (str(row.get("worker_id", "?")), str(row.get("role", "?")))
             total = row.get("kv_blocks_total") or 0
@@ -135,3 +141,23 @@ class Metrics:
     def render(self, worker_rows: Iterable[dict] = ()) -> bytes:
         self.set_workers(worker_rows)
         return generate_latest(self.registry)
+
+
+class _PrefixCacheCounters:
+    """`tetri:prefix_cache_queries` / `tetri:prefix_cache_hits` per worker: counters the
+    workers keep (on the load board), exposed as of the last scrape's rows."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        queries = CounterMetricFamily("tetri:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels=_WORKER_LABELS)
+        hits = CounterMetricFamily("tetri:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels=_WORKER_LABELS)
+        for row in self.metrics._cache_rows:
+            labels = [str(row.get("worker_id", "?")), str(row.get("role", "?"))]
+            queries.add_metric(labels, row.get("prefix_cache_queries") or 0)
+            hits.add_metric(labels, row.get("prefix_cache_hits") or 0)
+        yield queries
+        yield hits

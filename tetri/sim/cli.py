@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", help="write the JSON report here")
     p.add_argument("--plot-dir", help="write PNG plots here")
     p.add_argument("--check-invariants", action="store_true", help="check KV block invariants every step")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="prefill workers cache prompt blocks; hits from the trace's hash_ids (Mooncake)")
     return p
 
 
@@ -129,7 +131,8 @@ def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
         prefill_policy=args.prefill_policy, prefill_dispatch=args.prefill_dispatch,
         decode_dispatch=args.decode_dispatch, decode_policy=args.decode_policy, predictor=args.predictor,
         predictor_accuracy=args.predictor_accuracy, flip=args.flip, seed=args.seed, max_sim_s=args.max_sim_s,
-        check_invariants=args.check_invariants, **_confusion(getattr(args, "predictor_confusion", None)))
+        check_invariants=args.check_invariants, prefix_caching=args.prefix_caching,
+        **_confusion(getattr(args, "predictor_confusion", None)))
     fields.update(changes)
     return SimConfig(**fields)
 

@@ -19,6 +19,7 @@ from tetri.sched.dispatch import make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.load import WorkerLoad
+from tetri.sched.prefix_index import PrefixIndex
 from tetri.sim.colocated import ChunkedWorker, ColocatedWorker
 from tetri.sim.config import SimConfig
 from tetri.sim.costmodel import CostModel
@@ -33,7 +34,8 @@ def build_env(cfg: SimConfig, cost: CostModel, loop: EventLoop, hooks) -> Worker
                      max_num_seqs=cfg.max_num_seqs, chunk_size_tokens=cfg.chunk_size_tokens,
                      max_batched_tokens=cfg.max_batched_tokens, prefill_policy=cfg.prefill_policy,
                      sched_batch=cfg.sched_batch, decode_policy=cfg.decode_policy,
-                     heavy_decode_tokens=cfg.heavy_decode_tokens, check_invariants=cfg.check_invariants)
+                     heavy_decode_tokens=cfg.heavy_decode_tokens, check_invariants=cfg.check_invariants,
+                     prefix_caching=cfg.prefix_caching)
 
 
 def build_workers(cfg: SimConfig, env: WorkerEnv) -> list[SimWorker]:
@@ -76,6 +78,9 @@ class FlipControl:
     def _flipped(self, worker: SimWorker, role: str) -> None:
         worker.role = role
         worker.paused = False
+        worker.blocks.clear_cache()  # as the real worker: its cache goes with its old role
+        worker.blocks.take_evicted()
+        self.cluster.prefix_index.forget(worker.worker_id)
         self.plan.on_flipped(worker.worker_id)
         self.flips.append((self.cluster.loop.now, worker.worker_id, role))
         worker.kick()
@@ -88,7 +93,9 @@ class Cluster:
         self.loop = loop
         self.env = build_env(cfg, cost, loop, self)
         self.workers = build_workers(cfg, self.env)
-        self.prefill_dispatch = make_prefill_dispatch(cfg.prefill_dispatch, rng)
+        self.prefix_index = PrefixIndex()
+        """What the front believes each prefill worker caches (trace ids), as in tetri-serve."""
+        self.prefill_dispatch = make_prefill_dispatch(cfg.prefill_dispatch, rng, self.prefix_index)
         self.decode_dispatch = None
         if cfg.decode_dispatch is not None and cfg.mode in ("disagg", "tetri"):
             self.decode_dispatch = make_decode_dispatch(cfg.decode_dispatch, rng, cfg.heavy_decode_tokens)
@@ -131,8 +138,14 @@ class Cluster:
         self.workers[worker_id].add(req)
 
     # ---- hooks from workers ------------------------------------------------------------
+    def evicted(self, worker: SimWorker, keys: list) -> None:
+        """A prefill worker's eviction report: a trace block with any sub-block gone is gone."""
+        self.prefix_index.evicted(worker.worker_id, list({h for h, _ in keys}))
+
     def prefilled(self, req: SimRequest, worker: SimWorker) -> None:
         """The first token is out; predict the length and hand off to a decode worker."""
+        if req.info.prefix_hashes:
+            self.prefix_index.add(worker.worker_id, list(req.info.prefix_hashes))
         req.info = self.predictor.annotate(req.info, req.output_tokens)
         worker_id = self.decode_dispatch.pick(self.loads(), req.info)
         req.decode_worker = worker_id

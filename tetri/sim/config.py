@@ -59,6 +59,8 @@ class SimConfig:
     seed: int = 0
     max_sim_s: float = 86400.0
     check_invariants: bool = False
+    prefix_caching: bool = False
+    """Prefill workers cache prompt blocks, hits from the trace's `hash_ids` (`tetri.sim.prefix`)."""
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")

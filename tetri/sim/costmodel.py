@@ -147,6 +147,7 @@ class ModelSpec:
 # (tools/bench_engine.py), both float32.
 MODEL_PRESETS: dict[str, ModelSpec] = {
     "llama3-8b": ModelSpec("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 2, 3, 8192),
+    "llama3.1-8b": ModelSpec("llama3.1-8b", 32, 4096, 32, 8, 14336, 128256, 2, 3, 131072),  # same, 128k context
     "llama2-13b": ModelSpec("llama2-13b", 40, 5120, 40, 40, 13824, 32000, 2, 3, 4096),
     "opt-13b": ModelSpec("opt-13b", 40, 5120, 40, 40, 20480, 50272, 2, 2, 2048, True),
     "qwen2.5-32b": ModelSpec("qwen2.5-32b", 64, 5120, 40, 8, 27648, 152064, 2, 3, 32768),

@@ -41,6 +41,8 @@ class PrefillSide:
         self.holding: dict[str, SimRequest] = {}
         """Prefilled; blocks held until the decode side has copied the KV."""
         self.fifo_tokens = 0
+        self.started: set[str] = set()
+        """Requests whose cached prefix was looked up (their first piece was packed)."""
 
     @property
     def queued_tokens(self) -> int:
@@ -51,8 +53,8 @@ class PrefillSide:
         if self.whole_prompts:
             self.fifo.append(req)
             self.fifo_tokens += req.prompt_tokens
-        else:
-            self.packer.add(req.req_id, req.prompt_tokens)
+        else:  # the chunks pack uncached tokens only (the worker computes any gap found later)
+            self.packer.add(req.req_id, req.prompt_tokens, self.w.cached_tokens(req))
 
     def release(self, req: SimRequest) -> None:
         self.holding.pop(req.req_id, None)
@@ -61,6 +63,13 @@ class PrefillSide:
     def resident(self) -> list[SimRequest]:
         return [*self.queued.values(), *self.holding.values()]
 
+    def _reserve(self, req: SimRequest) -> bool:
+        """Its first piece: attach the cached prefix once, then hold blocks for the prompt."""
+        if req.req_id not in self.started:
+            self.started.add(req.req_id)
+            req.computed_tokens = self.w.attach_cached(req)
+        return self.w.try_reserve(req, req.prompt_tokens)
+
     def _whole_batch(self) -> list[tuple[SimRequest, int, int, bool]]:
         batch: list[tuple[SimRequest, int, int, bool]] = []
         tokens = 0
@@ -68,12 +77,13 @@ class PrefillSide:
             req = self.fifo[0]
             if batch and tokens + req.prompt_tokens > self.w.env.chunk_size_tokens:
                 break
-            if not self.w.try_reserve(req, req.prompt_tokens):
+            if not self._reserve(req):
                 break
             self.fifo.popleft()
             self.fifo_tokens -= req.prompt_tokens
-            tokens += req.prompt_tokens
-            batch.append((req, 0, req.prompt_tokens, True))
+            begin = req.computed_tokens
+            tokens += req.prompt_tokens - begin
+            batch.append((req, begin, req.prompt_tokens - begin, True))
         return batch
 
     def _chunk(self) -> list[tuple[SimRequest, int, int, bool]]:
@@ -83,11 +93,14 @@ class PrefillSide:
         out = []
         for i, p in enumerate(pieces):
             req = self.queued[p.req_id]
-            if p.start == 0 and not self.w.try_reserve(req, req.prompt_tokens):
+            if not self._reserve(req):
                 for later in reversed(pieces[i:]):
                     self.packer.push_front(later)
                 break
-            out.append((req, p.start, p.num_tokens, p.is_last))
+            begin, end = min(req.computed_tokens, p.start + p.num_tokens), p.start + p.num_tokens
+            if begin == end and not p.is_last:
+                continue  # wholly cached
+            out.append((req, begin, end - begin, p.is_last))
         return out
 
     def plan(self, now: float) -> Plan | None:
@@ -102,10 +115,17 @@ class PrefillSide:
 
     def _end(self, pieces, end_s: float) -> None:
         hooks = self.w.env.hooks
+        for req, start, num_tokens, _ in pieces:
+            req.computed_tokens = start + num_tokens
+            self.w.commit_computed(req)
+        evicted = self.w.blocks.take_evicted()
+        if evicted:
+            hooks.evicted(self.w, evicted)
         for req, _start, _num_tokens, is_last in pieces:
             if not is_last:
                 continue
             del self.queued[req.req_id]
+            self.started.discard(req.req_id)
             if req.emit(end_s):
                 self.w.free_blocks(req)
                 hooks.finished(req, self.w)

@@ -176,7 +176,9 @@ def profile(model_dir: str | None = None, chunk_sizes=(16, 64, 128, 256, 512), b
     model_dir = resolve_model_dir(model_dir)
     spec = _model_spec(model_dir)
     need_tokens = max(max(batch_sizes) * (max(contexts) + repeats + 20), 2 * max(chunk_sizes) + 16)
-    llm = LLM(model_dir, dtype="float32", num_blocks=need_tokens // 16 + 2 * max(batch_sizes) + 8)
+    # Caching off: the repeated prompts must be computed every time, that is what is measured.
+    llm = LLM(model_dir, dtype="float32", num_blocks=need_tokens // 16 + 2 * max(batch_sizes) + 8,
+              enable_prefix_caching=False)
     try:
         samples = _prefill_samples(llm.executor, spec, chunk_sizes, repeats)
         samples += _decode_samples(llm.executor, spec, batch_sizes, contexts, repeats)
@@ -211,7 +213,7 @@ def validate(calibration_path: str | Path, num_reqs: int = 48, chunk_tokens: int
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(data.get("model_dir"), dtype="float32", chunk_size=chunk_tokens)
+    llm = LLM(data.get("model_dir"), dtype="float32", chunk_size=chunk_tokens, enable_prefix_caching=False)
     try:
         for i, (p, o) in enumerate(lens):
             llm.core.add_request(f"v{i}", _ids(p, i, model.vocab), _params(o))

@@ -35,6 +35,10 @@ class SimRequest:
     prefill_worker: int | None = None
     decode_worker: int | None = None
     handoff_s: float = 0.0
+    hash_ids: tuple[int, ...] = ()
+    """Trace prefix-block ids (`tetri.sim.prefix`); () without prefix information."""
+    computed_tokens: int = 0
+    """Prefill: prompt tokens whose KV is on the prefill worker (cached or computed)."""
 
     @property
     def remaining_tokens(self) -> int:
@@ -119,10 +123,16 @@ class NoisyPredictor:
 
 
 def make_sim_request(index: int, prompt_tokens: int, output_tokens: int, arrival_s: float,
-                     max_model_len: int) -> SimRequest:
+                     max_model_len: int, hash_ids: tuple[int, ...] = (), prefix_caching: bool = False) -> SimRequest:
     """A request whose max_tokens is what the context window leaves (not its true length, so
     no policy learns the answer from max_tokens)."""
     max_tokens = max(output_tokens, max_model_len - prompt_tokens)
     req_id = f"r{index}"
-    info = ReqInfo(req_id, prompt_tokens, max_tokens, arrival_s=arrival_s)
-    return SimRequest(req_id, prompt_tokens, output_tokens, arrival_s, max_tokens, info)
+    prefix = {}
+    if prefix_caching and hash_ids:
+        from tetri.sim.prefix import TRACE_BLOCK_TOKENS, index_ids
+
+        prefix = dict(prefix_hashes=index_ids(hash_ids, prompt_tokens), prefix_block_tokens=TRACE_BLOCK_TOKENS)
+    info = ReqInfo(req_id, prompt_tokens, max_tokens, arrival_s=arrival_s, **prefix)
+    return SimRequest(req_id, prompt_tokens, output_tokens, arrival_s, max_tokens, info,
+                      hash_ids=hash_ids if prefix_caching else ())

@@ -93,7 +93,19 @@ def _stats(cluster: Cluster, loop: EventLoop, duration_s: float) -> dict[str, An
         "predictions": cluster.predictor.predictions,
         "mispredictions": cluster.predictor.misses,
         "stopped_early": loop.stopped,
+        **_prefix_stats(cluster),
     }
+
+
+def _prefix_stats(cluster: Cluster) -> dict[str, Any]:
+    """Prefix-cache hits over every worker that prefilled (vLLM's queries/hits, in tokens)."""
+    if not cluster.cfg.prefix_caching:
+        return {}
+    queries = sum(w.blocks.queries for w in cluster.workers)
+    hits = sum(w.blocks.hits for w in cluster.workers)
+    return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            "prefix_cache_evictions": sum(w.blocks.evictions for w in cluster.workers)}
 
 
 def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
@@ -101,7 +113,8 @@ def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
     cfg = cfg.resolved()
     loop = EventLoop()
     cluster = Cluster(cfg, cost, loop, random.Random(cfg.seed))
-    reqs = [make_sim_request(i, r.prompt_tokens, r.output_tokens, float(r.arrival_s or 0.0), cost.model.max_model_len)
+    reqs = [make_sim_request(i, r.prompt_tokens, r.output_tokens, float(r.arrival_s or 0.0), cost.model.max_model_len,
+                             tuple(getattr(r, "hash_ids", ()) or ()), cfg.prefix_caching)
             for i, r in enumerate(requests)]
     misses = MissCounter(loop, early_stop[0], early_stop[1], len(reqs)) if early_stop else None
     cluster.on_finish = misses.finished if misses else None
@@ -119,7 +132,14 @@ def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
     ends = [r.done_s for r in reqs if r.done_s is not None] + [r.arrival_s for r in reqs]
     duration_s = max(ends) if ends else 0.0
     records = [r.record() for r in reqs]
-    return SimResult(cfg, reqs, records, duration_s, finished, _stats(cluster, loop, duration_s))
+    stats = _stats(cluster, loop, duration_s)
+    if cfg.prefix_caching:
+        from tetri.sim.prefix import ideal_hit_rate
+
+        stats["prefix_cache_ideal_hit_rate"] = ideal_hit_rate(requests, cfg.block_size)
+        prefill_blocks = cluster.env.num_blocks * sum(w.role == "prefill" for w in cluster.workers)
+        stats["prefix_cache_pooled_lru_hit_rate"] = ideal_hit_rate(requests, cfg.block_size, prefill_blocks)
+    return SimResult(cfg, reqs, records, duration_s, finished, stats)
 
 
 def sim_report(result: SimResult, slo: Slo | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:

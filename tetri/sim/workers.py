@@ -55,6 +55,8 @@ class ClusterHooks(Protocol):
 
     def prefilled(self, req: SimRequest, worker: SimWorker) -> None: ...
 
+    def evicted(self, worker: SimWorker, keys: list) -> None: ...
+
     def released(self, req: SimRequest, worker: SimWorker) -> None: ...
 
     def finished(self, req: SimRequest, worker: SimWorker) -> None: ...
@@ -88,6 +90,7 @@ class WorkerEnv:
     heavy_decode_tokens: int = 128
     check_invariants: bool = False
     stats: dict[int, WorkerStats] = field(default_factory=dict)
+    prefix_caching: bool = False
 
 
 Plan = tuple[float, Callable[[float], None]]
@@ -100,7 +103,7 @@ class SimWorker:
     def __init__(self, worker_id: int, env: WorkerEnv) -> None:
         self.worker_id = worker_id
         self.env = env
-        self.blocks = BlockAllocator(env.num_blocks, env.block_size)
+        self.blocks = BlockAllocator(env.num_blocks, env.block_size, enable_caching=env.prefix_caching)
         self.busy = False
         self.paused = False
         self.stats = env.stats.setdefault(worker_id, WorkerStats())
@@ -145,6 +148,34 @@ class SimWorker:
         self.blocks.allocate(req.req_id, need)
         self.held_blocks[req.req_id] = held + need
         return True
+
+    def attach_cached(self, req: SimRequest) -> int:
+        """Before its first piece: attach the prompt's cached leading blocks (the real
+        prefill worker's lookup); returns the cached tokens."""
+        if not self.blocks.caching or not req.hash_ids:
+            return 0
+        from tetri.sim.prefix import sub_block_keys
+
+        hit = self.blocks.lookup(req.req_id, sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size),
+                                 req.prompt_tokens)
+        self.held_blocks[req.req_id] = len(self.blocks.blocks_of(req.req_id))
+        return hit
+
+    def cached_tokens(self, req: SimRequest) -> int:
+        """What `attach_cached` would find now (no side effects)."""
+        if not self.blocks.caching or not req.hash_ids:
+            return 0
+        from tetri.sim.prefix import sub_block_keys
+
+        keys = sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size)
+        return len(self.blocks.match(keys)) * self.env.block_size
+
+    def commit_computed(self, req: SimRequest) -> None:
+        if self.blocks.caching and req.hash_ids:
+            from tetri.sim.prefix import sub_block_keys
+
+            keys = sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size)
+            self.blocks.commit(req.req_id, keys[:req.computed_tokens // self.env.block_size])
 
     def free_blocks(self, req: SimRequest) -> None:
         self.blocks.free(req.req_id)

@@ -29,7 +29,7 @@ from tetri.protocol import Handoff, KVCopied, WorkerError
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.workers.executor import Executor, SampledToken
-from tetri.workers.kv_stage import stamp_of
+from tetri.workers.kv_stage import block_stamps
 from tetri.workers.kv_transfer import InflightCopies, InflightCopy, PeerSource, as_source
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
@@ -189,7 +189,9 @@ class DecodeCore:
             return WorkerError(worker_id=self.worker_id, req_id=msg.req_id,
                                message=f"no KV transfer path from worker {msg.src_worker} to worker "
                                        f"{self.worker_id}: {src.error}")
-        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids, stamp_of(msg.req_id, prompt_len)):
+        stamps = block_stamps(msg.req_id, msg.prompt_token_ids, self.ex.block_size, self.ex.hash_seed,
+                              self.ex.blocks.caching) if src is not None and src.ready_fn is not None else []
+        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids, stamps):
             self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted, or not staged: retry
             return None
         start = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.sched.kv_blocks import BlockAllocator
+from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes, hash_seed
 from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
@@ -96,8 +97,9 @@ class Executor:
         self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
-        self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size)
+        self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.block_size = cache_cfg.block_size
+        self.hash_seed = hash_seed(self.loaded.model_dir)
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
         self.grammar = GrammarRuntime(self.loaded.model_dir, self.loaded.spec.vocab_size, self.eos_token_ids)
 
@@ -181,6 +183,31 @@ class Executor:
     def free(self, seq: Seq) -> int:
         seq.uid = new_uid()  # its KV is gone: whatever was staged for it is stale
         return self.blocks.free(seq.key)
+
+    # ---- prefix caching -------------------------------------------------------------------
+    def attach_cached_prefix(self, seq: Seq, num_tokens: int) -> int:
+        """Before `seq` (holding no blocks) prefills its first `num_tokens` tokens: attach the
+        cached blocks of its longest cached prefix, leaving at least one token to compute, and
+        return the tokens they cover (its new `num_computed`). Requests that score their
+        prompt (prompt_logprobs) read nothing from the cache, as in vLLM."""
+        if not self.blocks.caching or seq.params.prompt_logprobs is not None:
+            return 0
+        hashes = extend_block_hashes(seq.block_hashes, seq.tokens(0, num_tokens), self.block_size, self.hash_seed)
+        seq.num_computed = self.blocks.lookup(seq.key, hashes[:cacheable_blocks(num_tokens, self.block_size)],
+                                              num_tokens)
+        return seq.num_computed
+
+    def commit_computed(self, seq: Seq, decoded: bool = False) -> None:
+        """Cache `seq`'s full blocks whose KV is computed (after the step that computed them);
+        `decoded`: the step added one token, so only a block it just filled is new."""
+        if not self.blocks.caching:
+            return
+        n, bs = seq.num_computed, self.block_size
+        if decoded and n % bs:
+            return
+        if n // bs > len(seq.block_hashes):
+            extend_block_hashes(seq.block_hashes, seq.tokens(0, n), bs, self.hash_seed, n)
+        self.blocks.commit(seq.key, seq.block_hashes[:n // bs], n // bs - 1 if decoded else 0)
 
     def decode_segment(self, seq: Seq) -> Segment:
         pos = seq.num_tokens - 1

@@ -48,6 +48,25 @@ def stamp_of(req_id: str, prompt_tokens: int) -> int:
     return (int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF) | 1
 
 
+def block_stamps(req_id: str, prompt_ids: list[int], block_size: int, seed: bytes, caching: bool) -> list[int]:
+    """The stamp of each of a prompt's blocks. With prefix caching a full block may be shared by
+    several requests (staged by each with identical content), so it is stamped with its prefix
+    hash, which names its content; the partial last block (never shared) with `stamp_of`."""
+    from tetri.sched.prefix_hash import block_hashes
+
+    n = -(-len(prompt_ids) // block_size)
+    own = stamp_of(req_id, len(prompt_ids))
+    if not caching:
+        return [own] * n
+    full = [(int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF) | 1
+            for h in block_hashes(prompt_ids, block_size, seed)]
+    return full + [own] * (n - len(full))
+
+
+def _stamps_of(ex, req_id: str, prompt_ids: list[int]) -> list[int]:
+    return block_stamps(req_id, prompt_ids, ex.block_size, ex.hash_seed, ex.blocks.caching)
+
+
 def _data_offset(num_blocks: int) -> int:
     return -(-(_STAMPS_AT + 8 * num_blocks) // 4096) * 4096
 
@@ -155,7 +174,7 @@ class HostStage:
         flags = frozenset(int(i) for i in np.flatnonzero(self.mirror.want))
         return flags if self.live is None else flags & self.live
 
-    def put(self, pool_data: torch.Tensor, block_ids: list[int], stamp: int) -> bool:
+    def put(self, pool_data: torch.Tensor, block_ids: list[int], stamp) -> bool:
         """Copy these pool blocks into the mirror (synchronously: done when this returns) and
         stamp them; False (and nothing written) when /dev/shm has no room for them."""
         if not block_ids:
@@ -174,7 +193,7 @@ class HostStage:
         copy_runs(m.data, pool_data, block_ids, block_ids)
         if pool_data.is_cuda:
             torch.cuda.current_stream(pool_data.device).synchronize()
-        m.stamps[ids] = stamp
+        m.stamps[ids] = np.asarray(stamp, dtype=np.int64)  # one stamp, or one per block
         return True
 
     def close(self) -> None:
@@ -212,9 +231,9 @@ class StagedMapping:
         mirror.want[peer_id] = 1
         return cls(mirror, peer_id)
 
-    def ready(self, block_ids: list[int], stamp: int) -> bool:
-        """Whether the owner staged exactly these blocks for this request."""
-        return bool(np.all(self.mirror.stamps[np.asarray(block_ids, dtype=np.int64)] == stamp))
+    def ready(self, block_ids: list[int], stamp) -> bool:
+        """Whether the owner staged exactly these blocks for this request (one stamp, or one per block)."""
+        return bool(np.all(self.mirror.stamps[np.asarray(block_ids, dtype=np.int64)] == np.asarray(stamp)))
 
     def close(self) -> None:
         if self.mirror.want is not None:
@@ -246,7 +265,7 @@ def stage_finished(ex, core, chunk_done) -> None:
     if not wanted:
         return
     for res in chunk_done.finished:
-        stage.put(ex.pool.data, res.block_ids, stamp_of(res.req_id, res.num_prompt_tokens))
+        stage.put(ex.pool.data, res.block_ids, _stamps_of(ex, res.req_id, core.seqs[res.req_id][0].prompt_ids))
 
 
 def stage_backlog(ex, core) -> None:
@@ -260,6 +279,6 @@ def stage_backlog(ex, core) -> None:
         return
     for req_id in list(core.done):
         head = core.seqs[req_id][0]
-        stage.put(ex.pool.data, list(ex.blocks.blocks_of(head.key)), stamp_of(req_id, len(head.prompt_ids)))
+        stage.put(ex.pool.data, list(ex.blocks.blocks_of(head.key)), _stamps_of(ex, req_id, head.prompt_ids))
     stage.served = wanted
     log.info("KV staging on for peers %s: %d held prompts staged", sorted(wanted), len(core.done))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from tetri.config import EngineSchedConfig
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes
 from tetri.types import FinishReason, SamplingParams
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.model_runner import Segment
@@ -76,7 +77,7 @@ class MixedCore:
         order = next(self._orders)
         self.requests[req_id] = Request(req_id, seqs, arrival_s, order=order)
         self.prefilling[seqs[0].key] = seqs[0]
-        self.packer.add(seqs[0].key, len(prompt_ids), priority=priority, order=order)
+        self.packer.add(seqs[0].key, len(prompt_ids), self._cached_start(seqs[0]), priority=priority, order=order)
 
     def abort(self, req_id: str) -> list[Seq]:
         req = self.requests.pop(req_id, None)
@@ -116,25 +117,32 @@ class MixedCore:
         pieces = self._pack_prefill()
         segments = [self.ex.decode_segment(s) for s in decodes]
         samplers: list[list[Seq]] = [[s] for s in decodes]
-        for seq, piece in pieces:
-            scoring = {} if seq.recompute else score_fields(seq.prompt_ids, piece.start, piece.num_tokens, seq.params)
-            seg = Segment(seq.tokens(piece.start, piece.start + piece.num_tokens), piece.start,
-                          self.ex.blocks.blocks_of(seq.key), piece.is_last and not seq.recompute, **scoring)
+        for seq, piece, begin in pieces:
+            end = piece.start + piece.num_tokens
+            scoring = {} if seq.recompute else score_fields(seq.prompt_ids, begin, end - begin, seq.params)
+            self.ex.blocks.check_writable(seq.key, begin, end)
+            seg = Segment(seq.tokens(begin, end), begin, self.ex.blocks.blocks_of(seq.key),
+                          piece.is_last and not seq.recompute, **scoring)
             segments.append(seg)
             if seg.sample:
                 samplers.append(self._choices(seq))
         self.progressed = bool(segments) or len(self.errors) > errors_before
         if not segments:
+            self._after_prefill(pieces)  # pieces wholly in the cache: nothing to run
             return []
         for s in decodes:
             s.num_computed += 1
-        for seq, piece in pieces:
-            seq.num_computed += piece.num_tokens
+        for seq, piece, _ in pieces:
+            seq.num_computed = piece.start + piece.num_tokens
         sampled = self.ex.run(segments, samplers)
         if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
-            for (seq, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
+            for (seq, _, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
                 if scores is not None:
                     seq.prompt_logprobs = (seq.prompt_logprobs or []) + scores
+        for seq in decodes:
+            self.ex.commit_computed(seq, decoded=True)
+        for seq, _, _ in pieces:
+            self.ex.commit_computed(seq)
         self._after_prefill(pieces)
         self._retire(sampled)
         return sampled
@@ -183,7 +191,8 @@ class MixedCore:
 
     def _queue_prefill(self, seq: Seq) -> None:
         req = self.requests[seq.req_id]
-        self.packer.add(seq.key, self._prefill_len(seq), priority=seq.priority, order=req.order)
+        self.packer.add(seq.key, self._prefill_len(seq), self._cached_start(seq), priority=seq.priority,
+                        order=req.order)
 
     def _prefill_len(self, seq: Seq) -> int:
         """Tokens a (re)prefill computes: the prompt, or everything but the last token."""
@@ -201,10 +210,17 @@ class MixedCore:
             return True
         holders = self._reservation_holders(seq)
         per = blocks_for_tokens(self._prefill_len(seq), self.ex.block_size)
-        if per * len(holders) > self.ex.blocks.num_free:
+        self.ex.attach_cached_prefix(seq, self._prefill_len(seq))  # its cached prefix, shared
+        attached = len(self.ex.blocks.blocks_of(seq.key))
+        if per * len(holders) - attached > self.ex.blocks.num_free:
+            self.ex.free(seq)  # let go of the cached blocks until it fits (and count the lookup then)
+            if self.ex.blocks.caching and seq.params.prompt_logprobs is None:
+                self.ex.blocks.queries -= self._prefill_len(seq)
+                self.ex.blocks.hits -= seq.num_computed
+            seq.num_computed = 0
             return False
         for holder in holders:
-            self.ex.blocks.allocate(holder.key, per)
+            self.ex.blocks.allocate(holder.key, per - (attached if holder is seq else 0))
         return True
 
     def _pack_prefill(self) -> list[tuple[Seq, object]]:
@@ -216,8 +232,21 @@ class MixedCore:
                 for later in reversed(pieces[i:]):
                     self.packer.push_front(later)
                 break
-            out.append((seq, piece))
+            end = piece.start + piece.num_tokens
+            if seq.num_computed >= end and not piece.is_last:
+                continue  # wholly cached (the last piece always computes a token)
+            out.append((seq, piece, min(seq.num_computed, end)))
         return out
+
+    def _cached_start(self, seq: Seq) -> int:
+        """Where its prefill would start now, from the cache (0 with caching off): the
+        packer then fills the chunk with uncached tokens only."""
+        blocks = self.ex.blocks
+        if not blocks.caching or seq.params.prompt_logprobs is not None:
+            return 0
+        n = self._prefill_len(seq)
+        hashes = extend_block_hashes(seq.block_hashes, seq.tokens(0, n), self.ex.block_size, self.ex.hash_seed)
+        return len(blocks.match(hashes[:cacheable_blocks(n, self.ex.block_size)])) * self.ex.block_size
 
     def _choices(self, seq: Seq) -> list[Seq]:
         if seq.choice == 0 and not seq.output_ids:
@@ -225,7 +254,7 @@ class MixedCore:
         return [seq]
 
     def _after_prefill(self, pieces) -> None:
-        for seq, piece in pieces:
+        for seq, piece, _ in pieces:
             if not piece.is_last:
                 continue
             self.prefilling.pop(seq.key, None)

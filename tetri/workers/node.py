@@ -178,6 +178,7 @@ class WorkerNode:
             log.warning("worker %d asked to flip while busy; ignored", self.worker_id)
             return
         self.role = role
+        self.ex.blocks.clear_cache()  # the front forgets what this worker cached
         self.core = self._make_core(role)
 
     # ---- steps -------------------------------------------------------------------------
@@ -211,7 +212,8 @@ class WorkerNode:
             extra = dict(queued_prefill_tokens=core.packer.queued_tokens, running_reqs=len(core.running),
                          waiting_reqs=core.num_waiting)
         return dict(role=self.role, free_blocks=blocks.num_free, total_blocks=blocks.num_blocks,
-                    block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs, **extra)
+                    block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
+                    prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits, **extra)
 
 
 def token_batch(worker_id: int, sampled) -> TokenBatch:

@@ -3,7 +3,13 @@
 A prompt's blocks stay here after its last piece ran, until the front sends `Release`
 (its KV was copied by a decode worker, or the request was abandoned) or `Abort`.
 
-    ChunkPlan -> allocate blocks for every piece (wait while the pool is short)
+Prefix caching: when a prompt's first piece runs, its cached leading blocks are attached
+(`Executor.attach_cached_prefix`) and only the tokens after them are computed. The front
+starts the first piece where its index expects the cache to end; where the cache turned out
+shorter (evicted meanwhile) the piece also computes the gap, where longer, it computes less.
+After the pass, the full blocks computed are committed to the cache.
+
+    ChunkPlan -> attach cached prefixes -> allocate blocks for every piece (wait while short)
               -> one forward pass -> first token(s) for prompts whose last piece ran
               -> ChunkDone(finished=[PrefillResult(block ids, first tokens)])
 
@@ -36,6 +42,8 @@ class PrefillCore:
         self.seqs: dict[str, list[Seq]] = {}  # req_id -> its choices (choice 0 owns the blocks)
         self.done: set[str] = set()  # prefilled, blocks held until Release
         self.prompt_lps: dict[str, list] = {}  # req_id -> prompt logprobs so far (when asked)
+        self.looked_up: set[str] = set()  # requests whose cached prefix was attached
+        self.cached_tokens: dict[str, int] = {}  # req_id -> prompt tokens found in the cache
 
     def submit(self, plan: ChunkPlan) -> None:
         # A request's data arrives with its first piece; record it now so an Abort that
@@ -52,6 +60,8 @@ class PrefillCore:
         seqs = self.seqs.pop(req_id, None)
         self.done.discard(req_id)
         self.prompt_lps.pop(req_id, None)
+        self.looked_up.discard(req_id)
+        self.cached_tokens.pop(req_id, None)
         if seqs:
             self.ex.free(seqs[0])
 
@@ -81,12 +91,20 @@ class PrefillCore:
 
     def _runnable(self, plan: ChunkPlan) -> int:
         """How many leading pieces of `plan` fit the free blocks now."""
-        free = self.ex.blocks.num_free
+        need = 0
         for i, p in enumerate(plan.pieces):
-            free -= self._blocks_needed(p)
-            if free < 0:
+            self._attach_cached(p)  # in order: a later piece never pins blocks an earlier one needs
+            need += self._blocks_needed(p)
+            if need > self.ex.blocks.num_free:
                 return i
         return len(plan.pieces)
+
+    def _attach_cached(self, p) -> None:
+        """A prompt's first piece: attach its cached prefix (once)."""
+        if self._live(p) and p.req_id not in self.looked_up:
+            self.looked_up.add(p.req_id)
+            head = self.seqs[p.req_id][0]
+            self.cached_tokens[p.req_id] = self.ex.attach_cached_prefix(head, len(head.prompt_ids))
 
     def step(self) -> ChunkDone | None:
         """Run the next chunk (or its leading pieces that fit), or return None while the pool
@@ -102,24 +120,29 @@ class PrefillCore:
             self.chunks[0] = ChunkPlan(chunk_id=plan.chunk_id, pieces=rest)
         else:
             self.chunks.popleft()
-        segments, samplers, failed, last, scored = [], [], [], [], []
+        segments, samplers, failed, last, scored, ran = [], [], [], [], [], []
         for p in pieces:
             if not self._live(p):
                 failed.append(p.req_id)  # aborted meanwhile
                 continue
             head = self.seqs[p.req_id][0]
-            self.ex.blocks.ensure_capacity(head.key, p.start + p.num_tokens)
-            segments.append(Segment(head.prompt_ids[p.start:p.start + p.num_tokens], p.start,
-                                    self.ex.blocks.blocks_of(head.key), p.is_last,
-                                    **score_fields(head.prompt_ids, p.start, p.num_tokens, head.params)))
-            scored.append(p.req_id)
-            head.num_computed = p.start + p.num_tokens
+            begin, end = head.num_computed, p.start + p.num_tokens  # from the first token without KV here
+            if begin < end:
+                self.ex.blocks.ensure_capacity(head.key, end)
+                self.ex.blocks.check_writable(head.key, begin, end)
+                segments.append(Segment(head.prompt_ids[begin:end], begin, self.ex.blocks.blocks_of(head.key),
+                                        p.is_last, **score_fields(head.prompt_ids, begin, end - begin, head.params)))
+                scored.append(p.req_id)
+                head.num_computed = end
+                ran.append(head)
             if p.is_last:
                 samplers.append(self.seqs[p.req_id])
                 last.append(p.req_id)
         finished = self._run(segments, samplers, last, scored) if segments else []
+        for head in ran:
+            self.ex.commit_computed(head)
         return ChunkDone(worker_id=self.worker_id, chunk_id=plan.chunk_id, finished=finished, failed=failed,
-                         partial=bool(rest))
+                         partial=bool(rest), evicted_hashes=self.ex.blocks.take_evicted())
 
     def _run(self, segments, samplers, last, scored) -> list[PrefillResult]:
         self.ex.run(segments, samplers)
@@ -140,5 +163,6 @@ class PrefillCore:
                 finish_reasons=[s.finish_reason.value if s.finish_reason else None for s in seqs],
                 hidden=hidden[i].float().tolist() if self.collect_hidden and hidden is not None else None,
                 prompt_logprobs=self.prompt_lps.pop(req_id, None),
+                num_cached_tokens=self.cached_tokens.get(req_id, 0),
             ))
         return results

@@ -54,6 +54,8 @@ class Seq:
     """vLLM's semantics: lower values are served (and kept from preemption) first."""
     prior_outputs: int = 0
     """How many of `prompt_ids`' last tokens are outputs emitted before a migration."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of its leading full blocks (prompt, then outputs), as far as known."""
 
     @property
     def key(self) -> str:
