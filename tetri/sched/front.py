@@ -26,98 +26,21 @@ for decode admission.
 
 from __future__ import annotations
 
-import enum
 import random
-
-import msgspec
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
                             Release, SetRole, SubmitMixed)
+from tetri.sched import front_failover
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
+from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
 from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
-from tetri.types import SamplingParams
 
-
-class ReqState(enum.IntEnum):
-    QUEUED = 0
-    PREFILLING = 1
-    AWAIT_DECODE = 2
-    DECODING = 3
-
-
-@dataclass(frozen=True)
-class FrontConfig:
-    chunk_size: int = 512
-    prefill_policy: str = "fcfs"
-    prefill_sched_batch: int = 16
-    global_policy: str = "least-loaded"
-    dispatch_policy: str = "least-loaded"
-    heavy_decode_tokens: int = 128
-    handoff_timeout_s: float = 120.0
-    request_timeout_s: float = 600.0
-    """No request lives longer than this in any state: it fails with an error instead of hanging."""
-    chunks_ahead: int = 2
-    """Chunks outstanding per prefill worker: the one running plus one queued behind it."""
-    prefix_caching: bool = False
-    """The workers cache prefix blocks: index them, and start each prompt's first chunk where
-    its worker's cache is expected to end (the runtime mirrors `CacheConfig`)."""
-    prefix_hash_seed: bytes = b""
-    """`prefix_hash.hash_seed` of the model, as the workers compute it."""
-
-
-@dataclass
-class FrontReq:
-    req_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_s: float
-    state: ReqState = ReqState.QUEUED
-    prefill_worker: int | None = None
-    decode_worker: int | None = None
-    open_choices: set[int] = field(default_factory=set)
-    first_sent: bool = False
-    holds_prefill_blocks: bool = False
-    aborting: bool = False
-    deadline_s: float = float("inf")
-    predicted_low_tokens: int | None = None
-    expected_output_tokens: int | None = None
-    prompt_text: str | None = None
-    output_ids: list[int] = field(default_factory=list)
-    """Tokens of choice 0 already sent to the client (what a migration re-prefills)."""
-    migrations: int = 0
-    priority: int = 0
-    """vLLM's semantics: lower values first."""
-    resume_tokens: int = 0
-    """After a migration: how many of `output_ids` this incarnation re-prefills as context."""
-    block_hashes: list[bytes] | None = None
-    """Prefix-cache hashes of the context's full blocks (computed on each placement, when
-    caching is on)."""
-
-    @property
-    def context_ids(self) -> list[int]:
-        """What the workers prefill: the prompt, plus the outputs emitted before a migration."""
-        if not self.resume_tokens:
-            return self.prompt_token_ids
-        return self.prompt_token_ids + self.output_ids[: self.resume_tokens]
-
-
-@dataclass
-class Actions:
-    sends: list[tuple[int, object]] = field(default_factory=list)
-    fails: list[tuple[str, str]] = field(default_factory=list)
-
-    def send(self, worker_id: int, msg) -> None:
-        self.sends.append((worker_id, msg))
-
-    def extend(self, other: Actions) -> Actions:
-        self.sends.extend(other.sends)
-        self.fails.extend(other.fails)
-        return self
+__all__ = ["Actions", "FrontConfig", "FrontReq", "FrontScheduler", "ReqState"]
 
 
 class FrontScheduler:
@@ -390,99 +313,16 @@ class FrontScheduler:
         return req.decode_worker == worker_id if decoding else req.prefill_worker == worker_id
 
     def on_worker_dead(self, wid: int, loads: list[WorkerLoad] | None = None, migrate: bool = False) -> Actions:
-        acts = Actions()
-        self.packers.pop(wid, None)
-        self.outstanding.pop(wid, None)
-        self.prefix_index.forget(wid)
-        if self.flip_plan is not None and wid in self.flip_plan._workers:
-            self.flip_plan.remove_worker(wid)
-        for req in list(self.reqs.values()):
-            lost = (req.decode_worker == wid and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING)) or \
-                   (req.prefill_worker == wid and req.state in (ReqState.QUEUED, ReqState.PREFILLING, ReqState.AWAIT_DECODE))
-            if not lost:
-                continue
-            self._let_go(req, wid, acts)
-            if req.aborting:  # its Dropped will never come: the prefill copy was just released
-                self._drop(req.req_id)
-                continue
-            if migrate and req.params.n == 1 and loads is not None and self._migrate(req, loads, acts):
-                continue
-            phase = "decoding" if req.decode_worker == wid else "prefilling"
-            self._fail(req, f"worker {wid} died while {phase} this request", acts)
-        return acts
-
-    def _let_go(self, req: FrontReq, dead: int, acts: Actions) -> None:
-        """Tell the surviving holder of a request on a dead worker to drop its part."""
-        if req.prefill_worker != dead and req.holds_prefill_blocks:
-            acts.send(req.prefill_worker, Release(req_id=req.req_id))
-        if req.decode_worker not in (None, dead):
-            acts.send(req.decode_worker, Abort(req_id=req.req_id))
-        if req.prefill_worker != dead and req.state is ReqState.PREFILLING and req.prefill_worker in self.packers:
-            self.packers[req.prefill_worker].remove(req.req_id)
-            acts.send(req.prefill_worker, Abort(req_id=req.req_id))
-
-    def _migrate(self, req: FrontReq, loads: list[WorkerLoad], acts: Actions) -> bool:
-        """Re-queue as a continuation: prompt + emitted tokens, the emitted ones counted as
-        outputs (same params: the workers count them against max_tokens and min_tokens)."""
-        params = req.params
-        if params.structured_outputs is not None:  # the grammar resumes after what was emitted (now in the prompt)
-            params = msgspec.structs.replace(params, structured_outputs=msgspec.structs.replace(
-                params.structured_outputs, prefix_token_ids=tuple(req.output_ids)))
-        self._released(req.req_id, req.prefill_worker)
-        self._released(req.req_id, req.decode_worker)
-        self.reqs.pop(req.req_id)
-        cont = FrontReq(req.req_id, req.prompt_token_ids, params, req.arrival_s,
-                        expected_output_tokens=req.expected_output_tokens, prompt_text=req.prompt_text,
-                        output_ids=list(req.output_ids), migrations=req.migrations + 1, priority=req.priority,
-                        resume_tokens=len(req.output_ids))
-        try:
-            acts.extend(self.add(cont, loads, 0.0))
-        except NoWorker:  # no live worker of the role: wait for the supervisor's restart
-            cont.prefill_worker = None
-            self.reqs[cont.req_id] = cont
-            self.parked.append(cont.req_id)
-        self.migrated_total += 1
-        return True
+        return front_failover.on_worker_dead(self, wid, loads, migrate)
 
     def unpark(self, loads: list[WorkerLoad]) -> Actions:
         """A worker came back: place the parked requests (those still waiting)."""
-        acts = Actions()
-        waiting, self.parked = self.parked, []
-        for req_id in waiting:
-            req = self.reqs.pop(req_id, None)
-            if req is None:
-                continue
-            try:
-                acts.extend(self.add(req, loads, 0.0))
-            except NoWorker:
-                self.reqs[req_id] = req
-                self.parked.append(req_id)
-        return acts
-
-    def _fail(self, req: FrontReq, why: str, acts: Actions) -> None:
-        self._drop(req.req_id)
-        self.parked = [r for r in self.parked if r != req.req_id]
-        if not req.aborting:
-            acts.fails.append((req.req_id, why))
+        return front_failover.unpark(self, loads)
 
     def expire(self, now: float) -> Actions:
         """Every state has a deadline: the handoff must be admitted within handoff_timeout_s,
         and no request outlives request_timeout_s."""
-        acts = Actions()
-        for req in list(self.reqs.values()):
-            if req.aborting:
-                if now > req.deadline_s:  # the decode worker never confirmed the drop
-                    if req.holds_prefill_blocks:
-                        acts.send(req.prefill_worker, Release(req_id=req.req_id))
-                    self._drop(req.req_id)
-                continue
-            if req.state is ReqState.AWAIT_DECODE and now > req.deadline_s:
-                acts.extend(self.abort(req.req_id))
-                acts.fails.append((req.req_id, f"KV handoff not admitted within {self.cfg.handoff_timeout_s:.0f} s"))
-            elif now - req.arrival_s > self.cfg.request_timeout_s:
-                acts.extend(self.abort(req.req_id))
-                acts.fails.append((req.req_id, f"request exceeded its {self.cfg.request_timeout_s:.0f} s deadline"))
-        return acts
+        return front_failover.expire(self, now)
 
     def fail_request(self, req_id: str, why: str) -> Actions:
         """A worker reported an error for this request: drop it everywhere."""

@@ -43,13 +43,13 @@ from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPaths, 
 from tetri.sched.dispatch import NoWorker
 from tetri.sched.front import Actions, FrontConfig, FrontReq, FrontScheduler
 from tetri.sched.load import fit_error
-from tetri.server.engine_api import (ChoiceDelta, EngineError, EngineOutput, EngineRequest, InvalidRequest,
-                                     Overloaded, RequestStream, Unavailable)
-from tetri.server.supervision import STARTUP_GRACE_S, RestartBook, missing_roles_reason, worker_fields
+from tetri.server.engine_api import (EngineError, EngineOutput, EngineRequest, InvalidRequest, Overloaded,
+                                     RequestStream, Unavailable)
+from tetri.server import supervisor, worker_messages
+from tetri.server.supervision import RestartBook, missing_roles_reason, worker_fields
 from tetri.server.worker_links import WorkerLinks
 
 log = logging.getLogger("tetri.engine")
-SUPERVISE_EVERY_S = 0.1
 
 
 class RuntimeClient:
@@ -107,7 +107,7 @@ class RuntimeClient:
         if self.wants_prompt_text:
             self._tok = await asyncio.get_running_loop().run_in_executor(self._aux, self._load_tokenizer)
         self._broadcast_pools()
-        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._supervise_loop())]
+        self._tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(supervisor.supervise_loop(self))]
 
     def wire(self) -> None:
         """The load board, the ipc directory and the sockets (`start` then spawns the workers)."""
@@ -309,9 +309,9 @@ class RuntimeClient:
             self._worked.add(msg.worker_id)
         match msg:
             case TokenBatch():
-                self._on_tokens(msg)
+                worker_messages.on_tokens(self, msg)
             case ChunkDone():
-                self._on_chunk_done(msg)
+                worker_messages.on_chunk_done(self, msg)
             case KVCopied():
                 if self.metrics is not None:
                     self.metrics.observe_kv_transfer(msg.num_bytes, msg.seconds, msg.path)
@@ -323,105 +323,9 @@ class RuntimeClient:
                 if msg.req_id is not None:
                     self._apply(self.scheduler.fail_request(msg.req_id, msg.message))
             case Ready():
-                self._on_ready(msg)
+                supervisor.on_ready(self, msg)
             case PeerPaths():
                 self._on_peer_paths(msg)
-
-    def _on_chunk_done(self, msg: ChunkDone) -> None:
-        for res in msg.finished:  # first tokens go out before the handoff is even ordered
-            if not self.scheduler.owns(res.req_id, msg.worker_id, decoding=False):
-                continue
-            self.scheduler.record_output(res.req_id, 0, res.first_tokens[:1])
-            if self.length_log is not None:
-                self.length_log.on_prefilled(res.req_id, res.hidden, res.first_tokens, res.finish_reasons)
-            stream = self.streams.get(res.req_id)
-            if stream is None:
-                continue
-            choices = [ChoiceDelta(index=c, token_ids=[tok], logprobs=[res.logprobs[c]] if res.logprobs and res.logprobs[c] else None,
-                                   finish_reason=res.finish_reasons[c] if res.finish_reasons else None)
-                       for c, tok in enumerate(res.first_tokens)]
-            stream.put(EngineOutput(req_id=res.req_id, choices=choices, queue_time_s=self._dispatched.pop(res.req_id, None),
-                                    prompt_logprobs=res.prompt_logprobs))
-            if stream.done:
-                self._ended(res.req_id)
-        self._apply(self.scheduler.chunk_done(msg))
-        for res in msg.finished:
-            if self.predict_off_loop and res.req_id in self.scheduler.reqs:
-                self._predict_then_hand_off(res, msg.worker_id)
-            else:
-                self._apply(self.scheduler.prefilled(res, msg.worker_id, self._loads(), time.monotonic()))
-
-    def _predict_then_hand_off(self, res, wid: int) -> None:
-        """Run the learned predictor on the helper thread; order the handoff when it answers
-        (unless the worker died or the request moved meanwhile)."""
-        info, features = self.scheduler.predict_inputs(res.req_id, res)
-        text = self._texts.get(res.req_id)
-        predictor = self.scheduler.predictor
-        incarnation = (self.procs.restarts.get(wid, 0), self.scheduler.reqs[res.req_id].migrations)
-
-        def predict():
-            if features.get("prompt") is None and text is not None:
-                features["prompt"] = text.result()
-            return predictor.predict(info, features)
-
-        def done(fut) -> None:
-            req = self.scheduler.reqs.get(res.req_id)
-            now_incarnation = (self.procs.restarts.get(wid, 0), req.migrations if req else incarnation[1])
-            if self._closed or wid in self.dead or now_incarnation != incarnation:
-                return  # on_worker_dead already released, migrated or failed what it held
-            try:
-                pred = fut.result()
-            except Exception:
-                log.exception("length predictor failed for %s", res.req_id)
-                pred = None
-            self._apply(self.scheduler.prefilled(res, wid, self._loads(), time.monotonic(), pred, predicted=True))
-
-        asyncio.get_running_loop().run_in_executor(self._aux, predict).add_done_callback(done)
-
-    def _on_tokens(self, msg: TokenBatch) -> None:
-        per_req: dict[str, list[ChoiceDelta]] = {}
-        scored = {r: p for r, p in zip(msg.req_ids, msg.prompt_logprobs) if p is not None}  # mixed workers
-        for i, req_id in enumerate(msg.req_ids):
-            if not self.scheduler.owns(req_id, msg.worker_id, decoding=True):
-                continue  # stale: the request was aborted or migrated away from this worker
-            self.scheduler.record_output(req_id, msg.choices[i], [msg.token_ids[i]])
-            lp = msg.logprobs[i] if msg.logprobs else None
-            per_req.setdefault(req_id, []).append(ChoiceDelta(
-                index=msg.choices[i], token_ids=[msg.token_ids[i]], logprobs=[lp] if lp is not None else None,
-                finish_reason=msg.finish_reasons[i]))
-            if self.length_log is not None:
-                self.length_log.on_token(req_id, msg.choices[i], msg.finish_reasons[i])
-            if msg.finish_reasons[i] is not None:
-                self.scheduler.on_choice_finished(req_id, msg.choices[i])
-        for req_id, choices in per_req.items():
-            stream = self.streams.get(req_id)
-            if stream is None:
-                continue
-            stream.put(EngineOutput(req_id=req_id, choices=choices,
-                                    queue_time_s=self._dispatched.pop(req_id, None), prompt_logprobs=scored.get(req_id)))
-            if stream.done:
-                self._ended(req_id)
-
-    async def _supervise_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SUPERVISE_EVERY_S)
-            now = time.monotonic()
-            for wid in range(len(self.launch_cfg.workers)):
-                if wid in self.dead:
-                    if wid in self._restart_at and now >= self._restart_at[wid]:
-                        self._restart(wid)
-                    elif wid in self._starting and not self.procs.alive(wid):
-                        self._starting.discard(wid)
-                        self._after_death(wid, self.procs.last_error(wid), at_start=True)
-                    continue
-                stale = now - self.board.read(wid).heartbeat_s > self.launch_cfg.heartbeat_timeout_s
-                if not self.procs.alive(wid) or stale:
-                    self._on_dead(wid, "exited" if not self.procs.alive(wid) else "stopped heartbeating")
-            self._apply(self.scheduler.expire(now))
-            if self.scheduler.parked:
-                self._apply(self.scheduler.unpark(self._loads()))
-            if self.scheduler.flip_policy is not None:
-                self._apply(self.scheduler.flip_tick(self._loads(), now))
 
     def _drain_pending(self) -> None:
         """The one receive path: handle every message already delivered, in order. The recv
@@ -438,74 +342,14 @@ class RuntimeClient:
                 log.exception("error handling a worker message")
 
     def _on_dead(self, wid: int, how: str) -> None:
-        log.error("worker %d %s; %s what it held", wid, how, "migrating" if self.migrate else "failing")
-        self._drain_pending()
-        role = self.board.read(wid).role
-        self.dead.add(wid)
-        proc = self.procs.kill(wid)
-        if proc is not None:  # reaped in a thread: never a join on the event loop
-            asyncio.get_running_loop().run_in_executor(None, proc.join, 5)
-        self.links.reset(wid)
-        self.board.set_state(wid, "dead")
-        migrated_before = self.scheduler.migrated_total
-        self._apply(self.scheduler.on_worker_dead(wid, self._loads(), migrate=self.migrate))
-        if self.metrics is not None:
-            self.metrics.observe_migrations(self.scheduler.migrated_total - migrated_before)
-        self._unlink_pools([wid])
-        self._broadcast_pools()  # survivors close their mappings of its pool and stop staging for it
-        self._dead_role[wid] = role
-        self.kv_paths.pop(wid, None)
-        # a worker that already did work started fine, however soon it died after its Ready
-        at_start = wid not in self._worked and time.monotonic() - self._ready_at.get(wid, 0.0) < STARTUP_GRACE_S
-        self._after_death(wid, self.procs.last_error(wid), at_start)
+        supervisor.on_dead(self, wid, how)
 
     def _after_death(self, wid: int, why: str, at_start: bool) -> None:
         """Restart with back-off, or give up (`supervision.RestartBook`; /health and /workers say why)."""
-        role = self._dead_role.get(wid, "?")
-        delay = self.restart_book.after_death(wid, role, why, at_start, self.procs.restarts.get(wid, 0))
-        if delay is None:
-            log.error("%s", self.failed[wid])
-            return
-        self._restart_at[wid] = time.monotonic() + delay
-        log.warning("worker %d (%s) ended (%s); restarting it", wid, role, why)
-
-    def _restart(self, wid: int) -> None:
-        del self._restart_at[wid]
-        self._starting.add(wid)
-        self.procs.restarts[wid] = self.procs.restarts.get(wid, 0) + 1
-        log.warning("restarting worker %d as %s (restart %d)", wid, self._dead_role[wid], self.procs.restarts[wid])
-        # spawning pickles the args and forks the spawn helper: a thread's work, not the loop's
-        asyncio.get_running_loop().run_in_executor(None, self.procs.spawn, wid, self._dead_role[wid])
-        if self.metrics is not None:
-            self.metrics.observe_restart()
-
-    def _on_ready(self, msg: Ready) -> None:
-        """A restarted worker is up: revive it and tell every worker where its pool is."""
-        self.ready[msg.worker_id] = msg
-        self._starting.discard(msg.worker_id)
-        self._ready_at[msg.worker_id] = time.monotonic()
-        self._worked.discard(msg.worker_id)
-        if msg.worker_id in self.dead:
-            self.dead.discard(msg.worker_id)
-            if self.scheduler.flip_plan is not None:
-                self.scheduler.flip_plan.add_worker(msg.worker_id, msg.role)
-            self._broadcast_pools()
-            self._apply(self.scheduler.unpark(self._loads()))
-
+        supervisor.after_death(self, wid, why, at_start)
 
     def _on_peer_paths(self, msg: PeerPaths) -> None:
-        """Record the path per pair (/workers, metrics). An owner whose peer fell back to the
-        host-staged path gets PeerPools again: it stages what it already holds once it sees the
-        peer's request (its flag is set by now), so no handoff waits on a prompt finished before."""
-        self.kv_paths[msg.worker_id] = msg
-        if self.metrics is not None:
-            self.metrics.observe_kv_paths(msg.worker_id, msg.paths)
-        staged = [src for src, path in msg.paths.items()  # prefill owners only: they never answer PeerPaths
-                  if path == "host_staged" and self.board.read(src).role == "prefill"]
-        if staged:
-            pools = {wid: r.pool for wid, r in self.ready.items() if wid not in self.dead}
-            for src in staged:
-                self._send(src, PeerPools(pools=pools))
+        worker_messages.on_peer_paths(self, msg)
 
 
 def _dead(w):
