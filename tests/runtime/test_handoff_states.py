@@ -90,11 +90,7 @@ def test_abort_while_decode_admission_is_blocked_by_memory(default_model_dir):
                 c.step(w)
     c.submit("small", list(range(10, 60)), max_tokens=4)  # needs 4 blocks: must wait for the hog
     for _ in range(6):
-        for w in c.nodes:
-            c.deliver(w)
-            if c.nodes[w].has_work():
-                c.step(w)
-        c.pump_front()
+        c.round()
     assert c.front.reqs["small"].state is ReqState.AWAIT_DECODE
     assert "small" in c.nodes[1].core.waiting
     c.abort("small")

@@ -122,11 +122,7 @@ def test_aborts_in_every_state_with_shared_blocks_leak_nothing(default_model_dir
     c.abort("awaiting")
     c.submit("decoding", SYSTEM + [6], max_tokens=40)
     for _ in range(6):
-        for w in c.nodes:
-            c.deliver(w)
-            if c.nodes[w].has_work():
-                c.step(w)
-        c.pump_front()
+        c.round()
     assert c.front.reqs["decoding"].state is ReqState.DECODING
     c.abort("decoding")
     c.run()
