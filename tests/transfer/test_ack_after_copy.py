@@ -6,6 +6,7 @@ CUDA event does while the copy stream runs)."""
 import pytest
 
 from tests.runtime.inproc import Cluster
+from tests.transfer.fake_completion import FakeCompletion
 from tetri.protocol import Dropped, KVCopied, PeerPools
 from tetri.sched.front import ReqState
 from tetri.sched.kv_blocks import blocks_for_tokens
@@ -14,28 +15,13 @@ from tetri.workers.node import pool_info
 PROMPT = list(range(10, 60))  # 50 tokens: 4 blocks of 16
 
 
-class Gate:
-    """A copy whose data moved but whose completion the host has not seen yet."""
-
-    def __init__(self) -> None:
-        self.open = False
-        self.waited = 0
-
-    def done(self) -> bool:
-        return self.open
-
-    def wait(self) -> None:  # event.synchronize(): returns once the copy completed
-        self.waited += 1
-        self.open = True
-
-
 class GatedCopier:
     def __init__(self, inner) -> None:
         self.inner, self.gates = inner, []
 
     def copy(self, dst, src, src_ids, dst_ids):
         self.inner.copy(dst, src, src_ids, dst_ids)
-        self.gates.append(Gate())
+        self.gates.append(FakeCompletion())
         return self.gates[-1]
 
 
@@ -93,12 +79,12 @@ def test_kv_copied_waits_for_the_copy_and_its_blocks_stay_put(cluster, default_m
     until(c, lambda: "other" in decode.core.copies)
     other = decode.core.copies._by_req["other"].seqs[0]
     assert set(decode.ex.blocks.blocks_of(other.key)).isdisjoint(dst_blocks)
-    gates[-1].open = True
+    gates[-1].finished = True
     until(c, lambda: other.key in decode.core.running)
     assert "r" in decode.core.copies and front_req.state is ReqState.AWAIT_DECODE
     assert set(prefill.ex.blocks.blocks_of(prefill.core.seqs["r"][0].key)) == held_by_prefill  # not Released
     assert len(dst_blocks) == blocks_for_tokens(len(PROMPT) + 1, 16)
-    gates[1].open = True
+    gates[1].finished = True
     c.run()
     assert c.blocks_used() == {0: 0, 1: 0} and not c.failed
     want = reference_tokens(default_model_dir, [("long", [5, 6, 7], 24), ("r", PROMPT, 6), ("other", PROMPT[:20], 3)])
@@ -138,7 +124,7 @@ def test_a_decode_worker_dying_mid_copy_frees_the_prefill_blocks(cluster):
     the prefill copy, so the sender holds nothing of either request."""
     c, prefill = cluster, cluster.nodes[0]
     gate = _copy_in_flight(c)
-    assert not gate.open and prefill.ex.blocks.num_used > 0
+    assert not gate.finished and prefill.ex.blocks.num_used > 0
     c.dead.add(1)
     c.apply(c.front.on_worker_dead(1))
     c.run()

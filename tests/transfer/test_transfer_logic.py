@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.transfer.fake_completion import FakeCompletion
 from tetri.protocol import PoolInfo
 from tetri.workers.cuda_ipc import forced_alloc_conf
 from tetri.workers.kv_pool import _runs
@@ -66,19 +67,6 @@ def test_runs_cover_every_pair_once_with_the_fewest_copies(pairs):
     assert [(s + i, d + i) for s, d, n in runs for i in range(n)] == list(zip(src, dst))
     breaks = sum(1 for i in range(1, len(pairs)) if (src[i], dst[i]) != (src[i - 1] + 1, dst[i - 1] + 1))
     assert len(runs) == (breaks + 1 if pairs else 0)
-
-
-class FakeCompletion:
-    def __init__(self) -> None:
-        self.finished = False
-        self.waited = 0
-
-    def done(self) -> bool:
-        return self.finished
-
-    def wait(self) -> None:  # what event.synchronize() does: returns once the copy completed
-        self.waited += 1
-        self.finished = True
 
 
 def test_inflight_copies_land_only_when_done_and_settle_waits():
