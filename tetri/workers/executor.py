@@ -11,7 +11,7 @@ import torch
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.sched.kv_blocks import BlockAllocator
 from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes, hash_seed
-from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
+from tetri.workers.kv_pool import HostPool, KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
@@ -97,7 +97,14 @@ class Executor:
         self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
-        self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
+        host_blocks = HostPool.blocks_for(self.pool.layout, cache_cfg.kv_offloading_size) \
+            if cache_cfg.enable_prefix_caching else 0
+        self.host_pool = HostPool(self.pool, host_blocks) if host_blocks else None
+        self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching, host_blocks,
+                                     self.host_pool.copy if self.host_pool else None)
+        if host_blocks:
+            log.info("prefix cache host tier: %d blocks (%.2f GiB%s)", host_blocks,
+                     host_blocks * self.pool.layout.block_bytes / 2**30, ", pinned" if self.host_pool.pinned else "")
         self.block_size = cache_cfg.block_size
         self.hash_seed = hash_seed(self.loaded.model_dir)
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
