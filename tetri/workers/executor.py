@@ -3,6 +3,7 @@ with the step-level operations they share (run segments, sample, fork, free)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -56,6 +57,15 @@ def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: flo
     if cache.kv_cache_gb is not None:
         return blocks_for_budget(layout1, cache.kv_cache_gb * 2**30)
     return min(CPU_MAX_DEFAULT_BLOCKS, blocks_for_budget(layout1, CPU_DEFAULT_KV_GB * 2**30))
+
+
+def cache_for_role(cache: CacheConfig, role: str) -> CacheConfig:
+    """A worker's cache config: the prefix cache's host tier (`--kv-offloading-size`) only on
+    workers that start in a prefilling role, where cached prompt blocks live (a decode worker
+    would pin host memory it never fills)."""
+    if role == "decode" and cache.kv_offloading_size:
+        return dataclasses.replace(cache, kv_offloading_size=0.0)
+    return cache
 
 
 MIN_MODEL_LEN = 2
