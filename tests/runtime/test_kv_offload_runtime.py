@@ -9,8 +9,13 @@ import pytest
 
 from tests.runtime.inproc import Cluster
 from tests.runtime.server_proc import ServerProc
+from tetri.config import CacheConfig, ModelConfig
+from tetri.protocol import ChunkPlan, NewReq, PlanPiece
+from tetri.types import SamplingParams
+from tetri.workers.executor import Executor
 from tetri.workers.kv_pool import PoolLayout
 from tetri.workers.models.loader import load_model
+from tetri.workers.prefill import PrefillCore
 
 rng = random.Random(5)
 SYSTEM = [rng.randrange(5, 200) for _ in range(70)]  # 4 full blocks of 16 (+6)
@@ -48,6 +53,37 @@ def test_an_evicted_prefix_is_uploaded_from_the_host_tier_and_outputs_match(defa
     assert host.hits == host.host_hits == 4 * 16  # the repeat's 4 full blocks, all from the host
     assert runs["host"] == runs["gpu"] == runs["off"]
     assert all(len(t) == 5 for t in runs["host"].values())
+
+
+def test_a_later_pieces_cache_hit_never_takes_the_blocks_an_earlier_piece_needs(default_model_dir, loaded):
+    """Found while building the tier (GPU-only, on main too): a chunk's second piece attached
+    the only free (cached, unheld) blocks, so the first piece, told it fit, hit OutOfBlocks.
+    The lookup now leaves free the blocks the pieces before it need."""
+    ex = Executor(ModelConfig(model=default_model_dir), CacheConfig(num_blocks=8), loaded=loaded)
+    core = PrefillCore(ex, 0)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+
+    def piece(req_id, prompt, start=0):
+        return PlanPiece(req_id=req_id, start=start, num_tokens=len(prompt) - start, is_last=True,
+                         new=NewReq(prompt_token_ids=prompt, params=params))
+    shared = [7 + i % 90 for i in range(81)]
+    core.submit(ChunkPlan(chunk_id=0, pieces=[piece("w", shared)]))
+    assert core.step().finished
+    core.release("w")  # 5 cached unheld blocks, 3 uncached free ones
+    core.submit(ChunkPlan(chunk_id=1, pieces=[piece("h", [3] * 40)]))
+    core.step()  # "h" holds the 3: every free block left is a cached one of `shared`
+    assert ex.blocks.num_free == 5
+    fresh = [200 + i % 50 for i in range(65)]  # 5 blocks, nothing cached
+    core.submit(ChunkPlan(chunk_id=2, pieces=[piece("a", fresh), piece("b", shared, start=80)]))
+    done = core.step()  # used to raise OutOfBlocks: "b" attached the 5 blocks "a" was counted on
+    assert [r.req_id for r in done.finished] == ["a"] and done.partial
+    ex.blocks.check_invariants()
+    core.release("a")
+    core.release("h")
+    assert [r.req_id for r in core.step().finished] == ["b"]  # it computes what it lacks
+    core.release("b")
+    assert ex.blocks.num_used == 0
+    ex.close()
 
 
 def test_the_server_threads_the_flag_and_reports_host_hits(default_model_dir):

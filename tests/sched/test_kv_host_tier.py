@@ -120,6 +120,23 @@ def test_upload_limited_by_free_blocks_and_never_evicts_its_own_prefix():
     mem.check(alloc)
 
 
+def test_a_lookup_leaves_the_promised_blocks_free():
+    alloc, mem = _alloc(gpu=10, host=8)
+    p = list(range(24))  # 6 blocks
+    _prefill(alloc, mem, "a", p)
+    alloc.free("a")
+    alloc.allocate("x", 7)  # 4 free + a's last 3 offloaded: a's first 3 stay, unheld
+    hashes = block_hashes(p + [1], 4, SEED)
+    assert alloc.num_free == 3
+    assert alloc.lookup("b", hashes, 25, keep_free_blocks=2) == 4  # only 1 of the 3 may be taken
+    alloc.free("b")
+    alloc.free("x")  # 7 uncached blocks back: 3 + 7 free
+    assert alloc.lookup("c", hashes, 25, keep_free_blocks=5) == 20  # 3 attached + 2 uploads leave 5
+    assert alloc.uploaded_blocks == 2 and alloc.num_free == 5
+    alloc.check_invariants()
+    mem.check(alloc)
+
+
 def test_recomputing_a_host_cached_hash_drops_the_host_copy():
     alloc, mem = _alloc(gpu=4, host=4)
     _prefill(alloc, mem, "a", list(range(9)))

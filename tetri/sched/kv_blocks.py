@@ -188,16 +188,12 @@ class BlockAllocator:
         if block_ids:
             self._owned[owner] = list(block_ids)
 
-    def lookup(self, owner: Hashable, hashes: list[bytes], num_tokens: int) -> int:
+    def lookup(self, owner: Hashable, hashes: list[bytes], num_tokens: int, keep_free_blocks: int = 0) -> int:
         """Attach the cached prefix of `hashes` (the leading full blocks of a `num_tokens`
-        prefill) to `owner`, uploading its host-cached blocks (as many as free blocks allow);
-        count the lookup; return the cached tokens."""
-        if self.host is None:
-            ids = self.match(hashes)
-            self.attach(owner, ids)
-            uploaded = 0
-        else:
-            ids, uploaded = self._attach_tiers(owner, hashes)
+        prefill) to `owner`, uploading its host-cached blocks; count the lookup; return the
+        cached tokens. The prefix stops where attaching an unheld block or an upload would
+        leave fewer than `keep_free_blocks` free (blocks promised to pieces planned first)."""
+        ids, uploaded = self._attach_tiers(owner, hashes, keep_free_blocks)
         self.queries += num_tokens
         self.hits += len(ids) * self.block_size
         self.host_hits += uploaded * self.block_size
@@ -221,15 +217,16 @@ class BlockAllocator:
             n += 1
         return n
 
-    def _tier_plan(self, hashes: list) -> list[tuple[Hashable, int | None]]:
-        """The longest prefix of `hashes` cached in either tier whose uploads fit: (hash, GPU
-        block, or None for a host one). Attaching an unheld GPU block and allocating an upload
-        target each take one of `num_free`, so no upload evicts a block of the same prefix."""
+    def _tier_plan(self, hashes: list, keep_free: int) -> list[tuple[Hashable, int | None]]:
+        """The longest prefix of `hashes` cached in either tier that fits: (hash, GPU block, or
+        None for a host one). Attaching an unheld GPU block and allocating an upload target
+        each take one of `num_free` (so no upload evicts a block of the same prefix), and
+        `keep_free` of them stay free."""
         plan: list[tuple[Hashable, int | None]] = []
-        free_left = self.num_free
-        for h in hashes:
+        free_left = self.num_free - keep_free
+        for h in hashes if self.caching else ():
             b = self._by_hash.get(h)
-            if b is None and h not in self.host:
+            if b is None and (self.host is None or h not in self.host):
                 break
             if b is None or self._ref[b] == 0:
                 free_left -= 1
@@ -238,10 +235,10 @@ class BlockAllocator:
             plan.append((h, b))
         return plan
 
-    def _attach_tiers(self, owner: Hashable, hashes: list) -> tuple[list[int], int]:
+    def _attach_tiers(self, owner: Hashable, hashes: list, keep_free: int) -> tuple[list[int], int]:
         if self._owned.get(owner):
             raise ValueError(f"{owner!r} already holds blocks")
-        plan = self._tier_plan(hashes)
+        plan = self._tier_plan(hashes, keep_free)
         host_ids = [self.host.pop(h) for h, b in plan if b is None]  # out of the host LRU: never evicted now
         self.attach(owner, [b for _, b in plan if b is not None])
         targets = self._take_n(len(host_ids))

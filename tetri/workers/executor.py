@@ -202,16 +202,17 @@ class Executor:
         return self.blocks.free(seq.key)
 
     # ---- prefix caching -------------------------------------------------------------------
-    def attach_cached_prefix(self, seq: Seq, num_tokens: int) -> int:
+    def attach_cached_prefix(self, seq: Seq, num_tokens: int, keep_free_blocks: int = 0) -> int:
         """Before `seq` (holding no blocks) prefills its first `num_tokens` tokens: attach the
-        cached blocks of its longest cached prefix, leaving at least one token to compute, and
-        return the tokens they cover (its new `num_computed`). Requests that score their
-        prompt (prompt_logprobs) read nothing from the cache, as in vLLM."""
+        cached blocks of its longest cached prefix (GPU-cached, or uploaded from the host tier),
+        leaving at least one token to compute and `keep_free_blocks` blocks free, and return
+        the tokens they cover (its new `num_computed`). Requests that score their prompt
+        (prompt_logprobs) read nothing from the cache, as in vLLM."""
         if not self.blocks.caching or seq.params.prompt_logprobs is not None:
             return 0
         hashes = extend_block_hashes(seq.block_hashes, seq.tokens(0, num_tokens), self.block_size, self.hash_seed)
         seq.num_computed = self.blocks.lookup(seq.key, hashes[:cacheable_blocks(num_tokens, self.block_size)],
-                                              num_tokens)
+                                              num_tokens, keep_free_blocks)
         return seq.num_computed
 
     def commit_computed(self, seq: Seq, decoded: bool = False) -> None:
