@@ -87,9 +87,10 @@ def test_a_later_pieces_cache_hit_never_takes_the_blocks_an_earlier_piece_needs(
 
 
 def test_the_server_threads_the_flag_and_reports_host_hits(default_model_dir):
-    """A real server with a tiny prefill pool (131 blocks) and a 64-block host tier: the
-    repeat of an evicted prompt is served from the host tier and answers the same tokens."""
-    srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "1", "--kv-cache-gb", "0.002",
+    """A real server (one colocated worker: the mixed core's path; the disaggregated prefill
+    path is the test above) with a tiny pool (131 blocks) and a 64-block host tier: the repeat
+    of an evicted prompt is served from the host tier and answers the same tokens."""
+    srv = ServerProc("--device", "cpu", "--mode", "colocated", "--workers", "1", "--kv-cache-gb", "0.002",
                      "--kv-offloading-size", str(64 * 16384 / 2**30), "--chunk-size", "256").start()
     try:
         client = srv.openai()
@@ -106,7 +107,7 @@ def test_the_server_threads_the_flag_and_reports_host_hits(default_model_dir):
         for f in fillers:
             complete(f)  # 2 x 57 blocks + 38 of the first's: the first's cached blocks are evicted
         assert complete(first) == want
-        row = next(w for w in srv.workers() if w["role"] == "prefill")
+        (row,) = srv.workers()
         assert row["kv_offloaded_blocks"] > 0 and row["kv_uploaded_blocks"] > 0
         assert 0 < row["host_prefix_cache_hits"] <= row["prefix_cache_hits"]
         status, text = srv.get("/metrics")
