@@ -14,7 +14,9 @@ Decode role (the real decode core's step, `tetri.workers.decode`):
      KV copy (`CostModel.transfer_s`) is done synchronously inside the step, as the real
      core does, and the prefill side frees its blocks when the copy ends;
   2. preempted requests (recompute) are re-prefilled here when their blocks fit;
-  3. the policy picks the batch (and preemptions); one decode token each.
+  3. the policy picks the batch (and preemptions: swapped out to the host instead of
+     recomputed where `tetri.sim.swap` finds it cheaper; uploaded back when they fit); one
+     decode token each.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.dispatch import expected_output_tokens, is_heavy
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
 from tetri.sim.requests import SimRequest
+from tetri.sim.swap import SimSwap
 from tetri.sim.workers import Plan, SimWorker, WorkerEnv, decode_context_tokens
 
 
@@ -142,6 +145,7 @@ class DecodeSide:
         self.waiting: dict[str, SimRequest] = {}
         self.running: dict[str, SimRequest] = {}
         self.recompute: dict[str, SimRequest] = {}
+        self.swap = SimSwap(worker, worker.env.preemption_mode)
         self.resuming: list[SimRequest] = []
         self.heavy = 0
         self.predicted_tokens = 0
@@ -160,7 +164,7 @@ class DecodeSide:
 
     @property
     def num_reqs(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming)
+        return len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming) + len(self.swap.swapped)
 
     def _admit(self, now: float) -> float:
         """Admit handoffs the policy accepts; returns the seconds their KV copies take."""
@@ -170,7 +174,7 @@ class DecodeSide:
         views = [r.view(0) for r in self.waiting.values()]
         running = [r.view(w.held(r)) for r in self.running.values()]
         ids = self.policy.admit(views, running, w.blocks.num_free, w.env.block_size, now)
-        if not ids and not self.running and not self.recompute and w.blocks.num_free == w.blocks.num_blocks:
+        if not ids and not self.running and not self.recompute and not self.swap.swapped and w.blocks.num_free == w.blocks.num_blocks:
             ids = [views[0].req_id]  # nothing resident could ever free memory: admit the head anyway
             w.stats.forced_admissions += 1
         copy_s = 0.0
@@ -195,8 +199,11 @@ class DecodeSide:
 
     def plan(self, now: float) -> Plan | None:
         copy_s = self._admit(now)
-        run = self.w.decode_round(self.running, self.policy, now, self._preempted)
+        run = self.w.decode_round(self.running, self.policy, now, self._preempted,
+                                  self.swap.out if self.w.blocks.host is not None else None)
+        self.swap.resume(self.running)
         self.resuming = self._resume()
+        copy_s += self.w.take_host_copy_s()  # swap copies asked for in this step
         if not run and not self.resuming and copy_s == 0.0:
             return None
         shape = decode_shape(len(run), decode_context_tokens(run)) if run else StepShape()
@@ -249,6 +256,6 @@ class PDWorker(SimWorker):
                                   running_reqs=len(self.prefill.holding), waiting_reqs=len(self.prefill.queued))
         d = self.decode
         return self.base_load(running_reqs=len(d.running) + len(d.resuming),
-                              waiting_reqs=len(d.waiting) + len(d.recompute),
+                              waiting_reqs=len(d.waiting) + len(d.recompute) + len(d.swap.swapped),
                               predicted_decode_tokens=d.predicted_tokens, heavy_decodes=d.heavy,
                               light_decodes=d.num_reqs - d.heavy)
