@@ -137,6 +137,7 @@ def test_the_choice_swaps_when_copies_are_cheaper_than_the_re_prefill():
     assert choose_preemption(10, 160, 1e-3, 2e-4, False) == "recompute"  # no host room
     assert choose_preemption(10, 160, None, 1e-4, True) == "swap"  # copy cost unknown: learn it
     assert choose_preemption(10, 160, 1e-3, None, True) == "recompute"  # prefill unknown: learn it
+    assert choose_preemption(10, 160, 1e-3, None, True, prefill_pending=True) == "swap"  # one is learning it
     assert choose_preemption(10, 160, 1e-3, 1e-4, True, "swap") == "swap"
     assert choose_preemption(10, 160, 1e-3, 2e-4, True, "recompute") == "recompute"
     with pytest.raises(ValueError):

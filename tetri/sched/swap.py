@@ -7,7 +7,8 @@ Pure policy: the caller measures the costs and passes them in (no clock here).
 
 `choose_preemption` picks the cheaper; a cost not measured yet (None) is learned first: swap
 when the copy cost is unknown (one swap measures it), else recompute when the prefill cost is
-unknown. `mode` "swap" or "recompute" forces one; swap always needs the host room
+unknown and no recompute is already pending (`prefill_pending`: its re-prefill will measure
+it; meanwhile swap). `mode` "swap" or "recompute" forces one; swap always needs the host room
 (`host_fits`), else the job is recomputed. `CostMeter` keeps the measured per-unit costs as
 exponentially weighted means of what the caller timed.
 """
@@ -26,7 +27,8 @@ def recompute_cost_s(num_tokens: int, prefill_s_per_token: float) -> float:
 
 
 def choose_preemption(num_blocks: int, num_tokens: int, copy_s_per_block: float | None,
-                      prefill_s_per_token: float | None, host_fits: bool, mode: str = "auto") -> str:
+                      prefill_s_per_token: float | None, host_fits: bool, mode: str = "auto",
+                      prefill_pending: bool = False) -> str:
     """"swap" or "recompute" for one preempted job; see the module docstring."""
     if mode not in PREEMPTION_MODES:
         raise ValueError(f"unknown preemption mode {mode!r}; expected one of {PREEMPTION_MODES}")
@@ -35,7 +37,7 @@ def choose_preemption(num_blocks: int, num_tokens: int, copy_s_per_block: float 
     if mode == "swap" or copy_s_per_block is None:
         return "swap"
     if prefill_s_per_token is None:
-        return "recompute"
+        return "swap" if prefill_pending else "recompute"
     swap_s = swap_cost_s(num_blocks, copy_s_per_block)
     return "swap" if swap_s < recompute_cost_s(num_tokens, prefill_s_per_token) else "recompute"
 
@@ -61,6 +63,7 @@ class CostMeter:
         if num_tokens > 0:
             self.prefill_s_per_token = self._mix(self.prefill_s_per_token, seconds / num_tokens)
 
-    def choose(self, num_blocks: int, num_tokens: int, host_fits: bool, mode: str = "auto") -> str:
+    def choose(self, num_blocks: int, num_tokens: int, host_fits: bool, mode: str = "auto",
+               prefill_pending: bool = False) -> str:
         return choose_preemption(num_blocks, num_tokens, self.copy_s_per_block, self.prefill_s_per_token,
-                                 host_fits, mode)
+                                 host_fits, mode, prefill_pending)

@@ -280,7 +280,9 @@ class DecodeCore:
         blocks = self.ex.blocks
         n = len(blocks.blocks_of(seq.key))
         computed = all(s is not seq for s in self._resumed)  # a re-prefill not run yet has no KV to swap
-        if computed and self.costs.choose(n, seq.num_computed, blocks.can_swap_out(seq.key), self.preemption_mode) == "swap":
+        fits = blocks.can_swap_out(seq.key)
+        pending = bool(self.recompute)  # a re-prefill to come measures the prefill cost
+        if computed and self.costs.choose(n, seq.num_computed, fits, self.preemption_mode, pending) == "swap":
             moved, seconds = self.ex.swap_out(seq)
             if moved:
                 self.costs.add_copy(moved, seconds)
