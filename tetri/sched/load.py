@@ -42,6 +42,10 @@ class WorkerLoad:
     """Prompt tokens looked up in this worker's prefix cache, since it started (vLLM's name)."""
     prefix_cache_hits: int = 0
     """Of those, tokens whose KV the cache held."""
+    handoff_blocks_copied: int = 0
+    """Decode workers: prompt blocks copied in from prefill workers, since it started."""
+    handoff_blocks_cached: int = 0
+    """Decode workers: prompt blocks of handoffs attached from its own prefix cache instead."""
 
     @property
     def alive(self) -> bool:

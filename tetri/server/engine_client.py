@@ -252,6 +252,8 @@ class RuntimeClient:
                              prefix_cache_queries=w.prefix_cache_queries, prefix_cache_hits=w.prefix_cache_hits,
                              prefix_cache_hit_rate=w.prefix_cache_hits / w.prefix_cache_queries
                              if w.prefix_cache_queries else 0.0,
+                             handoff_blocks_copied=w.handoff_blocks_copied,
+                             handoff_blocks_cached=w.handoff_blocks_cached,
                              restarts=self.procs.restarts.get(w.worker_id, 0)))
             rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)
         return rows
