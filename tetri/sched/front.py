@@ -22,6 +22,11 @@ Colocated mode sends each request whole to a `mixed` worker (state DECODING at o
 
 Priority (vLLM's: lower first) orders each prefill worker's queue and rides to the workers
 for decode admission.
+
+Prefix caching: `prefix_index` estimates what each prefill worker caches (level 1 and where
+a prompt's first chunk starts), `decode_index` what each decode worker caches (a prompt's
+blocks once its KV landed there, the blocks it decoded once it ended, less the eviction
+reports); level 2 then prefers the holder (`sched/decode_affinity.py`).
 """
 
 from __future__ import annotations
