@@ -39,7 +39,7 @@ def converse(c: Cluster, name: str, turns: int, seed: int, max_tokens: int = 10)
 def test_a_conversation_copies_only_the_blocks_its_decode_worker_lacks(default_model_dir, loaded):
     outs, prompts = {}, None
     for caching in (True, False):
-        c = Cluster(default_model_dir, prefix_caching=caching, loaded=loaded)
+        c = Cluster(default_model_dir, chunk_size=64, prefix_caching=caching, loaded=loaded)
         prompts = converse(c, "t", 3, seed=5)
         outs[caching] = dict(c.tokens)
         core, blocks = c.nodes[1].core, c.nodes[1].ex.blocks
@@ -101,11 +101,11 @@ def test_preemption_and_evictions_on_a_small_decode_pool(default_model_dir, load
     follows the eviction reports, and outputs still equal caching off."""
     outs = {}
     for caching in (True, False):
-        c = Cluster(default_model_dir, decode_blocks=14, prefix_caching=caching, loaded=loaded)
+        c = Cluster(default_model_dir, chunk_size=64, decode_blocks=12, prefix_caching=caching, loaded=loaded)
         histories = {n: [random.Random(n).randrange(5, 200) for _ in range(60)] for n in range(3)}
         for turn in range(2):
             for n, h in histories.items():
-                c.submit(f"c{n}t{turn}", h + [turn + 1] * 5, max_tokens=24)
+                c.submit(f"c{n}t{turn}", h + [turn + 1] * 5, max_tokens=16)
             c.run()
             for n in histories:
                 histories[n] += [turn + 1] * 5 + c.tokens[f"c{n}t{turn}"]
