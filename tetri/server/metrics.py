@@ -4,7 +4,9 @@ Each `Metrics` owns its `CollectorRegistry` (no process globals), so tests can b
 apps. Request-level series are fed by `Generation`; KV-transfer series by the engine client
 (`observe_kv_transfer`); the per-worker gauges are refreshed from `engine.workers()` rows at
 scrape time (`render`), and so are the per-worker prefix-cache counters (vLLM's
-`prefix_cache_queries` / `prefix_cache_hits`, in tokens), which the workers count themselves.
+`prefix_cache_queries` / `prefix_cache_hits`, in tokens; of the hits, `host_prefix_cache_hits`
+from the host tier, with its `kv_offloaded_blocks` / `kv_uploaded_blocks`), which the workers
+count themselves.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class _PrefixCacheCounters:
                                       labels=_WORKER_LABELS)
         hits = CounterMetricFamily("tetri:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    labels=_WORKER_LABELS)
+        host = {name: CounterMetricFamily(f"tetri:{name}", doc, labels=_WORKER_LABELS) for name, doc in _HOST_TIER}
         copied = CounterMetricFamily("tetri:handoff_blocks_copied", "Decode workers: prompt KV blocks copied in "
                                      "from prefill workers.", labels=_WORKER_LABELS)
         cached = CounterMetricFamily("tetri:handoff_blocks_cached", "Decode workers: prompt KV blocks of handoffs "
@@ -164,7 +167,14 @@ class _PrefixCacheCounters:
             labels = [str(row.get("worker_id", "?")), str(row.get("role", "?"))]
             queries.add_metric(labels, row.get("prefix_cache_queries") or 0)
             hits.add_metric(labels, row.get("prefix_cache_hits") or 0)
+            for name, family in host.items():
+                family.add_metric(labels, row.get(name) or 0)
             if row.get("role") == "decode":
                 copied.add_metric(labels, row.get("handoff_blocks_copied") or 0)
                 cached.add_metric(labels, row.get("handoff_blocks_cached") or 0)
-        yield from (queries, hits, copied, cached)
+        yield from (queries, hits, *host.values(), copied, cached)
+
+
+_HOST_TIER = (("host_prefix_cache_hits", "Of the prefix cache hits, prompt tokens found in the host tier."),
+              ("kv_offloaded_blocks", "Cached KV blocks copied to the host tier on eviction."),
+              ("kv_uploaded_blocks", "Host-tier KV blocks copied back to the GPU pool for a hit."))
