@@ -48,6 +48,10 @@ class WorkerLoad:
     """Cached blocks copied to the host tier on eviction."""
     kv_uploaded_blocks: int = 0
     """Host-tier blocks copied back to the GPU pool for a hit."""
+    handoff_blocks_copied: int = 0
+    """Decode workers: prompt blocks copied in from prefill workers, since it started."""
+    handoff_blocks_cached: int = 0
+    """Decode workers: prompt blocks of handoffs attached from its own prefix cache instead."""
 
     @property
     def alive(self) -> bool:
