@@ -143,7 +143,9 @@ def summarize(results: dict[str, list[dict]], servers: dict[str, ServerProc]) ->
                             prefix_cache_queries=queries, prefix_cache_hits=hits,
                             hits_from_earlier_waves=hits_from_earlier_waves(recs, block_size) if name == ON else 0,
                             hit_rate=hits / queries if queries else 0.0,
-                            idle_all_blocks_free=servers[name].wait_idle(30.0))
+                            idle_all_blocks_free=servers[name].wait_idle(30.0),
+                            per_request=[{k: r[k] for k in ("conversation", "turn", "wave", "prompt_tokens", "ttft_s")}
+                                         | {"output_tokens": len(r["token_ids"])} for r in recs])
     on, off = results[ON], results[OFF]
     same = sum(a["token_ids"] == b["token_ids"] and a["token_ids"] is not None for a, b in zip(on, off))
     report["outputs_identical"] = f"{same}/{len(on)}"
