@@ -111,7 +111,8 @@ class PrefillSide:
         for _req, start, num_tokens, is_last in pieces:
             shape = add_shapes(shape, piece_shape(num_tokens, start, is_last))
         self.w.stats.prefill_tokens += shape.prefill_tokens
-        return self.w.env.cost.step_s(shape), lambda end_s: self._end(pieces, end_s)
+        step_s = self.w.env.cost.step_s(shape) + self.w.take_host_copy_s()  # uploads/offloads of this step
+        return step_s, lambda end_s: self._end(pieces, end_s)
 
     def _end(self, pieces, end_s: float) -> None:
         hooks = self.w.env.hooks
@@ -218,8 +219,8 @@ class DecodeSide:
 
 class PDWorker(SimWorker):
     def __init__(self, worker_id: int, env: WorkerEnv, role: str, whole_prompts: bool) -> None:
+        self.role = role  # before the allocator is built: a decode worker gets no host tier
         super().__init__(worker_id, env)
-        self.role = role
         self.prefill = PrefillSide(self, whole_prompts)
         self.decode = DecodeSide(self)
 
