@@ -42,6 +42,9 @@ class WorkerLoad:
     """Prompt tokens looked up in this worker's prefix cache, since it started (vLLM's name)."""
     prefix_cache_hits: int = 0
     """Of those, tokens whose KV the cache held."""
+    step_s: float = 0.0
+    """Recent mean duration of the worker's steps (what one of its decodes waits per token);
+    0: not published. The simulator publishes it; the load board does not yet."""
 
     @property
     def alive(self) -> bool:
