@@ -42,19 +42,24 @@ def test_crossing_the_band_flips_one_step_with_the_reason():
     policy = RolePolicy(BUSY, high=0.8, room=0.5, dwell_s=1.0)
     loads = board(900, 10)
     assert policy.decide(loads, 0.0) is None
-    assert policy.decide(loads, 0.9) is None
-    d = policy.decide(loads, 1.0)
+    assert policy.decide(loads, 0.4) is None
+    d = policy.decide(loads, 0.5)  # a move to mixed drains nothing: half the hold
     assert (d.worker_id, d.from_role, d.to_role) == (2, "decode", "mixed")  # decode -> mixed first: no drain
-    assert d.reason == ("prefill starved for 1 s: prefill pressure 0.90 >= 0.8 while decode pressure 0.10 < 0.5; "
+    assert d.reason == ("prefill starved for 0.5 s: prefill pressure 0.90 >= 0.8 while decode pressure 0.10 < 0.5; "
                         "worker 2 decode -> mixed")
-    assert policy.decide(loads, 1.1) is None  # the hold restarts after a decision
+    assert policy.decide(loads, 0.6) is None  # the hold restarts after a decision
+    drain = [row(0, "mixed", queued=900, running=5), row(1, "mixed", queued=900, running=5)]
+    policy = RolePolicy(BUSY, high=0.8, room=0.5, dwell_s=1.0)
+    assert policy.decide(drain, 2.0) is None and policy.decide(drain, 2.9) is None
+    d = policy.decide(drain, 3.0)  # a move out of mixed drains: the full hold
+    assert (d.from_role, d.to_role) == ("mixed", "prefill") and "starved for 1.0 s" in d.reason
     # decode starved, prefill has room: a prefill worker becomes mixed
     policy = RolePolicy(BUSY, dwell_s=0.0)
     d = policy.decide(board(100, 95), 0.0)
     assert (d.from_role, d.to_role) == ("prefill", "mixed") and d.reason.startswith("decode starved")
 
 
-def test_from_mixed_picks_the_least_to_drain_and_both_starved_only_adds_mixed():
+def test_from_mixed_picks_the_least_to_drain_and_both_starved_only_moves_to_mixed():
     policy = RolePolicy(BUSY, dwell_s=0.0)
     loads = [row(0, "mixed", queued=900, running=30), row(1, "mixed", queued=950, running=5),
              row(2, "mixed", queued=900, running=20)]
@@ -63,8 +68,23 @@ def test_from_mixed_picks_the_least_to_drain_and_both_starved_only_adds_mixed():
     both = [row(0, "prefill", queued=5000), row(1, "prefill", queued=4000), row(2, "decode", running=90)]
     d = RolePolicy(BUSY, dwell_s=0.0).decide(both, 0.0)
     assert (d.worker_id, d.to_role) == (1, "mixed") and d.reason.startswith("both starved")
+    d = RolePolicy(BUSY, dwell_s=0.0).decide([row(0, "mixed", queued=5000, running=90),
+                                              row(1, "decode", running=90)], 0.0)
+    assert (d.worker_id, d.from_role, d.to_role) == (1, "decode", "mixed")  # no prefill worker left: a decode one
     assert RolePolicy(BUSY, dwell_s=0.0).decide([row(0, "mixed", queued=5000, running=90),
-                                                 row(1, "decode", running=90)], 0.0) is None
+                                                 row(1, "mixed", queued=5000, running=90)], 0.0) is None  # no drain
+
+
+def test_no_drain_that_would_starve_the_side_losing_the_worker():
+    policy = RolePolicy(BUSY, dwell_s=0.0)
+    # decode starved, prefill at 0.3 over two mixed workers: one leaving puts 0.6 on the other
+    loads = [row(0, "mixed", queued=300, running=90), row(1, "mixed", queued=300, running=90),
+             row(2, "decode", running=90)]
+    assert policy.decide(loads, 0.0) is None
+    lighter = [row(0, "mixed", queued=200, running=90), row(1, "mixed", queued=200, running=90),
+               row(2, "decode", running=90)]
+    d = policy.decide(lighter, 1.0)  # 0.2 x 2 / 1 = 0.4 < 0.5
+    assert (d.from_role, d.to_role) == ("mixed", "decode")
 
 
 def test_a_worker_that_flipped_waits_its_dwell():

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-rates", type=_floats, help="R1,R2,...: one run per Poisson rate (needs --slo)")
     p.add_argument("--prefill", type=_positive_int,
                    help="prefill workers (disagg/tetri; auto: those that start as prefill, the rest mixed)")
-    p.add_argument("--decode", type=_positive_int, help="decode workers (disagg/tetri; auto: those that start as decode)")
+    p.add_argument("--decode", type=_positive_int,
+                   help="decode workers (disagg/tetri; auto: those that start as decode)")
     p.add_argument("--chunk-size", type=_positive_int, default=512)
     p.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="fcfs")
     p.add_argument("--prefill-dispatch", choices=PREFILL_DISPATCH, default="least-loaded")

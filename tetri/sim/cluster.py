@@ -11,7 +11,8 @@ With `flip`, a monitor tick every `flip_interval_s` asks the real `FlipPolicy` a
 the real `FlipPlan` drain protocol; a drained worker changes role after `flip_latency_s`.
 Mode `auto` always has the monitor, asking the adaptive `RolePolicy` (prefill / mixed /
 decode, `tetri.sched.roles`) instead; a flip to mixed happens in place (no drain). A mixed
-worker keeps the requests it prefilled (`PDWorker.adopt`).
+worker keeps the requests it prefilled (`PDWorker.adopt`) unless `keeps_its_decode` says
+level-2 dispatch found a much emptier worker (then it hands off like a prefill worker).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.load import WorkerLoad
 from tetri.sched.prefix_index import PrefixIndex
-from tetri.sched.roles import RolePolicy
+from tetri.sched.roles import RolePolicy, keeps_its_decode
 from tetri.sim.colocated import ChunkedWorker, ColocatedWorker
 from tetri.sim.config import SimConfig
 from tetri.sim.costmodel import CostModel
@@ -167,11 +168,13 @@ class Cluster:
         if req.info.prefix_hashes:
             self.prefix_index.add(worker.worker_id, list(req.info.prefix_hashes))
         req.info = self.predictor.annotate(req.info, req.output_tokens)
-        if worker.role == "mixed":  # it decodes what it prefilled (still outstanding there)
-            req.decode_worker = worker.worker_id
+        loads = self.loads()
+        worker_id = self.decode_dispatch.pick(loads, req.info)
+        if worker.role == "mixed" and keeps_its_decode(next(w for w in loads if w.worker_id == worker.worker_id),
+                                                       next(w for w in loads if w.worker_id == worker_id)):
+            req.decode_worker = worker.worker_id  # it decodes what it prefilled (still outstanding there)
             worker.adopt(req)
             return
-        worker_id = self.decode_dispatch.pick(self.loads(), req.info)
         req.decode_worker = worker_id
         self._dispatched(req, worker_id)
         self.workers[worker_id].handoff(req)
