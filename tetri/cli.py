@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of prompt prefixes already computed on a worker (default on; "
                         "--no-enable-prefix-caching to turn it off)")
+    g.add_argument("--kv-offloading-size", type=float, default=0.0,
+                   help="GiB of host memory per worker for a host tier of the prefix cache: evicted cached "
+                        "blocks are copied there (pinned on CUDA) and back on a hit (default 0: off)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g = ap.add_argument_group("scheduling")
@@ -194,7 +197,8 @@ def build_engine(args):
                         enforce_eager=args.enforce_eager)
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=args.enable_prefix_caching)
+                        enable_prefix_caching=args.enable_prefix_caching,
+                        kv_offloading_size=args.kv_offloading_size)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
                               heavy_decode_tokens=args.heavy_decode_tokens)
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,

@@ -53,12 +53,16 @@ class CacheConfig:
     """Exact pool size in blocks (overrides the memory budget; tests use it)."""
     enable_prefix_caching: bool = True
     """Reuse the KV of full prompt blocks already computed on the worker (vLLM's flag and default)."""
+    kv_offloading_size: float = 0.0
+    """GiB of host memory per worker for the prefix cache's host tier (vLLM's flag and unit; 0: off):
+    evicted cached blocks are copied there and copied back on a hit instead of recomputed."""
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size must be a power of 2 <= 256")
         _require(self.kv_cache_gb is None or self.kv_cache_gb > 0, "kv_cache_gb must be > 0")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1")
+        _require(self.kv_offloading_size >= 0, "kv_offloading_size must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,15 @@ class LLM:
                  chunk_size: int = 512, block_size: int = 16, kv_cache_gb: float | None = None,
                  num_blocks: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 256, seed: int = 0, check_invariants: bool = False,
-                 attention: str = "auto", enforce_eager: bool = False, enable_prefix_caching: bool = True) -> None:
+                 attention: str = "auto", enforce_eager: bool = False, enable_prefix_caching: bool = True,
+                 kv_offloading_size: float = 0.0) -> None:
         model_dir = resolve_model_dir(model, dtype, device)
         sched = EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs)
         self.executor = Executor(
             ModelConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
                         attention=attention, enforce_eager=enforce_eager),
             CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, num_blocks=num_blocks,
-                        enable_prefix_caching=enable_prefix_caching),
+                        enable_prefix_caching=enable_prefix_caching, kv_offloading_size=kv_offloading_size),
             sched=sched,
         )
         self.core = MixedCore(self.executor, sched)

@@ -19,7 +19,8 @@ from tetri.workers.node import WorkerNode, pool_info
 class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
                  decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
-                 heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None) -> None:
+                 heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None,
+                 kv_offloading_size: float = 0.0) -> None:
         loaded = loaded or load_model(model_dir)
         extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy, **extra)
@@ -28,7 +29,8 @@ class Cluster:
         cache = CacheConfig(num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
         for wid, role in enumerate(roles):
             blocks = decode_blocks if role == "decode" and decode_blocks is not None else num_blocks
-            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching),
+            ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching,
+                                                                    kv_offloading_size=kv_offloading_size),
                           loaded=loaded)
             pools[wid] = ex.pool
             self.nodes[wid] = WorkerNode(wid, role, ex, sched)

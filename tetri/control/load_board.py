@@ -12,7 +12,8 @@ row yields, and after `TORN_WAIT_S` uses the row's last stable snapshot instead 
 Row layout (little-endian, 8-byte fields, 256-byte stride):
     version, heartbeat_s, role, state, pid, queued_prefill_tokens, running_reqs, waiting_reqs,
     free_blocks, total_blocks, predicted_decode_tokens, heavy_decodes, light_decodes,
-    block_size, restarts, max_num_seqs, prefix_cache_queries, prefix_cache_hits
+    block_size, restarts, max_num_seqs, prefix_cache_queries, prefix_cache_hits,
+    host_prefix_cache_hits, kv_offloaded_blocks, kv_uploaded_blocks
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from multiprocessing import shared_memory
 from tetri.sched.load import ROLE_CODES, ROLE_NAMES, STATE_CODES, STATE_NAMES, WorkerLoad
 
 _VERSION = struct.Struct("<Q")
-_BODY = struct.Struct("<d" + "q" * 16)
+_BODY = struct.Struct("<d" + "q" * 19)
 ROW_BYTES = 256
 TORN_WAIT_S = 0.05
 FIELDS = ("heartbeat_s", "role", "state", "pid", "queued_prefill_tokens", "running_reqs", "waiting_reqs",
           "free_blocks", "total_blocks", "predicted_decode_tokens", "heavy_decodes", "light_decodes",
-          "block_size", "restarts", "max_num_seqs", "prefix_cache_queries", "prefix_cache_hits")
+          "block_size", "restarts", "max_num_seqs", "prefix_cache_queries", "prefix_cache_hits",
+          "host_prefix_cache_hits", "kv_offloaded_blocks", "kv_uploaded_blocks")
 
 
 class LoadBoard:
@@ -64,7 +66,8 @@ class LoadBoard:
               running_reqs: int = 0, waiting_reqs: int = 0, free_blocks: int = 0, total_blocks: int = 0,
               predicted_decode_tokens: int = 0, heavy_decodes: int = 0, light_decodes: int = 0,
               block_size: int = 16, restarts: int = 0, max_num_seqs: int = 0, prefix_cache_queries: int = 0,
-              prefix_cache_hits: int = 0) -> None:
+              prefix_cache_hits: int = 0, host_prefix_cache_hits: int = 0, kv_offloaded_blocks: int = 0,
+              kv_uploaded_blocks: int = 0) -> None:
         off = worker_id * ROW_BYTES
         (version,) = _VERSION.unpack_from(self._buf, off)
         if version % 2:  # a writer died mid-write: step back onto an even value
@@ -73,7 +76,8 @@ class LoadBoard:
         _BODY.pack_into(self._buf, off + 8, time.monotonic(), ROLE_CODES[role], STATE_CODES[state], pid,
                         queued_prefill_tokens, running_reqs, waiting_reqs, free_blocks, total_blocks,
                         predicted_decode_tokens, heavy_decodes, light_decodes, block_size, restarts, max_num_seqs,
-                        prefix_cache_queries, prefix_cache_hits)
+                        prefix_cache_queries, prefix_cache_hits, host_prefix_cache_hits, kv_offloaded_blocks,
+                        kv_uploaded_blocks)
         _VERSION.pack_into(self._buf, off, version + 2)
 
     def set_state(self, worker_id: int, state: str) -> None:
@@ -115,6 +119,8 @@ class LoadBoard:
             heavy_decodes=row["heavy_decodes"], light_decodes=row["light_decodes"], block_size=row["block_size"],
             max_num_seqs=row["max_num_seqs"],
             prefix_cache_queries=row["prefix_cache_queries"], prefix_cache_hits=row["prefix_cache_hits"],
+            host_prefix_cache_hits=row["host_prefix_cache_hits"], kv_offloaded_blocks=row["kv_offloaded_blocks"],
+            kv_uploaded_blocks=row["kv_uploaded_blocks"],
         )
 
     def read_all(self) -> list[WorkerLoad]:

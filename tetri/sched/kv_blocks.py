@@ -16,6 +16,13 @@ again (`check_writable`). A cached block nobody holds stays cached, in LRU order
 evicts the least recently released cached ones only when those run out; the hashes it
 evicted are kept for `take_evicted` (the front's index of who caches what).
 
+Host tier (`host_blocks` > 0, `tetri.sched.kv_host`): an evicted cached block's hash moves to
+a host block instead of being dropped (`on_copy(gpu_ids, host_ids, True)` asks the caller to
+copy the contents, before anything rewrites those GPU blocks); only a hash the host tier drops
+is reported evicted. `lookup` continues past the GPU-cached prefix into host-cached hashes:
+it allocates GPU blocks for them and asks for `on_copy(host_ids, gpu_ids, False)` (the
+upload), after which they are ordinary cached, held blocks. A hash is never in both tiers.
+
 Invariants (`check_invariants`): every block is in exactly one of free, evictable (cached,
 no holder) or held (ref >= 1); ref[b] is the number of owner lists naming b; a block held
 more than once is cached; the hash maps are inverse of each other and name only cached
@@ -25,7 +32,12 @@ blocks; no owner lists a block twice.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+
+from tetri.sched.kv_host import HostBlocks
+
+CopyFn = Callable[[list[int], list[int], bool], None]
+"""on_copy(src_ids, dst_ids, to_host): GPU -> host (offload) when to_host, else host -> GPU."""
 
 
 class OutOfBlocks(RuntimeError):
@@ -37,7 +49,8 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False, host_blocks: int = 0,
+                 on_copy: CopyFn | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
@@ -57,6 +70,13 @@ class BlockAllocator:
         """Of those, tokens found cached (vLLM's prefix_cache_hits)."""
         self.evictions = 0
         """Cached blocks evicted to make room."""
+        self.host = HostBlocks(host_blocks) if enable_caching and host_blocks > 0 else None
+        self.on_copy = on_copy
+        self.host_hits = 0
+        """Of `hits`, tokens found in the host tier (uploaded)."""
+        self.offloaded_blocks = 0
+        self.uploaded_blocks = 0
+        self._last_lookup = (0, 0, 0)  # (queried, hit, host-hit tokens) of the last lookup
 
     @property
     def num_free(self) -> int:
@@ -81,23 +101,43 @@ class BlockAllocator:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free
 
-    def _take(self) -> int:
+    def _take(self, offloads: list[tuple[int, int]]) -> int:
         if self._free:
             return self._free.pop()
         block, _ = self._evictable.popitem(last=False)
         h = self._hash_of.pop(block)
         del self._by_hash[h]
-        self._evicted.append(h)
         self.evictions += 1
+        if self.host is None:
+            self._evicted.append(h)
+            return block
+        x, dropped = self.host.put(h)
+        if dropped is not None:
+            self._evicted.append(dropped)
+        if x is not None:
+            offloads.append((block, x))
         return block
+
+    def _take_n(self, num_blocks: int) -> list[int]:
+        """Fresh blocks, the evicted ones' contents offloaded (asked for before returning)."""
+        offloads: list[tuple[int, int]] = []
+        new_ids = [self._take(offloads) for _ in range(num_blocks)]
+        if offloads:
+            self.offloaded_blocks += len(offloads)
+            self._copy([b for b, _ in offloads], [x for _, x in offloads], True)
+        for b in new_ids:
+            self._ref[b] = 1
+        return new_ids
+
+    def _copy(self, src: list[int], dst: list[int], to_host: bool) -> None:
+        if self.on_copy is not None:
+            self.on_copy(src, dst, to_host)
 
     def allocate(self, owner: Hashable, num_blocks: int) -> list[int]:
         """Append `num_blocks` fresh (uncached, unshared) blocks to `owner`'s list."""
         if num_blocks > self.num_free:
             raise OutOfBlocks(f"need {num_blocks} blocks, {self.num_free} free")
-        new_ids = [self._take() for _ in range(num_blocks)]
-        for b in new_ids:
-            self._ref[b] = 1
+        new_ids = self._take_n(num_blocks)
         self._owned.setdefault(owner, []).extend(new_ids)
         return new_ids
 
@@ -148,14 +188,74 @@ class BlockAllocator:
         if block_ids:
             self._owned[owner] = list(block_ids)
 
-    def lookup(self, owner: Hashable, hashes: list[bytes], num_tokens: int) -> int:
+    def lookup(self, owner: Hashable, hashes: list[bytes], num_tokens: int, keep_free_blocks: int = 0) -> int:
         """Attach the cached prefix of `hashes` (the leading full blocks of a `num_tokens`
-        prefill) to `owner`; count the lookup; return the cached tokens."""
-        ids = self.match(hashes)
-        self.attach(owner, ids)
+        prefill) to `owner`, uploading its host-cached blocks; count the lookup; return the
+        cached tokens. The prefix stops where attaching an unheld block or an upload would
+        leave fewer than `keep_free_blocks` free (blocks promised to pieces planned first)."""
+        ids, uploaded = self._attach_tiers(owner, hashes, keep_free_blocks)
         self.queries += num_tokens
         self.hits += len(ids) * self.block_size
+        self.host_hits += uploaded * self.block_size
+        self._last_lookup = (num_tokens, len(ids) * self.block_size, uploaded * self.block_size)
         return len(ids) * self.block_size
+
+    def uncount_last_lookup(self) -> None:
+        """Take the last `lookup` out of the counters (its request let go and will look up again)."""
+        num_tokens, hit_tokens, host_tokens = self._last_lookup
+        self.queries -= num_tokens
+        self.hits -= hit_tokens
+        self.host_hits -= host_tokens
+        self._last_lookup = (0, 0, 0)
+
+    def cached_prefix_blocks(self, hashes: list) -> int:
+        """Leading hashes cached in either tier (no side effects, free blocks not checked)."""
+        n = 0
+        for h in hashes if self.caching else ():
+            if h not in self._by_hash and (self.host is None or h not in self.host):
+                break
+            n += 1
+        return n
+
+    def _tier_plan(self, hashes: list, keep_free: int) -> list[tuple[Hashable, int | None]]:
+        """The longest prefix of `hashes` cached in either tier that fits: (hash, GPU block, or
+        None for a host one). Attaching an unheld GPU block and allocating an upload target
+        each take one of `num_free` (so no upload evicts a block of the same prefix), and
+        `keep_free` of them stay free."""
+        plan: list[tuple[Hashable, int | None]] = []
+        free_left = self.num_free - keep_free
+        for h in hashes if self.caching else ():
+            b = self._by_hash.get(h)
+            if b is None and (self.host is None or h not in self.host):
+                break
+            if b is None or self._ref[b] == 0:
+                free_left -= 1
+                if free_left < 0:
+                    break
+            plan.append((h, b))
+        return plan
+
+    def _attach_tiers(self, owner: Hashable, hashes: list, keep_free: int) -> tuple[list[int], int]:
+        if self._owned.get(owner):
+            raise ValueError(f"{owner!r} already holds blocks")
+        plan = self._tier_plan(hashes, keep_free)
+        host_ids = [self.host.pop(h) for h, b in plan if b is None]  # out of the host LRU: never evicted now
+        self.attach(owner, [b for _, b in plan if b is not None])
+        targets = self._take_n(len(host_ids))
+        if host_ids:
+            self._copy(host_ids, targets, False)
+            self.host.release(host_ids)
+            self.uploaded_blocks += len(host_ids)
+        ids, fresh = [], iter(targets)
+        for h, b in plan:
+            if b is None:
+                b = next(fresh)
+                self._hash_of[b] = h
+                self._by_hash[h] = b
+            ids.append(b)
+        if ids:
+            self._owned[owner] = ids
+        return ids, len(host_ids)
 
     def commit(self, owner: Hashable, hashes: list[bytes], first_block: int = 0) -> None:
         """Cache `owner`'s blocks [first_block, len(hashes)) (full, their KV computed) under
@@ -167,6 +267,8 @@ class BlockAllocator:
         for b, h in zip(ids[first_block:len(hashes)], hashes[first_block:]):
             if b in self._hash_of or h in self._by_hash:
                 continue
+            if self.host is not None:
+                self.host.discard(h)  # computed again here: the host copy is redundant
             self._hash_of[b] = h
             self._by_hash[h] = b
 
@@ -182,6 +284,8 @@ class BlockAllocator:
             del self._by_hash[self._evicted[-1]]
             self._free.append(b)
         self._evictable.clear()
+        if self.host is not None:
+            self._evicted.extend(self.host.clear())
 
     def check_writable(self, owner: Hashable, start_token: int, stop_token: int) -> None:
         """The blocks `owner` is about to write tokens [start, stop) into are its alone and
@@ -223,3 +327,8 @@ class BlockAllocator:
             raise AssertionError("the hash maps disagree")
         if not self.caching and self._hash_of:
             raise AssertionError("caching is off but blocks are cached")
+        if self.host is not None:
+            self.host.check()
+            both = [h for h in self._by_hash if h in self.host]
+            if both:
+                raise AssertionError(f"{len(both)} hashes cached both on the GPU and in the host tier")

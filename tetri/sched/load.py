@@ -42,6 +42,12 @@ class WorkerLoad:
     """Prompt tokens looked up in this worker's prefix cache, since it started (vLLM's name)."""
     prefix_cache_hits: int = 0
     """Of those, tokens whose KV the cache held."""
+    host_prefix_cache_hits: int = 0
+    """Of those, tokens found in the host tier (`--kv-offloading-size`) and uploaded."""
+    kv_offloaded_blocks: int = 0
+    """Cached blocks copied to the host tier on eviction."""
+    kv_uploaded_blocks: int = 0
+    """Host-tier blocks copied back to the GPU pool for a hit."""
     step_s: float = 0.0
     """Recent mean duration of the worker's steps (what one of its decodes waits per token);
     0: not published. The simulator publishes it; the load board does not yet."""

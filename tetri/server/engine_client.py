@@ -252,6 +252,8 @@ class RuntimeClient:
                              prefix_cache_queries=w.prefix_cache_queries, prefix_cache_hits=w.prefix_cache_hits,
                              prefix_cache_hit_rate=w.prefix_cache_hits / w.prefix_cache_queries
                              if w.prefix_cache_queries else 0.0,
+                             host_prefix_cache_hits=w.host_prefix_cache_hits,
+                             kv_offloaded_blocks=w.kv_offloaded_blocks, kv_uploaded_blocks=w.kv_uploaded_blocks,
                              restarts=self.procs.restarts.get(w.worker_id, 0)))
             rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)
         return rows

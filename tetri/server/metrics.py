@@ -4,7 +4,9 @@ Each `Metrics` owns its `CollectorRegistry` (no process globals), so tests can b
 apps. Request-level series are fed by `Generation`; KV-transfer series by the engine client
 (`observe_kv_transfer`); the per-worker gauges are refreshed from `engine.workers()` rows at
 scrape time (`render`), and so are the per-worker prefix-cache counters (vLLM's
-`prefix_cache_queries` / `prefix_cache_hits`, in tokens), which the workers count themselves.
+`prefix_cache_queries` / `prefix_cache_hits`, in tokens; of the hits, `host_prefix_cache_hits`
+from the host tier, with its `kv_offloaded_blocks` / `kv_uploaded_blocks`), which the workers
+count themselves.
 """
 
 from __future__ import annotations
@@ -155,9 +157,18 @@ class _PrefixCacheCounters:
                                       labels=_WORKER_LABELS)
         hits = CounterMetricFamily("tetri:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    labels=_WORKER_LABELS)
+        host = {name: CounterMetricFamily(f"tetri:{name}", doc, labels=_WORKER_LABELS) for name, doc in _HOST_TIER}
         for row in self.metrics._cache_rows:
             labels = [str(row.get("worker_id", "?")), str(row.get("role", "?"))]
             queries.add_metric(labels, row.get("prefix_cache_queries") or 0)
             hits.add_metric(labels, row.get("prefix_cache_hits") or 0)
+            for name, family in host.items():
+                family.add_metric(labels, row.get(name) or 0)
         yield queries
         yield hits
+        yield from host.values()
+
+
+_HOST_TIER = (("host_prefix_cache_hits", "Of the prefix cache hits, prompt tokens found in the host tier."),
+              ("kv_offloaded_blocks", "Cached KV blocks copied to the host tier on eviction."),
+              ("kv_uploaded_blocks", "Host-tier KV blocks copied back to the GPU pool for a hit."))

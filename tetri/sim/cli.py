@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-invariants", action="store_true", help="check KV block invariants every step")
     p.add_argument("--prefix-caching", action="store_true",
                    help="prefill workers cache prompt blocks; hits from the trace's hash_ids (Mooncake)")
+    p.add_argument("--kv-offloading-size", type=float, default=0.0,
+                   help="GiB of host memory per worker for a host tier of the prefix cache (as tetri-serve's "
+                        "flag): evicted cached blocks move there, hits upload them over PCIe (default 0: off)")
     return p
 
 
@@ -142,7 +145,7 @@ def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
         decode_dispatch=args.decode_dispatch, decode_policy=args.decode_policy, predictor=args.predictor,
         predictor_accuracy=args.predictor_accuracy, flip=args.flip, seed=args.seed, max_sim_s=args.max_sim_s,
         check_invariants=args.check_invariants, prefix_caching=args.prefix_caching,
-        role_tpot_s=_declared_tpot(args),
+        role_tpot_s=_declared_tpot(args), kv_offloading_size=getattr(args, "kv_offloading_size", 0.0),
         **_confusion(getattr(args, "predictor_confusion", None)))
     fields.update(changes)
     return SimConfig(**fields)

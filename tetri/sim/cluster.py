@@ -41,7 +41,8 @@ def build_env(cfg: SimConfig, cost: CostModel, loop: EventLoop, hooks) -> Worker
                      max_batched_tokens=cfg.max_batched_tokens, prefill_policy=cfg.prefill_policy,
                      sched_batch=cfg.sched_batch, decode_policy=cfg.decode_policy,
                      heavy_decode_tokens=cfg.heavy_decode_tokens, check_invariants=cfg.check_invariants,
-                     prefix_caching=cfg.prefix_caching)
+                     prefix_caching=cfg.prefix_caching,
+                     host_blocks=cost.host_blocks(cfg.kv_offloading_size, cfg.block_size) if cfg.prefix_caching else 0)
 
 
 def build_workers(cfg: SimConfig, env: WorkerEnv) -> list[SimWorker]:

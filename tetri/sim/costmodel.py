@@ -51,6 +51,8 @@ class HardwareSpec:
     """GPU-to-GPU bandwidth for a KV copy, one direction."""
     host_link_bytes_s: float
     """GPU-host (PCIe) bandwidth, one direction."""
+    host_link_eff: float = 0.8
+    """Share of `host_link_bytes_s` a pinned-memory DMA copy reaches (assumed, not measured)."""
     link_latency_s: float = 50e-6
     prefill_compute_eff: float = 0.6
     decode_compute_eff: float = 0.5
@@ -226,6 +228,18 @@ class CostModel:
     def transfer_s(self, tokens: int) -> float:
         """Copy one request's KV between two GPUs of the node."""
         return self.model.kv_bytes_per_token * tokens / self.hw.link_bytes_s + self.hw.link_latency_s
+
+    def host_copy_s(self, tokens: int) -> float:
+        """Copy KV between the GPU pool and pinned host memory (the prefix cache's host tier),
+        over PCIe, serialized with the step as tetri-serve issues it (one stream)."""
+        if tokens <= 0:
+            return 0.0
+        return self.model.kv_bytes_per_token * tokens / (self.hw.host_link_bytes_s * self.hw.host_link_eff) \
+            + self.hw.link_latency_s
+
+    def host_blocks(self, size_gib: float, block_size: int) -> int:
+        """Host-tier blocks of `size_gib` GiB (`--kv-offloading-size`)."""
+        return int(size_gib * GIB // (self.model.kv_bytes_per_token * block_size)) if size_gib > 0 else 0
 
     def kv_capacity_blocks(self, block_size: int) -> int:
         """KV blocks one worker's pool holds."""

@@ -112,7 +112,8 @@ class PrefillSide:
         if not pieces:
             return None
         shape = self.shape(pieces)
-        return self.w.env.cost.step_s(shape), lambda end_s: self._end(pieces, end_s)
+        step_s = self.w.env.cost.step_s(shape) + self.w.take_host_copy_s()  # uploads/offloads of this step
+        return step_s, lambda end_s: self._end(pieces, end_s)
 
     def shape(self, pieces) -> StepShape:
         shape = StepShape()
@@ -241,8 +242,8 @@ class DecodeSide:
 
 class PDWorker(SimWorker):
     def __init__(self, worker_id: int, env: WorkerEnv, role: str, whole_prompts: bool) -> None:
+        self.role = role  # before the allocator is built: a decode worker gets no host tier
         super().__init__(worker_id, env)
-        self.role = role
         self.prefill = PrefillSide(self, whole_prompts)
         self.decode = DecodeSide(self)
 
@@ -276,7 +277,7 @@ class PDWorker(SimWorker):
         if not run and not self.decode.resuming and copy_s == 0.0 and not pieces:
             return None
         shape = add_shapes(self.decode.shape(run), self.prefill.shape(pieces))
-        duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0)
+        duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0) + self.take_host_copy_s()
 
         def apply(end_s: float) -> None:
             self.decode._end(run, end_s)

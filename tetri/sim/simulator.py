@@ -108,7 +108,11 @@ def _prefix_stats(cluster: Cluster) -> dict[str, Any]:
     hits = sum(w.blocks.hits for w in cluster.workers)
     return {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
-            "prefix_cache_evictions": sum(w.blocks.evictions for w in cluster.workers)}
+            "prefix_cache_evictions": sum(w.blocks.evictions for w in cluster.workers),
+            "prefix_cache_host_hits": sum(w.blocks.host_hits for w in cluster.workers),
+            "kv_offloaded_blocks": sum(w.blocks.offloaded_blocks for w in cluster.workers),
+            "kv_uploaded_blocks": sum(w.blocks.uploaded_blocks for w in cluster.workers),
+            "host_blocks_per_worker": cluster.env.host_blocks}
 
 
 def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
@@ -140,8 +144,12 @@ def simulate(requests: Sequence, cfg: SimConfig, cost: CostModel,
         from tetri.sim.prefix import ideal_hit_rate
 
         stats["prefix_cache_ideal_hit_rate"] = ideal_hit_rate(requests, cfg.block_size)
-        prefill_blocks = cluster.env.num_blocks * sum(w.role == "prefill" for w in cluster.workers)
+        prefillers = sum(w.role == "prefill" for w in cluster.workers)
+        prefill_blocks = cluster.env.num_blocks * prefillers
         stats["prefix_cache_pooled_lru_hit_rate"] = ideal_hit_rate(requests, cfg.block_size, prefill_blocks)
+        if cluster.env.host_blocks:  # the same bound with the host tiers' blocks pooled in too
+            stats["prefix_cache_pooled_lru_with_host_hit_rate"] = ideal_hit_rate(
+                requests, cfg.block_size, prefill_blocks + cluster.env.host_blocks * prefillers)
     return SimResult(cfg, reqs, records, duration_s, finished, stats)
 
 

@@ -98,6 +98,8 @@ class WorkerEnv:
     check_invariants: bool = False
     stats: dict[int, WorkerStats] = field(default_factory=dict)
     prefix_caching: bool = False
+    host_blocks: int = 0
+    """Prefix-cache host tier per worker (`--kv-offloading-size`), in blocks."""
 
 
 STEP_EWMA = 0.2
@@ -111,7 +113,11 @@ class SimWorker:
     def __init__(self, worker_id: int, env: WorkerEnv) -> None:
         self.worker_id = worker_id
         self.env = env
-        self.blocks = BlockAllocator(env.num_blocks, env.block_size, enable_caching=env.prefix_caching)
+        self.blocks = BlockAllocator(env.num_blocks, env.block_size, enable_caching=env.prefix_caching,
+                                     host_blocks=env.host_blocks if self.role != "decode" else 0,
+                                     on_copy=self._host_copied)  # as tetri-serve: no host tier on decode
+        self.host_copy_blocks = 0
+        """Blocks the host tier copied (either way) since the last `take_host_copy_s`."""
         self.busy = False
         self.paused = False
         self.step_s = 0.0
@@ -145,6 +151,14 @@ class SimWorker:
         raise NotImplementedError
 
     # ---- blocks ------------------------------------------------------------------
+    def _host_copied(self, src_ids: list[int], dst_ids: list[int], to_host: bool) -> None:
+        self.host_copy_blocks += len(src_ids)
+
+    def take_host_copy_s(self) -> float:
+        """Time of the host-tier copies asked for since the last call (they run in the step)."""
+        blocks, self.host_copy_blocks = self.host_copy_blocks, 0
+        return self.env.cost.host_copy_s(blocks * self.env.block_size)
+
     def held(self, req: SimRequest) -> int:
         return self.held_blocks.get(req.req_id, 0)
 
@@ -179,7 +193,7 @@ class SimWorker:
         from tetri.sim.prefix import sub_block_keys
 
         keys = sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size)
-        return len(self.blocks.match(keys)) * self.env.block_size
+        return self.blocks.cached_prefix_blocks(keys) * self.env.block_size
 
     def commit_computed(self, req: SimRequest) -> None:
         if self.blocks.caching and req.hash_ids:

@@ -3,6 +3,7 @@ with the step-level operations they share (run segments, sample, fork, free)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.sched.kv_blocks import BlockAllocator
 from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes, hash_seed
-from tetri.workers.kv_pool import KVPool, PoolLayout, blocks_for_budget
+from tetri.workers.kv_pool import HostPool, KVPool, PoolLayout, blocks_for_budget
 from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
@@ -58,6 +59,15 @@ def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: flo
     return min(CPU_MAX_DEFAULT_BLOCKS, blocks_for_budget(layout1, CPU_DEFAULT_KV_GB * 2**30))
 
 
+def cache_for_role(cache: CacheConfig, role: str) -> CacheConfig:
+    """A worker's cache config: the prefix cache's host tier (`--kv-offloading-size`) only on
+    workers that start in a prefilling role, where cached prompt blocks live (a decode worker
+    would pin host memory it never fills)."""
+    if role == "decode" and cache.kv_offloading_size:
+        return dataclasses.replace(cache, kv_offloading_size=0.0)
+    return cache
+
+
 MIN_MODEL_LEN = 2
 """The least a pool must hold: a one-token prompt and one output token."""
 
@@ -97,7 +107,14 @@ class Executor:
         self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
-        self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
+        host_blocks = HostPool.blocks_for(self.pool.layout, cache_cfg.kv_offloading_size) \
+            if cache_cfg.enable_prefix_caching else 0
+        self.host_pool = HostPool(self.pool, host_blocks) if host_blocks else None
+        self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching, host_blocks,
+                                     self.host_pool.copy if self.host_pool else None)
+        if host_blocks:
+            log.info("prefix cache host tier: %d blocks (%.2f GiB%s)", host_blocks,
+                     host_blocks * self.pool.layout.block_bytes / 2**30, ", pinned" if self.host_pool.pinned else "")
         self.block_size = cache_cfg.block_size
         self.hash_seed = hash_seed(self.loaded.model_dir)
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
@@ -185,16 +202,17 @@ class Executor:
         return self.blocks.free(seq.key)
 
     # ---- prefix caching -------------------------------------------------------------------
-    def attach_cached_prefix(self, seq: Seq, num_tokens: int) -> int:
+    def attach_cached_prefix(self, seq: Seq, num_tokens: int, keep_free_blocks: int = 0) -> int:
         """Before `seq` (holding no blocks) prefills its first `num_tokens` tokens: attach the
-        cached blocks of its longest cached prefix, leaving at least one token to compute, and
-        return the tokens they cover (its new `num_computed`). Requests that score their
-        prompt (prompt_logprobs) read nothing from the cache, as in vLLM."""
+        cached blocks of its longest cached prefix (GPU-cached, or uploaded from the host tier),
+        leaving at least one token to compute and `keep_free_blocks` blocks free, and return
+        the tokens they cover (its new `num_computed`). Requests that score their prompt
+        (prompt_logprobs) read nothing from the cache, as in vLLM."""
         if not self.blocks.caching or seq.params.prompt_logprobs is not None:
             return 0
         hashes = extend_block_hashes(seq.block_hashes, seq.tokens(0, num_tokens), self.block_size, self.hash_seed)
         seq.num_computed = self.blocks.lookup(seq.key, hashes[:cacheable_blocks(num_tokens, self.block_size)],
-                                              num_tokens)
+                                              num_tokens, keep_free_blocks)
         return seq.num_computed
 
     def commit_computed(self, seq: Seq, decoded: bool = False) -> None:

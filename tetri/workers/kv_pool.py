@@ -194,6 +194,32 @@ class KVPool:
                 pass
 
 
+class HostPool:
+    """The prefix cache's host tier: `[num_blocks, *block shape]` in host memory (pinned when
+    the pool is on CUDA, so copies to and from it are DMA), one per worker, never shared.
+    Accounting is `tetri.sched.kv_host.HostBlocks` inside the `BlockAllocator`."""
+
+    def __init__(self, gpu: KVPool, num_blocks: int) -> None:
+        self.gpu = gpu
+        shape = (num_blocks, *gpu.layout.shape[1:])
+        pin = gpu.data.is_cuda
+        self.data = torch.empty(shape, dtype=gpu.layout.torch_dtype, pin_memory=pin)
+        self.pinned = pin
+
+    @staticmethod
+    def blocks_for(gpu_layout: PoolLayout, size_gib: float) -> int:
+        return int(size_gib * 2**30 // gpu_layout.block_bytes) if size_gib > 0 else 0
+
+    def copy(self, src_ids: list[int], dst_ids: list[int], to_host: bool) -> None:
+        """The allocator's `on_copy`: GPU -> host (offload) or host -> GPU (upload), one copy
+        per run of consecutive ids, on the current stream (ordered before the pass that reads or
+        overwrites those GPU blocks)."""
+        if to_host:
+            copy_runs(self.data, self.gpu.data, src_ids, dst_ids)
+        else:
+            copy_runs(self.gpu.data, self.data, src_ids, dst_ids)
+
+
 def device_uuid(index: int) -> bytes:
     """The 16 bytes of a GPU's UUID (peers name GPUs by UUID: indices differ between processes)."""
     import re

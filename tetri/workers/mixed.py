@@ -215,8 +215,7 @@ class MixedCore:
         if per * len(holders) - attached > self.ex.blocks.num_free:
             self.ex.free(seq)  # let go of the cached blocks until it fits (and count the lookup then)
             if self.ex.blocks.caching and seq.params.prompt_logprobs is None:
-                self.ex.blocks.queries -= self._prefill_len(seq)
-                self.ex.blocks.hits -= seq.num_computed
+                self.ex.blocks.uncount_last_lookup()
             seq.num_computed = 0
             return False
         for holder in holders:

@@ -213,7 +213,9 @@ class WorkerNode:
                          waiting_reqs=core.num_waiting)
         return dict(role=self.role, free_blocks=blocks.num_free, total_blocks=blocks.num_blocks,
                     block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
-                    prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits, **extra)
+                    prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits,
+                    host_prefix_cache_hits=blocks.host_hits, kv_offloaded_blocks=blocks.offloaded_blocks,
+                    kv_uploaded_blocks=blocks.uploaded_blocks, **extra)
 
 
 def token_batch(worker_id: int, sampled) -> TokenBatch:

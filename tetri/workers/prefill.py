@@ -93,18 +93,19 @@ class PrefillCore:
         """How many leading pieces of `plan` fit the free blocks now."""
         need = 0
         for i, p in enumerate(plan.pieces):
-            self._attach_cached(p)  # in order: a later piece never pins blocks an earlier one needs
+            self._attach_cached(p, need)  # in order: a later piece never pins blocks an earlier one needs
             need += self._blocks_needed(p)
             if need > self.ex.blocks.num_free:
                 return i
         return len(plan.pieces)
 
-    def _attach_cached(self, p) -> None:
-        """A prompt's first piece: attach its cached prefix (once)."""
+    def _attach_cached(self, p, keep_free_blocks: int) -> None:
+        """A prompt's first piece: attach its cached prefix (once), leaving free the blocks
+        the pieces before it need."""
         if self._live(p) and p.req_id not in self.looked_up:
             self.looked_up.add(p.req_id)
             head = self.seqs[p.req_id][0]
-            self.cached_tokens[p.req_id] = self.ex.attach_cached_prefix(head, len(head.prompt_ids))
+            self.cached_tokens[p.req_id] = self.ex.attach_cached_prefix(head, len(head.prompt_ids), keep_free_blocks)
 
     def step(self) -> ChunkDone | None:
         """Run the next chunk (or its leading pieces that fit), or return None while the pool

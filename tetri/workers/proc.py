@@ -69,7 +69,7 @@ class WorkerShell:
         import zmq
 
         from tetri.control.load_board import LoadBoard
-        from tetri.workers.executor import Executor
+        from tetri.workers.executor import Executor, cache_for_role
         from tetri.workers.node import WorkerNode
 
         self.args = args
@@ -82,7 +82,7 @@ class WorkerShell:
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.connect(args.front_endpoint)
         # shared: peers open the pool (CPU: a named segment; CUDA: an IPC export), with a staging mirror
-        self.ex = Executor(args.model, args.cache, shared_pool=True,
+        self.ex = Executor(args.model, cache_for_role(args.cache, args.role), shared_pool=True,
                            memory_share=args.memory_share, sched=args.sched)
         self.node = WorkerNode(args.worker_id, args.role, self.ex, args.sched, collect_hidden=args.collect_hidden)
         self._board_lock = threading.Lock()
