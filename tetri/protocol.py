@@ -99,7 +99,8 @@ class ChunkPlan(_Msg):
 
 class Handoff(_Msg):
     """Tell a decode worker to take over a prefilled request: copy `block_ids` from worker
-    `src_worker`'s pool when its admission allows, ack with KVCopied, then decode."""
+    `src_worker`'s pool when its admission allows (with prefix caching, only those after the
+    leading blocks it caches already), ack with KVCopied, then decode."""
 
     req_id: str
     src_worker: int
@@ -190,6 +191,7 @@ class KVCopied(_Msg):
     num_bytes: int
     seconds: float
     path: str = ""  # the transfer path the copy took (kv_transfer.PATHS)
+    evicted_hashes: list[bytes] = []  # decode-side prefix-cache block hashes evicted since the last report
 
 
 class Dropped(_Msg):
@@ -210,6 +212,8 @@ class TokenBatch(_Msg):
     logprobs: list[TokenLogprob | None] = []
     prompt_logprobs: list[list[TokenLogprob] | None] = []
     """Mixed workers: entry i holds request req_ids[i]'s prompt logprobs on its first token."""
+    evicted_hashes: list[bytes] = []
+    """Decode workers: prefix-cache block hashes evicted since the last report (as on KVCopied)."""
 
 
 class WorkerError(_Msg):

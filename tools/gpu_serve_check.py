@@ -11,7 +11,8 @@ Sections (each stops early, saying so, when --budget-s runs out):
   GPU is free again for the servers);
 - serve, per mode (`--gpus 0 --prefill-gpus 0 --decode-gpus 0`, and `--mode colocated --gpus 0`):
   the official openai SDK: greedy one at a time (must equal the offline engine), the same
-  concurrently (counted), streaming (must equal non-streaming), n=2 greedy (both choices equal),
+  concurrently (counted; their handoffs find the prompts' blocks in the decode worker's prefix
+  cache and copy only the rest: `handoff_blocks`), streaming (must equal non-streaming), n=2 greedy (both choices equal),
   sampled with a seed (same twice), clients leaving mid-stream; then every block free
   (/workers), the transfer path per pair, and tetri-bench on a mixed workload;
 - the two modes' TTFT, TPOT p99 and goodput side by side.
@@ -150,6 +151,10 @@ def drive(srv: ServerProc, plan: Plan, expected: list[list[int]]) -> dict:
     rows = srv.workers()
     out["kv_transfer"] = {str(w["worker_id"]): w.get("kv_transfer") for w in rows if w["role"] == "decode"}
     out["blocks_used_after"] = {str(w["worker_id"]): w["kv_blocks_used"] for w in rows}
+    # decode-side prefix caching: the repeated prompts above found their blocks cached there, so
+    # those handoffs copied only the rest (on the pair's path: CUDA IPC on the GPU), outputs checked
+    out["handoff_blocks"] = {k: sum(w.get(f"handoff_blocks_{k}", 0) for w in rows if w["role"] == "decode")
+                             for k in ("copied", "cached")}
     metrics = srv.get("/metrics")[1]
     out["server_handoff"] = _handoff_metrics(metrics)
     return out

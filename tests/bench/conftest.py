@@ -32,6 +32,14 @@ def traces_dir() -> Path:
         pytest.skip(f"shared traces not found at {TRACES_DIR} (CI puts shared/ beside the checkout)")
     return TRACES_DIR
 
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """The shared datasets folder; skips the test when it is absent."""
+    if not (SHARED_DIR / "datasets" / "alpaca_eval").is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DIR / 'datasets'}")
+    return SHARED_DIR / "datasets"
+
 TOKEN_SLEEP_S = 0.001
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tetri.bench import workload as wl
 from tetri.bench.cli import main
 from tetri.bench.report import REPORT_KEYS, SLO_KEYS
 
@@ -77,6 +78,34 @@ def test_cli_failures_are_reported(fake_server, tmp_path):
     assert report["slo_attainment"] == pytest.approx(6 / 9)
 
 
+def test_cli_multi_turn_chat_resends_each_turns_history(fake_server, tmp_path):
+    """Each conversation's turns in order, each with the whole history: the answers the server
+    gave (default) or the dataset's; one conversation at a time here, so the order is fixed."""
+    path = tmp_path / "outputs.json"
+    path.write_text(json.dumps([{"instruction": f"question {i}", "output": f"dataset answer {i}"} for i in range(8)]))
+    convs = wl.load_chat_conversations(path, 2, 3, seed=3)
+    common = ("--chat-conversations", "2", "--chat-turns", "3", "--chat-dataset", str(path), "--concurrency", "1",
+              "--max-output-tokens", "3")
+    report = run_cli(fake_server, tmp_path, *common)
+    assert report["completed"] == 6 and report["failed"] == 0 and report["mean_output_tokens"] == 3.0
+    assert report["config"]["chat_history"] == "served" and report["config"]["endpoint"] == "chat"
+    served = " t0 t1 t2"  # what the fake server answers to max_tokens=3
+    bodies = fake_server.state.bodies
+    assert [b["messages"] for b in bodies] == [wl.chat_messages(c, t, [served] * t) for c in convs for t in range(3)]
+    assert all(b["max_tokens"] == 3 and b["temperature"] == 0.0 and b["stream"] for b in bodies)
+    # prompt tokens are the server's count (the fake counts the last message's words)
+    assert report["mean_prompt_tokens"] == 2.0
+
+    report = run_cli(fake_server, tmp_path, *common, "--chat-history", "dataset")
+    assert report["completed"] == 6 and report["config"]["chat_history"] == "dataset"
+    assert [b["messages"] for b in bodies[6:]] == [wl.chat_messages(c, t) for c in convs for t in range(3)]
+    assert bodies[8]["messages"][1] == {"role": "assistant", "content": convs[0][0].dataset_answer}
+
+    # served history: a failed turn ends its conversation (the next turns would lack its answer)
+    report = run_cli(fake_server, tmp_path, *common, "--model", "flaky-17")  # the 17th call: conv 1, turn 1
+    assert report["completed"] == 4 and report["failed"] == 1
+
+
 def test_cli_argument_errors(tmp_path, capsys):
     base = ["--base-url", "http://127.0.0.1:9", "--workload", "random"]
     for bad in (["--sweep-rates", "1,2"],  # needs --slo
@@ -89,6 +118,9 @@ def test_cli_argument_errors(tmp_path, capsys):
         assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["--base-url", "http://127.0.0.1:9"])  # neither --trace nor --workload
+    with pytest.raises(SystemExit) as exc:  # a multi-turn chat has no arrival times
+        main(["--base-url", "http://127.0.0.1:9", "--chat-conversations", "2", "--rate", "1"])
+    assert exc.value.code == 2
     assert main(["--base-url", "http://127.0.0.1:9", "--trace", str(tmp_path / "missing.csv"),
                  "--model", "m", "--no-progress"]) == 2
 

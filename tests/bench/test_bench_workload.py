@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,56 @@ def test_build_workload_modes(traces_dir):
         wl.build_workload(workload="random", trace=sharegpt)
     with pytest.raises(ValueError):
         wl.build_workload(workload="random", rate=1.0, concurrency=2)
+
+
+# ---------------------------------------------------------------- multi-turn chat
+
+
+def _records(n: int) -> list[dict]:
+    return [{"instruction": f"question {i}?", "output": f"answer {i} " * 5, "dataset": "x", "generator": "y"}
+            for i in range(n)]
+
+
+def test_chat_conversations_take_consecutive_shuffled_records(tmp_path):
+    path = tmp_path / "outputs.json"
+    path.write_text(json.dumps(_records(10)))
+    convs = wl.load_chat_conversations(path, num_conversations=3, turns=3, seed=1)
+    assert [len(c) for c in convs] == [3, 3, 3]
+    used = [t.instruction for c in convs for t in c]
+    assert len(set(used)) == 9 and used != [f"question {i}?" for i in range(9)]  # shuffled, none twice
+    for turn in (t for c in convs for t in c):
+        i = int(turn.instruction.split()[1].rstrip("?"))
+        assert turn.dataset_answer == f"answer {i} " * 5
+    assert wl.load_chat_conversations(path, 3, 3, seed=1) == convs  # a pure function of the seed
+    assert wl.load_chat_conversations(path, 3, 3, seed=2) != convs
+    cut = wl.load_chat_conversations(path, 1, 2, seed=1, answer_chars=4)
+    assert [t.dataset_answer for t in cut[0]] == [t.dataset_answer[:4] for t in convs[0][:2]]
+    with pytest.raises(ValueError, match="fewer than 4 x 3"):
+        wl.load_chat_conversations(path, 4, 3)
+
+
+def test_chat_messages_carry_the_whole_history_with_either_answers():
+    conv = [wl.ChatTurn("q0", "dataset a0"), wl.ChatTurn("q1", "dataset a1"), wl.ChatTurn("q2", "dataset a2")]
+    assert wl.chat_messages(conv, 0) == wl.chat_messages(conv, 0, []) == [{"role": "user", "content": "q0"}]
+    assert wl.chat_messages(conv, 2) == [
+        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "dataset a0"},
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "dataset a1"},
+        {"role": "user", "content": "q2"}]
+    served = wl.chat_messages(conv, 2, ["served a0", "served a1"])
+    assert [m["content"] for m in served] == ["q0", "served a0", "q1", "served a1", "q2"]
+    # each turn's messages extend the previous turn's: what makes its prefix cacheable
+    assert served[:1] == wl.chat_messages(conv, 0, []) and served[:3] == wl.chat_messages(conv, 1, ["served a0"])
+    with pytest.raises(ValueError, match="answers to 2 earlier turns"):
+        wl.chat_messages(conv, 2, ["served a0"])
+    with pytest.raises(ValueError, match="outside"):
+        wl.chat_messages(conv, 3)
+
+
+def test_chat_conversations_from_the_shared_alpaca_eval_file(datasets_dir):
+    assert wl.default_datasets_dir() == datasets_dir.resolve()
+    convs = wl.load_chat_conversations(num_conversations=4, turns=8)  # the default file, found there
+    records = json.loads((datasets_dir / wl.CHAT_DATASET_RELPATH).read_text())
+    by_instruction = {r["instruction"]: r["output"] for r in records}
+    turns = [t for c in convs for t in c]
+    assert len({t.instruction for t in turns}) == 32
+    assert all(by_instruction[t.instruction] == t.dataset_answer for t in turns)

@@ -20,7 +20,8 @@ class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
                  decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
                  heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None,
-                 kv_offloading_size: float = 0.0, swap_space: float = 0.0, preemption_mode: str = "auto") -> None:
+                 kv_offloading_size: float = 0.0, dispatch_policy: str = "least-loaded", swap_space: float = 0.0,
+                 preemption_mode: str = "auto") -> None:
         loaded = loaded or load_model(model_dir)
         extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
         extra.update({} if preemption_mode == "auto" else {"preemption_mode": preemption_mode})
@@ -42,7 +43,8 @@ class Cluster:
             node.handle(PeerPools(pools=infos), 0.0)
         seed = self.nodes[0].ex.hash_seed
         self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
-                                                prefix_caching=prefix_caching, prefix_hash_seed=seed),
+                                                prefix_caching=prefix_caching, prefix_hash_seed=seed,
+                                                dispatch_policy=dispatch_policy),
                                     random.Random(0), predictor=predictor)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
@@ -106,6 +108,7 @@ class Cluster:
             elif isinstance(msg, Dropped):
                 self.apply(self.front.on_dropped(msg.req_id))
             elif isinstance(msg, TokenBatch):
+                self.front.decode_evicted(msg.worker_id, msg.evicted_hashes)
                 for r, c, t, f in zip(msg.req_ids, msg.choices, msg.token_ids, msg.finish_reasons):
                     if not self.front.owns(r, msg.worker_id, decoding=True):
                         continue

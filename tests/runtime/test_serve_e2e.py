@@ -67,6 +67,7 @@ def server(request, default_model_dir):
     srv = ServerProc(*args)
     srv.start()
     srv.model = srv.openai().models.list().data[0].id
+    srv.mode = request.param
     yield srv
     srv.stop()
 
@@ -150,3 +151,40 @@ def test_clients_disconnecting_mid_stream_leave_nothing_running(server):
             resp.readline()
         conn.close()  # the client goes away mid-stream
     assert server.wait_idle(timeout_s=20), server.workers()
+
+
+def _handoff_counters(server) -> tuple[int, int]:
+    row = next(w for w in server.workers() if w["role"] == "decode")
+    return row["handoff_blocks_copied"], row["handoff_blocks_cached"]
+
+
+def test_a_conversation_copies_only_the_blocks_the_decode_worker_lacks(server, default_model_dir):
+    """Each turn resends the history (the previous prompt and its answer): the decode worker
+    attaches what it kept cached of the last turn and copies only the rest from the prefill
+    worker, with the same tokens as an engine with caching off."""
+    if server.mode != "disagg":
+        pytest.skip("needs one prefill and one decode worker")
+    import re
+    import urllib.request
+
+    reference = LLM(default_model_dir, chunk_size=CHUNK, enable_prefix_caching=False)
+    rng = random.Random(21)
+    history, before = [rng.randrange(4, 500) for _ in range(70)], _handoff_counters(server)
+    for turn in range(3):
+        out = token_ids(complete(server, history))
+        want = reference.generate([history], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        assert out == want[0].token_ids
+        assert server.wait_idle(), server.workers()
+        copied, cached = (now - then for now, then in zip(_handoff_counters(server), before))
+        # turn t >= 1 finds the last turn's prompt and all its answer but the last token cached
+        kept = 0 if turn == 0 else (len(history) - 20 - 1) // 16
+        assert (copied, cached) == (-(-len(history) // 16) - kept, kept)
+        history, before = history + out + [rng.randrange(4, 500) for _ in range(20)], _handoff_counters(server)
+    reference.close()
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    row = next(w for w in server.workers() if w["role"] == "decode")
+    for name in ("copied", "cached"):
+        found = re.search(rf'^tetri:handoff_blocks_{name}_total{{role="decode",worker="{row["worker_id"]}"}} (\S+)$',
+                          text, re.M)
+        assert found and float(found.group(1)) == row[f"handoff_blocks_{name}"]

@@ -153,3 +153,14 @@ def test_the_cost_meter_averages_per_unit_costs():
     assert m.copy_s_per_block == pytest.approx(2e-3)
     m.add_prefill(100, 1e-2)  # 1e-4 s/token: recompute 64 tokens 6.4 ms < swap 16 ms
     assert m.choose(4, 64, True) == "recompute" and m.choose(4, 400, True) == "swap"
+
+
+def test_a_swap_only_host_tier_drops_evicted_cached_blocks_instead_of_offloading_them():
+    mem = Memory()
+    a = BlockAllocator(4, 4, enable_caching=True, host_blocks=4, on_copy=mem.copy, offload_evicted=False)
+    a.ensure_capacity("p", 8)
+    a.commit("p", [b"h0", b"h1"])
+    a.free("p")
+    a.ensure_capacity("q", 16)  # evicts both cached blocks: dropped, no copy
+    assert a.host.num_cached == 0 and mem.copies == [] and sorted(a.take_evicted()) == [b"h0", b"h1"]
+    a.check_invariants()

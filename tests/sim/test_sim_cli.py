@@ -123,3 +123,16 @@ def test_plan_with_explicit_rates(capsys):
                     "--max-requests", "200", "--rates", "1,4", "--budget-s", "20", "--chunk-sizes", "512",
                     "--decode-policies", "greedy"])
     assert rc == 0 and "tetri-serve" in capsys.readouterr().out
+
+
+def test_plan_searches_once_per_declared_slo(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = plan.main(["--workload", "random", "--slo", "ttft=1,tpot=0.05", "--slo", "ttft=1,tpot=0.025", "--gpus", "2",
+                    "--num-requests", "40", "--max-requests", "200", "--rates", "1,4", "--budget-s", "20",
+                    "--chunk-sizes", "512", "--decode-policies", "greedy", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "== SLO ttft=1,tpot=0.05\n" in printed and "== SLO ttft=1,tpot=0.025\n" in printed
+    doc = json.loads(out.read_text())
+    assert [d["slo"]["tpot_s"] for d in doc["by_slo"]] == [0.05, 0.025]
+    assert doc["slo"]["tpot_s"] == 0.05 and all(d["simulations"] > 0 for d in doc["by_slo"])

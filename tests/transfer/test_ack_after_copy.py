@@ -10,6 +10,7 @@ from tests.transfer.fake_completion import FakeCompletion
 from tetri.protocol import Dropped, KVCopied, PeerPools
 from tetri.sched.front import ReqState
 from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.sched.prefix_hash import block_hashes
 from tetri.workers.node import pool_info
 
 PROMPT = list(range(10, 60))  # 50 tokens: 4 blocks of 16
@@ -46,8 +47,8 @@ def until(c: Cluster, cond, rounds=200):
     raise AssertionError("condition never held")
 
 
-def reference_tokens(model_dir, reqs):
-    c = Cluster(model_dir)
+def reference_tokens(model_dir, reqs, prefix_caching=True):
+    c = Cluster(model_dir, prefix_caching=prefix_caching)
     for req_id, prompt, n in reqs:
         c.submit(req_id, prompt, max_tokens=n)
     c.run()
@@ -150,3 +151,35 @@ def test_a_prefill_worker_dying_mid_copy_frees_the_destination_blocks_after_the_
     assert "died" in c.failed["r"] and "long" not in c.failed
     assert c.blocks_used() == {1: 0}
     assert c.tokens["long"] == reference_tokens(default_model_dir, [("long", [5, 6, 7], 24)])["long"]
+
+
+def test_a_copy_in_flight_over_cached_decode_blocks_commits_nothing_until_it_lands(cluster, default_model_dir):
+    """Decode-side prefix caching with the copy still running: the prefix attached from the
+    decode worker's cache is shared with a running request, the blocks being copied are not
+    cached (a handoff of the same prompt meanwhile does not attach them), and an abort
+    mid-copy frees only the aborted request's own blocks."""
+    c, decode = cluster, cluster.nodes[1]
+    blocks, gates = decode.ex.blocks, decode.core.peers[0].copier.gates
+    c.submit("warm", PROMPT, max_tokens=3)
+    until(c, lambda: "warm" in c.finished)  # 50 + 2 computed tokens: 3 full blocks cached there
+    c.submit("long", PROMPT + [1] * 20, max_tokens=24)
+    until(c, lambda: "long/0" in decode.core.running)
+    assert decode.core.handoff_blocks_cached == 3
+    prompt = PROMPT + [2] * 30
+    c.submit("r", prompt, max_tokens=6)
+    until(c, lambda: "r" in decode.core.copies)
+    shared = blocks.blocks_of("long/0")[:3]
+    assert blocks.blocks_of("r/0")[:3] == shared and decode.core.handoff_blocks_cached == 6
+    hashes = block_hashes(prompt, 16, decode.ex.hash_seed)
+    assert blocks.match(hashes) == shared  # r's own full blocks are not cached while copying
+    c.submit("s", prompt, max_tokens=6)
+    until(c, lambda: "s" in decode.core.copies)
+    assert blocks.blocks_of("s/0")[:3] == shared and decode.core.handoff_blocks_cached == 9
+    gate = gates[-2]
+    c.abort("r")
+    c.deliver(1)
+    assert gate.waited == 1 and "r/0" not in blocks.owners() and blocks.blocks_of("long/0")[:3] == shared
+    c.run()
+    assert c.blocks_used() == {0: 0, 1: 0} and not c.failed
+    want = reference_tokens(default_model_dir, [("long", PROMPT + [1] * 20, 24), ("s", prompt, 6)], prefix_caching=False)
+    assert {r: c.tokens[r] for r in want} == want

@@ -32,3 +32,4 @@ def test_cpu_smoke_runs_every_section(tmp_path, default_model_dir):
         assert set(mode["blocks_used_after"].values()) == {0}
     assert r["modes"]["disagg"]["kv_transfer"] == {"1": {"0": "shm"}}
     assert r["modes"]["disagg"]["server_handoff"]["handoffs"] > 0 and r["modes"]["colocated"]["server_handoff"] == {}
+    assert r["modes"]["disagg"]["handoff_blocks"]["cached"] > 0 and r["modes"]["disagg"]["handoff_blocks"]["copied"] > 0

@@ -175,6 +175,25 @@ def test_the_owner_stages_only_for_peers_that_asked_and_stamps_what_it_staged():
         pool.close()
 
 
+def test_the_owner_does_not_restage_a_block_the_mirror_holds_under_the_same_stamp():
+    """A stamp names a block's content (its prefix hash with caching on): a cached prefix staged
+    for one request is not copied into the mirror again for the next; a new stamp is."""
+    pool = with_stage(KVPool.allocate(PoolLayout(*LAYOUT_ARGS), shared=True))
+    try:
+        stage = pool.stage
+        pool.data[2].fill_(1.0)
+        pool.data[3].fill_(2.0)
+        assert stage.put(pool.data, [2, 3], [11, 12])
+        pool.data[2].fill_(9.0)  # were it copied again, the mirror would show it
+        pool.data[3].fill_(8.0)
+        assert stage.put(pool.data, [2, 3], [11, 13])
+        mirror = stage.mirror
+        assert torch.all(mirror.data[2] == 1.0) and torch.equal(mirror.data[3], pool.data[3])
+        assert list(mirror.stamps[[2, 3]]) == [11, 13]
+    finally:
+        pool.close()
+
+
 def msgspec_replace(info, **kw):
     import msgspec
 

@@ -6,6 +6,9 @@ Examples:
       --time-scale 2 --length-scale 0.1 --json out.json --plot-dir plots   (one line; trace paths may be
       relative to cwd, the repo root or ../shared/traces)
   tetri-bench --base-url http://127.0.0.1:8000 --workload lphd --sweep-rates 1,2,4,8 --slo ttft=1,tpot=0.1
+  tetri-bench --base-url http://127.0.0.1:8000 --chat-conversations 8 --chat-turns 4 --concurrency 4
+      (multi-turn chat from ../shared/datasets/alpaca_eval: each turn resends the whole history, with
+      the answers this server gave; --chat-history dataset resends the dataset's answers instead)
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--workload", choices=workload.WORKLOAD_NAMES,
                      help="TetriInfer class (prompt cut-off 512, output cut-off 128 tokens) drawn from "
                           "Azure 2023 conv + ShareGPT-8K lengths, 'mixed' (equal shares), or 'random'")
+    src.add_argument("--chat-conversations", type=_positive_int,
+                     help="multi-turn chat: this many conversations of --chat-turns turns from the AlpacaEval "
+                          "records in ../shared/datasets, each turn sent with the whole history")
+    p.add_argument("--chat-turns", type=_positive_int, default=4)
+    p.add_argument("--chat-history", choices=workload.CHAT_HISTORY_MODES, default="served",
+                   help="answers the history carries: the ones this server gave (default) or the dataset's")
+    p.add_argument("--chat-dataset", help=f"AlpacaEval model-outputs JSON (default: "
+                                          f"../shared/datasets/{workload.CHAT_DATASET_RELPATH})")
     p.add_argument("--num-requests", type=_positive_int, default=100)
     arrival = p.add_mutually_exclusive_group()
     arrival.add_argument("--rate", type=_positive_float,
@@ -99,9 +110,26 @@ async def _run_once(args: argparse.Namespace, model: str, reqs: list[workload.Re
             seed=args.seed, request_timeout_s=args.request_timeout_s, on_done=lambda _rec: bar.update(1))
 
 
+CHAT_DEFAULT_MAX_TOKENS = 128
+
+
+async def _run_chat(args: argparse.Namespace, model: str) -> tuple[dict[str, Any], dict[str, list[RequestRecord]]]:
+    convs = workload.load_chat_conversations(args.chat_dataset, args.chat_conversations, args.chat_turns, args.seed)
+    max_tokens = args.max_output_tokens or CHAT_DEFAULT_MAX_TOKENS
+    records, duration_s = await client.run_conversations(
+        args.base_url, convs, model=model, max_tokens=max_tokens, history=args.chat_history,
+        concurrency=args.concurrency, api_key=args.api_key, request_timeout_s=args.request_timeout_s)
+    config = {**_config(args, model, None, len(records)), "endpoint": "chat", "max_output_tokens": max_tokens,
+              "chat_conversations": args.chat_conversations, "chat_turns": args.chat_turns,
+              "chat_history": args.chat_history, "chat_dataset": args.chat_dataset}
+    return build_report(records, duration_s, args.slo, config), {"run": records}
+
+
 async def _amain(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[RequestRecord]]]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     model = args.model or await client.fetch_model_name(args.base_url, headers) or "default"
+    if args.chat_conversations:
+        return await _run_chat(args, model)
     runs: dict[str, list[RequestRecord]] = {}
     if not args.sweep_rates:
         rate = args.rate
@@ -132,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--sweep-rates needs --slo")
     if args.sweep_rates and (args.rate or args.time_scale or args.concurrency):
         parser.error("--sweep-rates sets the rate itself; drop --rate/--time-scale/--concurrency")
+    if args.chat_conversations and (args.rate or args.time_scale or args.sweep_rates or args.duration_s):
+        parser.error("--chat-conversations sends each turn after the last one's answer: use --concurrency, "
+                     "not --rate/--time-scale/--sweep-rates/--duration-s")
     if args.vocab_size <= client.PROMPT_ID_LOW:
         parser.error(f"--vocab-size must be > {client.PROMPT_ID_LOW}")
     try:

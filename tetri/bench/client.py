@@ -4,7 +4,8 @@ Completions (default): `POST {base}/v1/completions` with `prompt` = a list of ex
 `prompt_tokens` token ids (deterministic pseudo-random ids in [PROMPT_ID_LOW, vocab_size)),
 `max_tokens = min_tokens = output_tokens`, `ignore_eos`, `stream` and
 `stream_options.include_usage`. Chat: `POST {base}/v1/chat/completions` with a text prompt of
-about `prompt_tokens` words.
+about `prompt_tokens` words. Multi-turn chat (`run_conversations`): each conversation's turns
+in order, each with the whole history so far (`workload.chat_messages`).
 
 Timing (perf_counter, from just before the POST): TTFT = first chunk carrying text (or token
 ids); ITL = gaps between successive such chunks; E2E = end of the stream. Output tokens come
@@ -30,7 +31,7 @@ import msgspec
 import numpy as np
 
 from tetri.bench.records import RequestRecord
-from tetri.bench.workload import Request
+from tetri.bench.workload import CHAT_HISTORY_MODES, ChatTurn, Request, chat_messages
 
 PROMPT_ID_LOW = 10  # skip the ids tokenizers usually reserve for special tokens
 DEFAULT_VOCAB_SIZE = 256
@@ -125,6 +126,15 @@ def _chunk_tokens(obj: Any, chat: bool) -> int:
     return 1 if text else 0
 
 
+def _chunk_text(obj: Any, chat: bool) -> str:
+    """The text a decoded chunk carries ("" for none)."""
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        return ""
+    text = (choices[0].get("delta") or {}).get("content") if chat else choices[0].get("text")
+    return text if isinstance(text, str) else ""
+
+
 def _error_text(obj: Any) -> str | None:
     if isinstance(obj, dict) and (obj.get("error") or obj.get("object") == "error"):
         err = obj.get("error") or obj
@@ -169,12 +179,17 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, req: Reque
                        model: str, endpoint: str = "completions", vocab_size: int = DEFAULT_VOCAB_SIZE,
                        seed: int = 0, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
                        headers: dict[str, str] | None = None, run_start: float | None = None,
-                       fresh_session: aiohttp.ClientSession | None = None) -> RequestRecord:
+                       fresh_session: aiohttp.ClientSession | None = None, payload: dict[str, Any] | None = None,
+                       reply: dict[str, Any] | None = None) -> RequestRecord:
     """Send one streaming request; always returns a record (ok=False on any failure).
-    `fresh_session`: where a request whose pooled connection turned out closed is re-sent."""
+    `fresh_session`: where a request whose pooled connection turned out closed is re-sent.
+    `payload`: the body to send instead of one built from `req`; `reply`: filled with the
+    streamed text ("text") and, from the usage chunk, the prompt's tokens ("prompt_tokens")."""
     chat = endpoint == "chat"
     url = normalize_base_url(base_url) + ("/v1/chat/completions" if chat else "/v1/completions")
-    payload = build_payload(req, index, model=model, chat=chat, vocab_size=vocab_size, seed=seed)
+    if payload is None:
+        payload = build_payload(req, index, model=model, chat=chat, vocab_size=vocab_size, seed=seed)
+    texts: list[str] = []
     start = time.perf_counter()
     record = RequestRecord(prompt_tokens=req.prompt_tokens, ok=False,
                            arrival_s=start - run_start if run_start is not None else 0.0)
@@ -195,6 +210,8 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, req: Reque
         if (err := _error_text(obj)) is not None:
             raise RuntimeError(f"server error in stream: {err}")
         now = time.perf_counter()
+        if reply is not None:
+            texts.append(_chunk_text(obj, chat))
         n = _chunk_tokens(obj, chat)
         if n:
             if first is None:
@@ -206,6 +223,8 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, req: Reque
         usage = obj.get("usage") if isinstance(obj, dict) else None
         if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
             usage_tokens = int(usage["completion_tokens"])
+            if reply is not None and usage.get("prompt_tokens") is not None:
+                reply["prompt_tokens"] = int(usage["prompt_tokens"])
         return False
 
     try:
@@ -239,6 +258,8 @@ async def send_request(session: aiohttp.ClientSession, base_url: str, req: Reque
     except Exception as exc:  # noqa: BLE001 - a failed request must never stop the run
         record.error = f"{type(exc).__name__}: {exc}"[:300]
         return record
+    if reply is not None:
+        reply["text"] = "".join(texts)
     record.output_tokens = usage_tokens if usage_tokens is not None else chunk_tokens
     if first is None or record.output_tokens == 0:
         record.error = "no tokens in response"
@@ -321,3 +342,54 @@ async def run_requests(base_url: str, requests: Sequence[Request], *, model: str
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(requests)))))
         end = time.perf_counter()
     return [r for r in results if r is not None], end - start
+
+
+async def run_conversations(base_url: str, conversations: Sequence[Sequence[ChatTurn]], *, model: str,
+                            max_tokens: int, history: str = "served", concurrency: int | None = None,
+                            api_key: str | None = None, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                            on_done: Callable[[RequestRecord], None] | None = None
+                            ) -> tuple[list[RequestRecord], float]:
+    """Multi-turn chat: each conversation's turns sent in order, each with the whole history
+    (`workload.chat_messages`), greedy, streamed, at most `max_tokens` new tokens each; with
+    history "served" the history carries the answers this server gave (a failed turn ends its
+    conversation: the next turns would lack its answer), with "dataset" the dataset's.
+    `concurrency` conversations at a time (None: all). Returns (records in conversation and
+    turn order, run duration in seconds); each record's prompt_tokens is the server's count."""
+    if history not in CHAT_HISTORY_MODES:
+        raise ValueError(f"history must be one of {CHAT_HISTORY_MODES}")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    records: list[list[RequestRecord]] = [[] for _ in conversations]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as fresh_session:
+        start = time.perf_counter()
+
+        async def converse(c: int) -> None:
+            conv, answers = conversations[c], []
+            for turn in range(len(conv)):
+                msgs = chat_messages(conv, turn, answers if history == "served" else None)
+                payload = {"model": model, "messages": msgs, "max_tokens": max_tokens, "temperature": 0.0,
+                           "stream": True, "stream_options": {"include_usage": True}}
+                reply: dict[str, Any] = {}
+                rec = await send_request(session, base_url, Request(0, max_tokens), c, model=model, endpoint="chat",
+                                         request_timeout_s=request_timeout_s, headers=headers, run_start=start,
+                                         fresh_session=fresh_session, payload=payload, reply=reply)
+                rec.prompt_tokens = reply.get("prompt_tokens", 0)
+                records[c].append(rec)
+                if on_done is not None:
+                    on_done(rec)
+                if not rec.ok and history == "served":
+                    return
+                answers.append(reply.get("text", ""))
+
+        pending = iter(range(len(conversations)))
+
+        async def worker() -> None:
+            for c in pending:
+                await converse(c)
+
+        width = len(conversations) if concurrency is None else concurrency
+        if width < 1:
+            raise ValueError("concurrency must be >= 1")
+        await asyncio.gather(*(worker() for _ in range(min(width, len(conversations)))))
+        end = time.perf_counter()
+    return [r for recs in records for r in recs], end - start

@@ -20,6 +20,12 @@ Sources (all read in place from the shared folder, never copied):
 
 Order of length transforms: class selection on the trace lengths, then `length_scale`
 (round, at least 1 token), then clipping to the maxima.
+
+Multi-turn chat (`load_chat_conversations`, `chat_messages`): conversations of real text from
+the AlpacaEval records in ../shared/datasets (read in place); turn t sends the whole history,
+every earlier instruction with its answer, then instruction t. The answers are either the ones
+the served model gave in the earlier turns (history "served", what a chat client resends) or
+the dataset's own (history "dataset", text no server computed).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import csv
 import json
 import math
 import os
+import random
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,6 +54,9 @@ SHAREGPT_RELPATH = "length_stats/sharegpt_8k_filtered_stats_llama2_tokenizer.csv
 POOL_RELPATHS = (AZURE_CONV_RELPATH, SHAREGPT_RELPATH)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+CHAT_DATASET_RELPATH = "alpaca_eval/model_outputs/gpt4_0314.json"
+CHAT_HISTORY_MODES = ("served", "dataset")
 
 
 class Request(msgspec.Struct, frozen=True):
@@ -73,6 +83,13 @@ def default_traces_dir() -> Path | None:
         if path.is_dir():
             return path.resolve()
     return None
+
+
+def default_datasets_dir() -> Path | None:
+    """The shared datasets folder: $TETRI_DATASETS_DIR, else ../shared/datasets beside cwd or the repo root."""
+    candidates = [Path(os.environ["TETRI_DATASETS_DIR"])] if os.environ.get("TETRI_DATASETS_DIR") else []
+    candidates += [Path.cwd().parent / "shared" / "datasets", _REPO_ROOT.parent / "shared" / "datasets"]
+    return next((path.resolve() for path in candidates if path.is_dir()), None)
 
 
 def resolve_trace_path(path: str | os.PathLike, traces_dir: Path | None = None) -> Path:
@@ -307,3 +324,49 @@ def build_workload(*, trace: str | None = None, workload: str | None = None, num
     if duration_s is not None and concurrency is None:
         reqs = [r for r in reqs if r.arrival_s <= duration_s]
     return reqs
+
+
+# ---------------------------------------------------------------- multi-turn chat
+
+
+class ChatTurn(msgspec.Struct, frozen=True):
+    """One turn of a conversation: the user's instruction and the dataset's answer to it."""
+
+    instruction: str
+    dataset_answer: str
+
+
+def load_chat_conversations(path: str | os.PathLike | None = None, num_conversations: int = 8, turns: int = 4,
+                            seed: int = 0, answer_chars: int | None = None) -> list[list[ChatTurn]]:
+    """`num_conversations` conversations of `turns` turns each from an AlpacaEval model-outputs
+    file (default: CHAT_DATASET_RELPATH in the shared datasets folder): after a seeded shuffle of
+    its records, conversation c takes records [c * turns, (c + 1) * turns), in order.
+    `answer_chars` cuts each dataset answer to that many characters."""
+    if path is None:
+        base = default_datasets_dir()
+        if base is None:
+            raise FileNotFoundError("shared datasets folder not found; set TETRI_DATASETS_DIR")
+        path = base / CHAT_DATASET_RELPATH
+    if num_conversations < 1 or turns < 1:
+        raise ValueError("num_conversations and turns must be >= 1")
+    records = json.loads(Path(path).read_text())
+    if num_conversations * turns > len(records):
+        raise ValueError(f"{Path(path).name} has {len(records)} records, fewer than {num_conversations} x {turns}")
+    random.Random(seed).shuffle(records)
+    turns_of = [ChatTurn(r["instruction"], r["output"][:answer_chars]) for r in records]
+    return [turns_of[c * turns:(c + 1) * turns] for c in range(num_conversations)]
+
+
+def chat_messages(conversation: list[ChatTurn], turn: int, answers: list[str] | None = None) -> list[dict]:
+    """Turn `turn`'s messages (0-based): every earlier turn's instruction and answer, then its own
+    instruction. `answers`: what the served model answered in turns 0..turn-1 (history
+    "served"); None: the dataset's answers (history "dataset")."""
+    if not 0 <= turn < len(conversation):
+        raise ValueError(f"turn {turn} outside a {len(conversation)}-turn conversation")
+    if answers is not None and len(answers) < turn:
+        raise ValueError(f"turn {turn} needs the answers to {turn} earlier turns, got {len(answers)}")
+    msgs: list[dict] = []
+    for t, rec in enumerate(conversation[:turn]):
+        answer = rec.dataset_answer if answers is None else answers[t]
+        msgs += [{"role": "user", "content": rec.instruction}, {"role": "assistant", "content": answer}]
+    return msgs + [{"role": "user", "content": conversation[turn].instruction}]

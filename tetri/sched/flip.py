@@ -9,7 +9,8 @@ stated two ways ("idle for a minute", "load < 10%"); we use a load threshold hel
   role load                = mean over the role's ready workers
   prefill -> decode  when prefill load <= idle_threshold and decode load >= 1 - idle_threshold
   decode -> prefill  when decode load <= idle_threshold and prefill load >= 1 - idle_threshold
-Only `ready` workers with role prefill/decode count (mixed workers never flip). The donor is
+Only `ready` workers with role prefill/decode count (mixed workers never flip under this
+policy; `tetri.sched.roles.RolePolicy` moves workers between all three roles). The donor is
 the donor role's least-loaded worker (least to drain; ties -> lower id). No decision while any
 worker is draining (one flip at a time; the window restarts afterwards), and never one that
 leaves the donor role with fewer than `min_workers_per_role` ready workers. After a decision
@@ -23,7 +24,8 @@ the window restarts, so flips are at least `window_s` apart.
 
 Protocol, and why no request is dropped or duplicated:
   1. `begin(decision)`: the worker stops being dispatchable (`view()` shows it `draining`,
-     `on_dispatch` to it raises). Refused if it would leave the role below the minimum.
+     `on_dispatch` to it raises). Refused if it would leave fewer than the minimum of active
+     workers able to prefill (prefill or mixed) or able to decode (decode or mixed).
   2. Everything already sent to it runs to completion there: the front calls
      `on_dispatch(req_id, worker_id)` for every request it sends a worker and
      `on_done(req_id, worker_id)` when the worker is finished with it (prefill worker: when
@@ -36,7 +38,10 @@ Protocol, and why no request is dropped or duplicated:
   4. `on_flipped(worker_id)` when the worker acks: it becomes `active` in the new role and
      dispatch to it resumes.
 A request is thus owned by exactly one worker from `on_dispatch` to `on_done`, and a role
-change happens only on a worker that owns none.
+change happens only on a worker that owns none, except, with `in_place_to_mixed`, a flip
+to `mixed`: it flips at the first poll, keeping what it owns (a mixed worker can run both
+phases of whatever it holds). The simulator uses that; tetri-serve's worker node refuses a
+flip while it holds work, so the server drains every flip.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from dataclasses import dataclass, field
 from tetri.sched.load import WorkerLoad
 
 ACTIVE, DRAINING, FLIPPED = "active", "draining", "flipped"
-FLIP_ROLES = ("prefill", "decode")
+FLIP_ROLES = ("prefill", "decode", "mixed")
+CAN_PREFILL = ("prefill", "mixed")
+CAN_DECODE = ("decode", "mixed")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class FlipDecision:
     worker_id: int
     from_role: str
     to_role: str
+    reason: str = ""
+    """Why (the adaptive role policy's words; shown in /workers, the metrics and the log)."""
 
 
 class FlipError(RuntimeError):
@@ -137,8 +146,12 @@ class WorkerFlipState:
 class FlipPlan:
     """The drain -> flip -> resume state machine; protocol in the module docstring."""
 
-    def __init__(self, roles: dict[int, str] | None = None, min_workers_per_role: int = 1) -> None:
+    def __init__(self, roles: dict[int, str] | None = None, min_workers_per_role: int = 1,
+                 in_place_to_mixed: bool = False) -> None:
+        """`in_place_to_mixed`: a flip TO `mixed` needs no drain (a mixed worker runs both
+        phases, so it can finish whatever it holds); otherwise every flip drains."""
         self.min_workers_per_role = min_workers_per_role
+        self.in_place_to_mixed = in_place_to_mixed
         self._workers: dict[int, WorkerFlipState] = {}
         for worker_id, role in (roles or {}).items():
             self.add_worker(worker_id, role)
@@ -170,6 +183,19 @@ class FlipPlan:
     def active_workers(self, role: str) -> list[int]:
         return sorted(w for w, s in self._workers.items() if s.state == ACTIVE and s.role == role)
 
+    def active_able(self, roles: tuple[str, ...]) -> list[int]:
+        """Active workers whose role is one of `roles` (e.g. CAN_PREFILL)."""
+        return sorted(w for w, s in self._workers.items() if s.state == ACTIVE and s.role in roles)
+
+    def would_starve(self, worker_id: int, from_role: str) -> bool:
+        """True when taking `worker_id` out of dispatch leaves fewer than the minimum of
+        active workers able to prefill, or able to decode, among those its role counts for."""
+        for able in (CAN_PREFILL, CAN_DECODE):
+            if from_role in able and len([w for w in self.active_able(able) if w != worker_id]) \
+                    < self.min_workers_per_role:
+                return True
+        return False
+
     def view(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
         """Load rows as the plan sees them: role from the plan, and `draining` state for a
         known worker that is not active, so dispatchers skip it and `FlipPolicy` waits."""
@@ -180,7 +206,10 @@ class FlipPlan:
                 out.append(load)
                 continue
             row_state = load.state if state.state == ACTIVE or not load.alive else "draining"
-            out.append(dataclasses.replace(load, role=state.role, state=row_state))
+            if row_state == load.state and state.role == load.role:
+                out.append(load)  # as published (the common case: no copy)
+            else:
+                out.append(dataclasses.replace(load, role=state.role, state=row_state))
         return out
 
     def on_dispatch(self, req_id: str, worker_id: int) -> None:
@@ -206,7 +235,7 @@ class FlipPlan:
             return False
         if decision.to_role == decision.from_role or decision.to_role not in FLIP_ROLES:
             return False
-        if len(self.active_workers(decision.from_role)) - 1 < self.min_workers_per_role:
+        if self.would_starve(decision.worker_id, decision.from_role):
             return False
         state.state, state.to_role = DRAINING, decision.to_role
         return True
@@ -224,10 +253,14 @@ class FlipPlan:
         rows = {w.worker_id: w for w in loads or ()}
         orders = []
         for worker_id, state in sorted(self._workers.items()):
-            if state.state != DRAINING or state.outstanding:
+            if state.state != DRAINING:
+                continue
+            in_place = self.in_place_to_mixed and state.to_role == "mixed"
+            if state.outstanding and not in_place:
                 continue
             row = rows.get(worker_id)
-            if row is not None and (row.queued_prefill_tokens or row.running_reqs or row.waiting_reqs):
+            if not in_place and row is not None and (row.queued_prefill_tokens or row.running_reqs
+                                                     or row.waiting_reqs):
                 continue
             state.state = FLIPPED
             orders.append(FlipDecision(worker_id, state.role, state.to_role or state.role))

@@ -22,6 +22,11 @@ Colocated mode sends each request whole to a `mixed` worker (state DECODING at o
 
 Priority (vLLM's: lower first) orders each prefill worker's queue and rides to the workers
 for decode admission.
+
+Prefix caching: `prefix_index` estimates what each prefill worker caches (level 1 and where
+a prompt's first chunk starts), `decode_index` what each decode worker caches (a prompt's
+blocks once its KV landed there, the blocks it decoded once it ended, less the eviction
+reports); level 2 then prefers the holder (`sched/decode_affinity.py`).
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewR
                             Release, SetRole, SubmitMixed)
 from tetri.sched import front_failover
 from tetri.sched.chunking import ChunkPacker
+from tetri.sched.decode_affinity import PrefixAffinityDecode
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
 from tetri.sched.load import ReqInfo, WorkerLoad
-from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
+from tetri.sched.prefix_hash import block_hashes, cacheable_blocks, extend_block_hashes
 from tetri.sched.prefix_index import PrefixIndex
 
 __all__ = ["Actions", "FrontConfig", "FrontReq", "FrontScheduler", "ReqState"]
@@ -56,7 +62,10 @@ class FrontScheduler:
         self.flip_plan: FlipPlan | None = None
         self.prefix_index = PrefixIndex()
         self.level1 = make_prefill_dispatch(cfg.global_policy, rng, self.prefix_index)
-        self.level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
+        self.decode_index = PrefixIndex()
+        """Which decode worker caches which block hashes (the handoffs it took, what it decoded)."""
+        level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
+        self.level2 = PrefixAffinityDecode(level2, self.decode_index) if cfg.prefix_caching else level2
         self.reqs: dict[str, FrontReq] = {}
         self.parked: list[str] = []
         """Migrated requests waiting for a live worker of the role (a restart); deadline-bound."""
@@ -133,7 +142,16 @@ class FrontScheduler:
     def _hashes(self, req: FrontReq, block_size: int) -> list[bytes]:
         if req.block_hashes is None:
             req.block_hashes = block_hashes(req.context_ids, block_size, self.cfg.prefix_hash_seed)
+            req.hash_block_tokens = block_size
         return req.block_hashes
+
+    def _decode_prefix(self, req: FrontReq, info: ReqInfo, wid: int, view: list[WorkerLoad]) -> ReqInfo:
+        """Level 2 reads every full block of the context (a decode worker computes nothing, so
+        even the last full block may come from its cache)."""
+        if not self.cfg.prefix_caching:
+            return info
+        bs = next(w.block_size for w in view if w.worker_id == wid)
+        return replace(info, prefix_hashes=tuple(self._hashes(req, bs)), prefix_block_tokens=bs)
 
     def _cached_start(self, req: FrontReq, wid: int, block_size: int) -> int:
         """Where the prompt's first chunk starts: after the blocks the index expects `wid` to
@@ -214,9 +232,10 @@ class FrontScheduler:
             acts.send(wid, Release(req_id=req.req_id))
             self._drop(req.req_id)
             return
-        info = self._predict(req, res, prediction, predicted)
+        view = self._view(loads)
+        info = self._decode_prefix(req, self._predict(req, res, prediction, predicted), wid, view)
         try:
-            did = self.level2.pick([w for w in self._view(loads) if w.role == "decode"], info)
+            did = self.level2.pick([w for w in view if w.role == "decode"], info)
         except NoWorker:
             acts.send(wid, Release(req_id=req.req_id))
             acts.fails.append((req.req_id, "no live decode worker"))
@@ -245,6 +264,9 @@ class FrontScheduler:
     def on_kv_copied(self, msg: KVCopied) -> Actions:
         acts = Actions()
         req = self.reqs.get(msg.req_id)
+        self.decode_evicted(msg.worker_id, msg.evicted_hashes)  # evicted before this copy's blocks were cached
+        if self.cfg.prefix_caching and req is not None and req.decode_worker == msg.worker_id and req.block_hashes:
+            self.decode_index.add(msg.worker_id, req.block_hashes)  # its prompt's full blocks are cached there now
         if req is not None and req.state is ReqState.AWAIT_DECODE and not req.aborting:
             req.state = ReqState.DECODING
         if req is not None and req.holds_prefill_blocks:
@@ -263,13 +285,29 @@ class FrontScheduler:
             self._drop(req_id)
         return acts
 
+    def decode_evicted(self, wid: int, hashes: list[bytes]) -> None:
+        """A decode worker's eviction report (on its KVCopied and TokenBatch messages)."""
+        if hashes:
+            self.decode_index.evicted(wid, hashes)
+
     def on_choice_finished(self, req_id: str, choice: int) -> None:
         req = self.reqs.get(req_id)
         if req is None:
             return
         req.open_choices.discard(choice)
         if not req.open_choices and not req.aborting:
+            self._index_decoded(req)
             self._drop(req_id)
+
+    def _index_decoded(self, req: FrontReq) -> None:
+        """A request that decoded on a decode worker ended: the full blocks of what it computed
+        there (context and choice 0's outputs but the last) stay cached there."""
+        if not self.cfg.prefix_caching or req.block_hashes is None or req.decode_worker in (None, req.prefill_worker):
+            return
+        tokens = req.prompt_token_ids + req.output_ids
+        hashes = extend_block_hashes(list(req.block_hashes), tokens, req.hash_block_tokens, self.cfg.prefix_hash_seed,
+                                     len(tokens) - 1)
+        self.decode_index.add(req.decode_worker, hashes[len(req.block_hashes):])
 
     # ---- aborts, deaths, deadlines -----------------------------------------------------
     def abort(self, req_id: str, choice: int | None = None) -> Actions:
@@ -349,5 +387,6 @@ class FrontScheduler:
             self.packers.pop(order.worker_id, None)
             self.outstanding.pop(order.worker_id, None)
             self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role
+            self.decode_index.forget(order.worker_id)
             acts.send(order.worker_id, SetRole(role=order.to_role))
         return acts

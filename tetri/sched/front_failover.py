@@ -18,6 +18,7 @@ def on_worker_dead(sched, wid: int, loads: list[WorkerLoad] | None = None, migra
     sched.packers.pop(wid, None)
     sched.outstanding.pop(wid, None)
     sched.prefix_index.forget(wid)
+    sched.decode_index.forget(wid)
     if sched.flip_plan is not None and wid in sched.flip_plan._workers:
         sched.flip_plan.remove_worker(wid)
     for req in list(sched.reqs.values()):

@@ -65,6 +65,8 @@ class FrontReq:
     block_hashes: list[bytes] | None = None
     """Prefix-cache hashes of the context's full blocks (computed on each placement, when
     caching is on)."""
+    hash_block_tokens: int = 0
+    """Tokens per block of `block_hashes`."""
 
     @property
     def context_ids(self) -> list[int]:

@@ -27,7 +27,8 @@ KV swap (issue 19 item 5; the host tier then exists with caching off too): `swap
 holds host blocks for every block of `owner` (its unhashed last partial block included),
 asks for the offload `on_copy(gpu_ids, host_ids, True)` and frees the GPU blocks;
 `swap_in(owner)` allocates GPU blocks, asks for the upload and frees the host ones;
-`drop_swapped(owner)` frees them unread (the job ended while swapped out). The copy is asked
+`drop_swapped(owner)` frees them unread (the job ended while swapped out). With
+`offload_evicted=False` the host tier is the swap space only (evicted cached blocks drop). The copy is asked
 for before anything can rewrite the GPU blocks freed, so on one stream the order holds.
 
 Invariants (`check_invariants`): every block is in exactly one of free, evictable (cached,
@@ -57,7 +58,7 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False, host_blocks: int = 0,
-                 on_copy: CopyFn | None = None) -> None:
+                 on_copy: CopyFn | None = None, offload_evicted: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
@@ -78,6 +79,8 @@ class BlockAllocator:
         self.evictions = 0
         """Cached blocks evicted to make room."""
         self.host = HostBlocks(host_blocks) if host_blocks > 0 else None
+        self.offload_evicted = offload_evicted
+        """Evicted cached blocks go to the host tier (False: it is the KV swap's space only)."""
         self.on_copy = on_copy
         self.host_hits = 0
         """Of `hits`, tokens found in the host tier (uploaded)."""
@@ -117,7 +120,7 @@ class BlockAllocator:
         h = self._hash_of.pop(block)
         del self._by_hash[h]
         self.evictions += 1
-        if self.host is None:
+        if self.host is None or not self.offload_evicted:
             self._evicted.append(h)
             return block
         x, dropped = self.host.put(h)

@@ -48,6 +48,13 @@ class WorkerLoad:
     """Cached blocks copied to the host tier on eviction."""
     kv_uploaded_blocks: int = 0
     """Host-tier blocks copied back to the GPU pool for a hit."""
+    handoff_blocks_copied: int = 0
+    """Decode workers: prompt blocks copied in from prefill workers, since it started."""
+    handoff_blocks_cached: int = 0
+    """Decode workers: prompt blocks of handoffs attached from its own prefix cache instead."""
+    step_s: float = 0.0
+    """Recent mean duration of the worker's steps (what one of its decodes waits per token);
+    0: not published. The simulator publishes it; the load board does not yet."""
 
     @property
     def alive(self) -> bool:

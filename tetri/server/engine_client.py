@@ -254,6 +254,8 @@ class RuntimeClient:
                              if w.prefix_cache_queries else 0.0,
                              host_prefix_cache_hits=w.host_prefix_cache_hits,
                              kv_offloaded_blocks=w.kv_offloaded_blocks, kv_uploaded_blocks=w.kv_uploaded_blocks,
+                             handoff_blocks_copied=w.handoff_blocks_copied,
+                             handoff_blocks_cached=w.handoff_blocks_cached,
                              restarts=self.procs.restarts.get(w.worker_id, 0)))
             rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)
         return rows

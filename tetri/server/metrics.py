@@ -146,8 +146,9 @@ class Metrics:
 
 
 class _PrefixCacheCounters:
-    """`tetri:prefix_cache_queries` / `tetri:prefix_cache_hits` per worker: counters the
-    workers keep (on the load board), exposed as of the last scrape's rows."""
+    """`tetri:prefix_cache_queries` / `tetri:prefix_cache_hits` per worker, and per decode
+    worker `tetri:handoff_blocks_copied` / `tetri:handoff_blocks_cached`: counters the workers
+    keep (on the load board), exposed as of the last scrape's rows."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -158,15 +159,20 @@ class _PrefixCacheCounters:
         hits = CounterMetricFamily("tetri:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                    labels=_WORKER_LABELS)
         host = {name: CounterMetricFamily(f"tetri:{name}", doc, labels=_WORKER_LABELS) for name, doc in _HOST_TIER}
+        copied = CounterMetricFamily("tetri:handoff_blocks_copied", "Decode workers: prompt KV blocks copied in "
+                                     "from prefill workers.", labels=_WORKER_LABELS)
+        cached = CounterMetricFamily("tetri:handoff_blocks_cached", "Decode workers: prompt KV blocks of handoffs "
+                                     "attached from their own prefix cache instead of copied.", labels=_WORKER_LABELS)
         for row in self.metrics._cache_rows:
             labels = [str(row.get("worker_id", "?")), str(row.get("role", "?"))]
             queries.add_metric(labels, row.get("prefix_cache_queries") or 0)
             hits.add_metric(labels, row.get("prefix_cache_hits") or 0)
             for name, family in host.items():
                 family.add_metric(labels, row.get(name) or 0)
-        yield queries
-        yield hits
-        yield from host.values()
+            if row.get("role") == "decode":
+                copied.add_metric(labels, row.get("handoff_blocks_copied") or 0)
+                cached.add_metric(labels, row.get("handoff_blocks_cached") or 0)
+        yield from (queries, hits, *host.values(), copied, cached)
 
 
 _HOST_TIER = (("host_prefix_cache_hits", "Of the prefix cache hits, prompt tokens found in the host tier."),

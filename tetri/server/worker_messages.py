@@ -69,6 +69,7 @@ def predict_then_hand_off(client, res, wid: int) -> None:
 
 
 def on_tokens(client, msg: TokenBatch) -> None:
+    client.scheduler.decode_evicted(msg.worker_id, msg.evicted_hashes)  # before a finish indexes new blocks
     per_req: dict[str, list[ChoiceDelta]] = {}
     scored = {r: p for r, p in zip(msg.req_ids, msg.prompt_logprobs) if p is not None}  # mixed workers
     for i, req_id in enumerate(msg.req_ids):

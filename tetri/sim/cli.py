@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     arrival.add_argument("--rate", type=_positive_float, help="Poisson arrivals, req/s")
     arrival.add_argument("--time-scale", type=_positive_float, help="trace timestamps divided by this")
     p.add_argument("--sweep-rates", type=_floats, help="R1,R2,...: one run per Poisson rate (needs --slo)")
-    p.add_argument("--prefill", type=_positive_int, help="prefill workers (disagg/tetri)")
-    p.add_argument("--decode", type=_positive_int, help="decode workers (disagg/tetri)")
+    p.add_argument("--prefill", type=_positive_int,
+                   help="prefill workers (disagg/tetri; auto: those that start as prefill, the rest mixed)")
+    p.add_argument("--decode", type=_positive_int,
+                   help="decode workers (disagg/tetri; auto: those that start as decode)")
     p.add_argument("--chunk-size", type=_positive_int, default=512)
     p.add_argument("--prefill-policy", choices=PREFILL_POLICIES, default="fcfs")
     p.add_argument("--prefill-dispatch", choices=PREFILL_DISPATCH, default="least-loaded")
@@ -130,6 +132,14 @@ def _confusion(path: str | None) -> dict:
             "bucket_tokens": int(report["bucket_tokens"])}
 
 
+def _declared_tpot(args: argparse.Namespace) -> float | None:
+    """Mode auto paces decodes against the declared TPOT SLO (`--slo`), as tetri-serve would."""
+    slo = getattr(args, "slo", None)
+    if args.mode != "auto" or slo is None or slo.tpot_s == float("inf"):
+        return None
+    return slo.tpot_s
+
+
 def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
     fields = dict(
         mode=args.mode, num_gpus=args.gpus, num_prefill=args.prefill, num_decode=args.decode,
@@ -139,7 +149,7 @@ def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
         decode_dispatch=args.decode_dispatch, decode_policy=args.decode_policy, predictor=args.predictor,
         predictor_accuracy=args.predictor_accuracy, flip=args.flip, seed=args.seed, max_sim_s=args.max_sim_s,
         check_invariants=args.check_invariants, prefix_caching=args.prefix_caching,
-        kv_offloading_size=getattr(args, "kv_offloading_size", 0.0),
+        role_tpot_s=_declared_tpot(args), kv_offloading_size=getattr(args, "kv_offloading_size", 0.0),
         swap_space=getattr(args, "swap_space", 0.0), preemption_mode=getattr(args, "preemption_mode", "auto"),
         **_confusion(getattr(args, "predictor_confusion", None)))
     fields.update(changes)

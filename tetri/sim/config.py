@@ -9,14 +9,17 @@ from tetri.sched.chunking import PREFILL_POLICIES
 from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
 
-MODES = ("colocated", "colocated-chunked", "disagg", "tetri")
+MODES = ("colocated", "colocated-chunked", "disagg", "tetri", "auto")
 DISAGG_MODES = ("disagg", "tetri")
+"""Modes whose --prefill/--decode split every GPU (auto: the rest start mixed)."""
+SPLIT_MODES = ("disagg", "tetri", "auto")
 MODE_DEFAULTS = {
     # mode: (decode dispatch, decode policy, predictor)
     "colocated": (None, "greedy", "none"),
     "colocated-chunked": (None, "greedy", "none"),
     "disagg": ("round-robin", "greedy", "none"),
     "tetri": ("tetri", "reserve-dynamic", "oracle"),
+    "auto": ("tetri", "reserve-dynamic", "oracle"),
 }
 
 
@@ -56,6 +59,19 @@ class SimConfig:
     flip_window_s: float = 5.0
     flip_interval_s: float = 0.1
     flip_latency_s: float = 0.007
+    prefill_chunk_tokens: int | None = None
+    """auto: prompt tokens per pass on a prefill-role worker (it has no decodes to keep
+    within a TPOT; default 4 x chunk_size_tokens); mixed steps keep chunk_size_tokens."""
+    role_busy_s: float = 0.25
+    """auto: a prefill-capable worker is fully loaded (pressure 1) with this many seconds of
+    queued prompt tokens (at its chunked prefill rate from the cost model)."""
+    role_tpot_s: float | None = None
+    """auto: the declared TPOT SLO the policy paces decode steps against (None: none)."""
+    role_high: float = 0.8
+    """auto: `RolePolicy` thresholds and dwell times (tetri.sched.roles)."""
+    role_room: float = 0.5
+    role_dwell_s: float = 1.0
+    role_worker_dwell_s: float = 10.0
     seed: int = 0
     max_sim_s: float = 86400.0
     check_invariants: bool = False
@@ -97,12 +113,21 @@ class SimConfig:
             p, d = self.split()
             _require(p >= 1 and d >= 1, "need at least one prefill and one decode worker")
             _require(p + d == self.num_gpus, f"prefill ({p}) + decode ({d}) must equal gpus ({self.num_gpus})")
+        elif self.mode == "auto":
+            p, d = self.num_prefill or 0, self.num_decode or 0
+            _require(p + d <= self.num_gpus, f"prefill ({p}) + decode ({d}) exceed gpus ({self.num_gpus})")
+            _require(p + d < self.num_gpus or (p >= 1 and d >= 1),
+                     "auto needs a worker able to prefill and one able to decode")
+            _require(0.0 < self.role_room < self.role_high <= 1.0, "need 0 < role_room < role_high <= 1")
         else:
             _require(self.num_prefill is None and self.num_decode is None,
-                     f"--prefill/--decode apply only to {DISAGG_MODES}")
+                     f"--prefill/--decode apply only to {SPLIT_MODES}")
 
     def split(self) -> tuple[int, int]:
-        """(prefill workers, decode workers) of a disaggregated mode."""
+        """(prefill workers, decode workers) of a disaggregated mode; auto: the workers that
+        start as prefill and as decode (default none: every worker starts mixed)."""
+        if self.mode == "auto":
+            return self.num_prefill or 0, self.num_decode or 0
         if self.num_prefill is None and self.num_decode is None:
             prefill = max(1, self.num_gpus // 4)
             return prefill, self.num_gpus - prefill
@@ -118,8 +143,10 @@ class SimConfig:
         changes = {"decode_dispatch": self.decode_dispatch or dispatch,
                    "decode_policy": self.decode_policy or policy,
                    "predictor": self.predictor or predictor}
-        if self.mode in DISAGG_MODES:
+        if self.mode in SPLIT_MODES:
             changes["num_prefill"], changes["num_decode"] = self.split()
+        if self.mode == "auto" and self.prefill_chunk_tokens is None:
+            changes["prefill_chunk_tokens"] = 4 * self.chunk_size_tokens
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""Disaggregated workers: one `PDWorker` per GPU whose role (prefill or decode) can flip.
+"""Disaggregated workers: one `PDWorker` per GPU whose role (prefill, decode or mixed) can flip.
 
 Prefill role:
   - `whole_prompts` (mode `disagg`, DistServe): FCFS batches of whole prompts, adding
@@ -17,6 +17,9 @@ Decode role (the real decode core's step, `tetri.workers.decode`):
   3. the policy picks the batch (and preemptions: swapped out to the host instead of
      recomputed where `tetri.sim.swap` finds it cheaper; uploaded back when they fit); one
      decode token each.
+Mixed role (mode `auto`): one step is the decode role's step plus prompt chunks filling the
+rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`); a prompt it prefilled stays
+and decodes here (`adopt`: no copy), and it also takes handoffs from prefill workers.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class PrefillSide:
         self.w = worker
         env = worker.env
         self.whole_prompts = whole_prompts
-        self.packer = ChunkPacker(env.chunk_size_tokens, env.prefill_policy, env.sched_batch)
+        self.pass_tokens = env.prefill_chunk_tokens or env.chunk_size_tokens
+        self.packer = ChunkPacker(max(self.pass_tokens, env.chunk_size_tokens), env.prefill_policy, env.sched_batch)
         self.fifo: deque[SimRequest] = deque()
         self.queued: dict[str, SimRequest] = {}
         """Not yet fully prefilled (some may hold blocks already)."""
@@ -89,10 +93,10 @@ class PrefillSide:
             batch.append((req, begin, req.prompt_tokens - begin, True))
         return batch
 
-    def _chunk(self) -> list[tuple[SimRequest, int, int, bool]]:
+    def _chunk(self, budget_tokens: int | None = None) -> list[tuple[SimRequest, int, int, bool]]:
         if not len(self.packer):
             return []
-        pieces = self.packer.next_chunk()
+        pieces = self.packer.next_chunk(budget_tokens)
         out = []
         for i, p in enumerate(pieces):
             req = self.queued[p.req_id]
@@ -107,15 +111,19 @@ class PrefillSide:
         return out
 
     def plan(self, now: float) -> Plan | None:
-        pieces = self._whole_batch() if self.whole_prompts else self._chunk()
+        pieces = self._whole_batch() if self.whole_prompts else self._chunk(self.pass_tokens)
         if not pieces:
             return None
+        shape = self.shape(pieces)
+        step_s = self.w.env.cost.step_s(shape) + self.w.take_host_copy_s()  # uploads/offloads of this step
+        return step_s, lambda end_s: self._end(pieces, end_s)
+
+    def shape(self, pieces) -> StepShape:
         shape = StepShape()
         for _req, start, num_tokens, is_last in pieces:
             shape = add_shapes(shape, piece_shape(num_tokens, start, is_last))
         self.w.stats.prefill_tokens += shape.prefill_tokens
-        step_s = self.w.env.cost.step_s(shape) + self.w.take_host_copy_s()  # uploads/offloads of this step
-        return step_s, lambda end_s: self._end(pieces, end_s)
+        return shape
 
     def _end(self, pieces, end_s: float) -> None:
         hooks = self.w.env.hooks
@@ -164,7 +172,8 @@ class DecodeSide:
 
     @property
     def num_reqs(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming) + len(self.swap.swapped)
+        return (len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming)
+                + len(self.swap.swapped))
 
     def _admit(self, now: float) -> float:
         """Admit handoffs the policy accepts; returns the seconds their KV copies take."""
@@ -174,7 +183,8 @@ class DecodeSide:
         views = [r.view(0) for r in self.waiting.values()]
         running = [r.view(w.held(r)) for r in self.running.values()]
         ids = self.policy.admit(views, running, w.blocks.num_free, w.env.block_size, now)
-        if not ids and not self.running and not self.recompute and not self.swap.swapped and w.blocks.num_free == w.blocks.num_blocks:
+        idle = not self.running and not self.recompute and not self.swap.swapped
+        if not ids and idle and w.blocks.num_free == w.blocks.num_blocks:
             ids = [views[0].req_id]  # nothing resident could ever free memory: admit the head anyway
             w.stats.forced_admissions += 1
         copy_s = 0.0
@@ -197,18 +207,34 @@ class DecodeSide:
             resumed.append(req)
         return resumed
 
-    def plan(self, now: float) -> Plan | None:
+    def adopt(self, req: SimRequest) -> None:
+        """A mixed worker decodes what it prefilled: its prompt blocks stay, no copy."""
+        req.handoff_s = self.w.env.loop.now
+        self.running[req.req_id] = req
+        self._count(req, +1)
+
+    def prepare(self, now: float) -> tuple[float, list[SimRequest]]:
+        """Admission, the decode batch and resumes for this step: (copy seconds, the batch)."""
         copy_s = self._admit(now)
-        run = self.w.decode_round(self.running, self.policy, now, self._preempted,
-                                  self.swap.out if self.w.blocks.host is not None else None)
+        swaps = self.w.role == "decode" and self.w.blocks.host is not None  # as tetri-serve: the decode core only
+        run = self.w.decode_round(self.running, self.policy, now, self._preempted, self.swap.out if swaps else None)
         self.swap.resume(self.running)
         self.resuming = self._resume()
-        copy_s += self.w.take_host_copy_s()  # swap copies asked for in this step
-        if not run and not self.resuming and copy_s == 0.0:
-            return None
+        if self.w.role == "decode":  # (a mixed step adds its host copies itself)
+            copy_s += self.w.take_host_copy_s()  # swap copies asked for in this step
+        return copy_s, run
+
+    def shape(self, run: list[SimRequest]) -> StepShape:
         shape = decode_shape(len(run), decode_context_tokens(run)) if run else StepShape()
         for req in self.resuming:
             shape = add_shapes(shape, piece_shape(req.kv_tokens, 0, sample=False))
+        return shape
+
+    def plan(self, now: float) -> Plan | None:
+        copy_s, run = self.prepare(now)
+        if not run and not self.resuming and copy_s == 0.0:
+            return None
+        shape = self.shape(run)
         duration_s = copy_s + (self.w.env.cost.step_s(shape) if shape != StepShape() else 0.0)
         return duration_s, lambda end_s: self._end(run, end_s)
 
@@ -243,9 +269,30 @@ class PDWorker(SimWorker):
         self.prefill.release(req)
         self.kick()
 
+    def adopt(self, req: SimRequest) -> None:
+        self.prefill.holding.pop(req.req_id, None)
+        self.decode.adopt(req)
+
     def plan_step(self, now: float) -> Plan | None:
+        if self.role == "mixed":
+            return self._plan_mixed(now)
         side = self.prefill if self.role == "prefill" else self.decode
         return side.plan(now)
+
+    def _plan_mixed(self, now: float) -> Plan | None:
+        """Chunked prefill (Sarathi): the decode step plus prompt pieces up to the chunk budget."""
+        copy_s, run = self.decode.prepare(now)
+        budget_tokens = self.env.chunk_size_tokens - len(run)
+        pieces = self.prefill._chunk(budget_tokens) if budget_tokens > 0 else []
+        if not run and not self.decode.resuming and copy_s == 0.0 and not pieces:
+            return None
+        shape = add_shapes(self.decode.shape(run), self.prefill.shape(pieces))
+        duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0) + self.take_host_copy_s()
+
+        def apply(end_s: float) -> None:
+            self.decode._end(run, end_s)
+            self.prefill._end(pieces, end_s)
+        return duration_s, apply
 
     def resident(self) -> list[SimRequest]:
         return [*self.prefill.resident(), *self.decode.resident()]
@@ -255,7 +302,9 @@ class PDWorker(SimWorker):
             return self.base_load(queued_prefill_tokens=self.prefill.queued_tokens,
                                   running_reqs=len(self.prefill.holding), waiting_reqs=len(self.prefill.queued))
         d = self.decode
-        return self.base_load(running_reqs=len(d.running) + len(d.resuming),
-                              waiting_reqs=len(d.waiting) + len(d.recompute) + len(d.swap.swapped),
+        queued = self.prefill.queued_tokens if self.role == "mixed" else 0
+        prompts = len(self.prefill.queued) if self.role == "mixed" else 0
+        return self.base_load(queued_prefill_tokens=queued, running_reqs=len(d.running) + len(d.resuming),
+                              waiting_reqs=len(d.waiting) + len(d.recompute) + len(d.swap.swapped) + prompts,
                               predicted_decode_tokens=d.predicted_tokens, heavy_decodes=d.heavy,
                               light_decodes=d.num_reqs - d.heavy)

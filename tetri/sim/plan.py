@@ -18,6 +18,7 @@ would let a fast enough burst pass any SLO, so the run must last long enough for
 overload to show.
 
     tetri-plan --workload lphd --slo ttft=1,tpot=0.05 --gpus 8 --model-preset llama3-8b --hardware h200
+    tetri-plan --workload mixed --slo ttft=1,tpot=0.05 --slo ttft=1,tpot=0.025 ...   (both SLOs, DistServe-style)
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=_positive_float, default=8.0,
                    help="seconds of arrivals per run (requests = rate * window, >= --num-requests)")
     p.add_argument("--max-requests", type=int, default=5000, help="cap on requests per run")
-    p.add_argument("--slo", type=_slo, required=True, help="ttft=SECONDS,tpot=SECONDS")
+    p.add_argument("--slo", type=_slo, required=True, action="append",
+                   help="ttft=SECONDS,tpot=SECONDS; give it twice (e.g. tpot=0.05 and tpot=0.025) for one search each")
     p.add_argument("--rates", type=_floats, help="evaluate only these cluster rates (req/s), no bisection")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--decode-policies", nargs="+", choices=DECODE_POLICIES,
@@ -296,16 +298,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"tetri-plan: error: {exc}", file=sys.stderr)
         return 2
-    search = Search(base_reqs, cost, args.slo, args.gpus, args.budget_s, args.attainment, args.window_s,
-                    min_requests, seed=args.seed,
-                    num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-                    max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
-    run_search(search, sorted(set(args.chunk_sizes)), args.decode_policies, args.rates)
-    print(render(search))
+    searches = []
+    for slo in args.slo:  # one search per declared SLO (e.g. TPOT 50 ms and 25 ms), each its own budget
+        search = Search(base_reqs, cost, slo, args.gpus, args.budget_s, args.attainment, args.window_s,
+                        min_requests, seed=args.seed,
+                        num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                        max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
+        run_search(search, sorted(set(args.chunk_sizes)), args.decode_policies, args.rates)
+        if len(args.slo) > 1:
+            print(f"== SLO {_slo_text(slo)}")
+        print(render(search))
+        searches.append(search)
     if args.json_path:
+        doc = to_json(searches[0])
+        if len(searches) > 1:
+            doc["by_slo"] = [to_json(s) for s in searches]
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(to_json(search), indent=2) + "\n")
-    return 0 if search.best() is not None else 1
+        Path(args.json_path).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0 if all(s.best() is not None for s in searches) else 1
+
+
+def _slo_text(slo: Slo) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in (("ttft", slo.ttft_s), ("tpot", slo.tpot_s)) if v != float("inf"))
 
 
 if __name__ == "__main__":

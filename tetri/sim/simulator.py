@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -91,6 +92,8 @@ def _stats(cluster: Cluster, loop: EventLoop, duration_s: float) -> dict[str, An
         "gpu_busy_share": busy_s / (duration_s * len(cluster.workers)) if duration_s > 0 else 0.0,
         "gpu_seconds": duration_s * len(cluster.workers),
         "flips": len(cluster.flip.flips) if cluster.flip is not None else 0,
+        "role_decisions": cluster.flip.decisions if cluster.flip is not None else [],
+        "roles_final": dict(sorted(Counter(w.role for w in cluster.workers).items())),
         "predictions": cluster.predictor.predictions,
         "mispredictions": cluster.predictor.misses,
         "stopped_early": loop.stopped,

@@ -37,6 +37,11 @@ class EventLoop:
     def stop(self) -> None:
         self.stopped = True
 
+    @property
+    def idle(self) -> bool:
+        """No event is scheduled (besides the one running now)."""
+        return not self._heap
+
     def run(self, until_s: float = float("inf")) -> bool:
         """Run events up to `until_s` or a stop(); True when the heap emptied (all done)."""
         while self._heap and not self.stopped:
@@ -83,6 +88,8 @@ class WorkerEnv:
     block_size: int = 16
     max_num_seqs: int = 256
     chunk_size_tokens: int = 512
+    prefill_chunk_tokens: int | None = None
+    """Prefill-role passes (mode auto; None: chunk_size_tokens)."""
     max_batched_tokens: int = 8192
     prefill_policy: str = "fcfs"
     sched_batch: int = 16
@@ -98,6 +105,7 @@ class WorkerEnv:
     preemption_mode: str = "auto"
 
 
+STEP_EWMA = 0.2
 Plan = tuple[float, Callable[[float], None]]
 """A planned step: (duration_s, apply(end_s))."""
 
@@ -110,11 +118,14 @@ class SimWorker:
         self.env = env
         self.blocks = BlockAllocator(env.num_blocks, env.block_size, enable_caching=env.prefix_caching,
                                      host_blocks=env.host_blocks if self.role != "decode" else env.swap_blocks,
-                                     on_copy=self._host_copied)  # as tetri-serve: on decode, the swap space only
+                                     on_copy=self._host_copied,  # as tetri-serve: on decode, the swap space only
+                                     offload_evicted=self.role != "decode")
         self.host_copy_blocks = 0
         """Blocks the host tier copied (either way) since the last `take_host_copy_s`."""
         self.busy = False
         self.paused = False
+        self.step_s = 0.0
+        """Moving mean of this worker's step durations (`WorkerLoad.step_s`)."""
         self.stats = env.stats.setdefault(worker_id, WorkerStats())
         self.held_blocks: dict[str, int] = {}
         """req_id -> blocks it owns in `self.blocks` (a cache of the allocator's answer)."""
@@ -127,6 +138,7 @@ class SimWorker:
         if plan is None:
             return
         duration_s, apply = plan
+        self.step_s += STEP_EWMA * (duration_s - self.step_s)
         self.busy = True
         self.stats.steps += 1
         self.stats.busy_s += duration_s
@@ -219,7 +231,8 @@ class SimWorker:
     def base_load(self, **fields) -> WorkerLoad:
         return WorkerLoad(worker_id=self.worker_id, role=self.role, heartbeat_s=self.env.loop.now,
                           free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_blocks,
-                          block_size=self.env.block_size, max_num_seqs=self.env.max_num_seqs, **fields)
+                          block_size=self.env.block_size, max_num_seqs=self.env.max_num_seqs, step_s=self.step_s,
+                          **fields)
 
     # ---- continuous-batching decode, shared by every role that decodes -------------
     def decode_round(self, running: dict[str, SimRequest], policy, now: float,

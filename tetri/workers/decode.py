@@ -10,6 +10,13 @@ Each step:
      per-block swap copy seconds and per-token seconds of re-prefill steps; a swapped one is
      uploaded back, in priority order, as soon as its blocks fit, before it is due to run);
   3. one forward pass over the decodes (and any re-prefills); the node sends one `TokenBatch`.
+Prefix caching (on with the worker's `CacheConfig`, as on prefill and mixed workers): a
+handoff's prompt blocks this worker already caches under the same hash chain (the previous
+turn of a conversation decoded here) are attached, shared and never written, and only the
+blocks after them are copied; copied prompt blocks are committed once they landed, and each
+block a decode step fills is committed too, so a finished request's blocks stay cached (LRU,
+evicted only when the free list runs out). `handoff_blocks_copied` / `handoff_blocks_cached`
+count the blocks each way (summed over choices).
 Copies run on the peer pair's transfer path (`workers/kv_transfer.py`): on CPU they finish at
 once; on CUDA they run on a copy stream while decode steps go on, and the request joins the
 batch (and `KVCopied` goes out) only once the host has seen the copy's event complete. A
@@ -31,10 +38,11 @@ from dataclasses import dataclass
 from tetri.protocol import Handoff, KVCopied, WorkerError
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
+from tetri.sched.prefix_hash import block_hashes
 from tetri.sched.swap import CostMeter
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.kv_stage import block_stamps
-from tetri.workers.kv_transfer import InflightCopies, InflightCopy, PeerSource, as_source
+from tetri.workers.kv_transfer import Done, InflightCopies, InflightCopy, PeerSource, as_source
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
 
@@ -67,6 +75,10 @@ class DecodeCore:
         self.predicted: dict[str, int] = {}
         self._resumed: list[Seq] = []
         self._preempted = False
+        self.handoff_blocks_copied = 0
+        """Prompt blocks copied in from prefill workers (over every handoff and choice)."""
+        self.handoff_blocks_cached = 0
+        """Prompt blocks attached from this worker's prefix cache instead of copied."""
 
     def add_peer(self, worker_id: int, source) -> None:
         """A peer pool opened for copying (a `PeerSource`, or a pool of this process)."""
@@ -166,6 +178,10 @@ class DecodeCore:
         if prefill_tokens:  # a re-prefill step: its seconds per token, decodes counted as one each
             self.costs.add_prefill(prefill_tokens + len(decodes), time.perf_counter() - start)
         self.policy.on_step([s.key for s in decodes], now)
+        for s in decodes:
+            self.ex.commit_computed(s, decoded=True)
+        for s in self._resumed:
+            self.ex.commit_computed(s)
         for st in sampled:
             seq = st.seq
             if st.finished:
@@ -199,33 +215,48 @@ class DecodeCore:
 
     def _copy_in(self, msg: Handoff) -> WorkerError | None:
         """Start copying a handoff's KV in (one copy per open choice, on the pair's transfer
-        path); `_landed` acks it once complete. A pair with no path fails the request at once;
-        one whose pool is short, or whose blocks the owner has not staged yet, retries later."""
+        path); `_landed` acks it once complete. The prompt's leading blocks this worker caches
+        are attached instead (every choice shares them) and only the rest is copied. A pair
+        with no path fails the request at once; one whose pool is short, or whose blocks the
+        owner has not staged yet, retries later."""
         src = self.peers.get(msg.src_worker)
+        bs = self.ex.block_size
         prompt_len = len(msg.prompt_token_ids)
-        need = blocks_for_tokens(prompt_len + 1, self.ex.block_size) * len(msg.open_choices)
-        src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, self.ex.block_size)]
+        src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, bs)]
         if src is not None and src.src is None:
             return WorkerError(worker_id=self.worker_id, req_id=msg.req_id,
                                message=f"no KV transfer path from worker {msg.src_worker} to worker "
                                        f"{self.worker_id}: {src.error}")
-        stamps = block_stamps(msg.req_id, msg.prompt_token_ids, self.ex.block_size, self.ex.hash_seed,
-                              self.ex.blocks.caching) if src is not None and src.ready_fn is not None else []
-        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids, stamps):
+        hashes = block_hashes(msg.prompt_token_ids, bs, self.ex.hash_seed) if self.ex.blocks.caching else []
+        cached = self.ex.blocks.match(hashes)  # no side effects: attached below, before any allocation
+        k, n = len(cached), len(msg.open_choices)
+        # attaching an unheld cached block takes it off the free count, like allocating one
+        need = (blocks_for_tokens(prompt_len + 1, bs) - k) * n + k
+        stamps = block_stamps(msg.req_id, msg.prompt_token_ids, bs, self.ex.hash_seed,
+                              self.ex.blocks.caching)[k:] if src is not None and src.ready_fn is not None else []
+        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids[k:], stamps):
             self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted, or not staged: retry
             return None
         start = time.perf_counter()
         seqs, completions = [], []
-        for choice in msg.open_choices:
+        for i, choice in enumerate(msg.open_choices):
             seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s,
                       priority=msg.priority, prior_outputs=msg.prior_output_tokens)
             seq.output_ids.append(msg.first_tokens[choice])
             seq.num_computed = prompt_len
-            dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)
-            completions.append(src.copy_into(self.ex.pool, src_ids, dst[: len(src_ids)]))
+            seq.block_hashes = list(hashes)
+            if i == 0:
+                self.ex.blocks.lookup(seq.key, hashes[:k], prompt_len)  # counted once per request
+            else:
+                self.ex.blocks.attach(seq.key, cached)
+            dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)  # the blocks after the cached ones
+            completions.append(src.copy_into(self.ex.pool, src_ids[k:], dst[: len(src_ids) - k]) if k < len(src_ids)
+                               else Done())
             seqs.append(seq)
+        self.handoff_blocks_copied += (len(src_ids) - k) * n
+        self.handoff_blocks_cached += k * n
         self.copies.add(InflightCopy(msg.req_id, msg.src_worker, seqs, completions,
-                                     len(src_ids) * self.ex.pool.layout.block_bytes * len(seqs), src.path, start))
+                                     (len(src_ids) - k) * self.ex.pool.layout.block_bytes * n, src.path, start))
         return None
 
     def _landed(self) -> list[KVCopied]:
@@ -237,6 +268,7 @@ class DecodeCore:
         acks = []
         for copy in self.copies.landed():
             for seq in copy.seqs:
+                self.ex.commit_computed(seq)  # the prompt's full blocks: their KV is here now
                 self.running[seq.key] = seq
             acks.append(KVCopied(worker_id=self.worker_id, req_id=copy.req_id, num_bytes=copy.num_bytes,
                                  seconds=time.perf_counter() - copy.start_s, path=copy.path))
@@ -314,9 +346,11 @@ class DecodeCore:
             if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
                 break
             del self.recompute[key]
-            self.ex.blocks.ensure_capacity(key, seq.num_tokens)
             n = seq.num_tokens - 1
-            segments.append(Segment(seq.tokens(0, n), 0, self.ex.blocks.blocks_of(key), False))
+            begin = self.ex.attach_cached_prefix(seq, n)  # its cached leading blocks, shared
+            self.ex.blocks.ensure_capacity(key, seq.num_tokens)
+            self.ex.blocks.check_writable(key, begin, n)
+            segments.append(Segment(seq.tokens(begin, n), begin, self.ex.blocks.blocks_of(key), False))
             samplers.append([])
             seq.num_computed = n
             self.running[key] = seq

@@ -111,11 +111,12 @@ class Executor:
         self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
-        host_blocks = (HostPool.blocks_for(self.pool.layout, cache_cfg.kv_offloading_size)
-                       if cache_cfg.enable_prefix_caching else 0) + HostPool.blocks_for(self.pool.layout, cache_cfg.swap_space)
+        offload_blocks = HostPool.blocks_for(self.pool.layout, cache_cfg.kv_offloading_size) \
+            if cache_cfg.enable_prefix_caching else 0
+        host_blocks = offload_blocks + HostPool.blocks_for(self.pool.layout, cache_cfg.swap_space)
         self.host_pool = HostPool(self.pool, host_blocks) if host_blocks else None
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching, host_blocks,
-                                     self.host_pool.copy if self.host_pool else None)
+                                     self.host_pool.copy if self.host_pool else None, offload_evicted=offload_blocks > 0)
         if host_blocks:
             log.info("host tier (prefix cache + swap): %d blocks (%.2f GiB%s)", host_blocks,
                      host_blocks * self.pool.layout.block_bytes / 2**30, ", pinned" if self.host_pool.pinned else "")

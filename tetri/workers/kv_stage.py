@@ -176,13 +176,20 @@ class HostStage:
 
     def put(self, pool_data: torch.Tensor, block_ids: list[int], stamp) -> bool:
         """Copy these pool blocks into the mirror (synchronously: done when this returns) and
-        stamp them; False (and nothing written) when /dev/shm has no room for them."""
+        stamp them; False (and nothing written) when /dev/shm has no room for them. A block the
+        mirror already holds under the same stamp is left as it is: a stamp names its content
+        (a prefix hash, or one request's own prompt), so a cached prefix staged for an earlier
+        request is not copied again."""
+        m = self.mirror
+        ids = np.asarray(block_ids, dtype=np.int64)
+        stamps = np.broadcast_to(np.asarray(stamp, dtype=np.int64), ids.shape)
+        stale = m.stamps[ids] != stamps
+        ids, stamp = ids[stale], stamps[stale]
+        block_ids = ids.tolist()
         if not block_ids:
             return True
-        m = self.mirror
         if pool_data.is_cuda:
             m.pin()
-        ids = np.asarray(block_ids, dtype=np.int64)
         new_bytes = int((~self.resident[ids]).sum()) * m.layout.block_bytes
         if new_bytes and shm_free_bytes() < new_bytes + self.ROOM_MARGIN:
             log.error("KV staging mirror %s: no room in /dev/shm for %d MB more; blocks not staged",

@@ -16,8 +16,8 @@ import logging
 import os
 
 from tetri.config import EngineSchedConfig
-from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, PeerPaths, PeerPools, PoolInfo, Release, SetRole,
-                            Shutdown, SubmitMixed, TokenBatch, WorkerError)
+from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, KVCopied, PeerPaths, PeerPools, PoolInfo, Release,
+                            SetRole, Shutdown, SubmitMixed, TokenBatch, WorkerError)
 from tetri.workers.executor import Executor
 
 log = logging.getLogger("tetri.worker")
@@ -200,12 +200,26 @@ class WorkerNode:
                    for req_id, why in self.core.errors]
             self.core.errors.clear()
         self.stalled = not self.core.progressed
-        return [*out, token_batch(self.worker_id, sampled)] if sampled else list(out)
+        out = [*out, token_batch(self.worker_id, sampled)] if sampled else list(out)
+        if self.role == "decode":
+            self._report_evictions(out)
+        else:
+            self.ex.blocks.take_evicted()  # mixed: nobody indexes its cache; keep the list from growing
+        return out
+
+    def _report_evictions(self, out: list) -> None:
+        """Decode workers: the cached hashes evicted so far ride on this step's first KVCopied
+        or TokenBatch (the front's index of what each decode worker caches); with neither they
+        wait for the next step that has one."""
+        carrier = next((m for m in out if isinstance(m, (KVCopied, TokenBatch))), None)
+        if carrier is not None:
+            carrier.evicted_hashes = self.ex.blocks.take_evicted()
 
     def board_fields(self) -> dict:
         core, blocks = self.core, self.ex.blocks
         if self.role == "decode":
-            extra = core.load()
+            extra = core.load() | dict(handoff_blocks_copied=core.handoff_blocks_copied,
+                                       handoff_blocks_cached=core.handoff_blocks_cached)
         elif self.role == "prefill":
             extra = dict(queued_prefill_tokens=core.queued_tokens, running_reqs=core.num_prefilling,
                          waiting_reqs=len(core.done))

@@ -1,0 +1,156 @@
+"""Adaptive roles: the pure RolePolicy (hysteresis, dwell, reasons, no role starved) and the
+FlipPlan pieces it needs (flips to mixed in place, capability-aware minimums)."""
+
+import random
+
+import pytest
+
+from tetri.sched.flip import FlipDecision, FlipPlan
+from tetri.sched.load import WorkerLoad
+from tetri.sched.roles import RolePolicy, decode_pressure
+
+BUSY = 1000  # prefill_busy_tokens in these tests: pressure = queued / 1000
+
+
+def row(wid, role, queued=0, running=0, waiting=0, free=100, step_s=0.0, state="ready"):
+    return WorkerLoad(wid, role, state, queued_prefill_tokens=queued, running_reqs=running, waiting_reqs=waiting,
+                      free_blocks=free, total_blocks=100, max_num_seqs=100, step_s=step_s)
+
+
+def board(prefill_queued, decode_running, roles=("prefill", "prefill", "decode", "decode")):
+    """Every prefill-capable worker with `prefill_queued` tokens, every decode-capable with
+    `decode_running` requests (of 100 slots)."""
+    return [row(i, r, queued=prefill_queued if r != "decode" else 0,
+                running=decode_running if r != "prefill" else 0) for i, r in enumerate(roles)]
+
+
+def test_load_oscillating_inside_the_band_never_flips():
+    policy = RolePolicy(BUSY, high=0.8, room=0.5, dwell_s=1.0, worker_dwell_s=5.0)
+    for step in range(600):  # 60 s at 0.1 s ticks: prefill 0.55..0.75, decode 0.55..0.75
+        swing = 550 + 200 * (step % 7) // 6
+        assert policy.decide(board(swing, swing // 10), step * 0.1) is None
+
+
+def test_spikes_shorter_than_the_dwell_do_not_flip():
+    policy = RolePolicy(BUSY, dwell_s=1.0)
+    for step in range(300):  # starved for 0.5 s, then calm for 0.5 s, over and over
+        starved = (step // 5) % 2 == 0
+        assert policy.decide(board(900 if starved else 100, 10), step * 0.1) is None
+
+
+def test_crossing_the_band_flips_one_step_with_the_reason():
+    policy = RolePolicy(BUSY, high=0.8, room=0.5, dwell_s=1.0)
+    loads = board(900, 10)
+    assert policy.decide(loads, 0.0) is None
+    assert policy.decide(loads, 0.4) is None
+    d = policy.decide(loads, 0.5)  # a move to mixed drains nothing: half the hold
+    assert (d.worker_id, d.from_role, d.to_role) == (2, "decode", "mixed")  # decode -> mixed first: no drain
+    assert d.reason == ("prefill starved for 0.5 s: prefill pressure 0.90 >= 0.8 while decode pressure 0.10 < 0.5; "
+                        "worker 2 decode -> mixed")
+    assert policy.decide(loads, 0.6) is None  # the hold restarts after a decision
+    drain = [row(0, "mixed", queued=900, running=5), row(1, "mixed", queued=900, running=5)]
+    policy = RolePolicy(BUSY, high=0.8, room=0.5, dwell_s=1.0)
+    assert policy.decide(drain, 2.0) is None and policy.decide(drain, 2.9) is None
+    d = policy.decide(drain, 3.0)  # a move out of mixed drains: the full hold
+    assert (d.from_role, d.to_role) == ("mixed", "prefill") and "starved for 1.0 s" in d.reason
+    # decode starved, prefill has room: a prefill worker becomes mixed
+    policy = RolePolicy(BUSY, dwell_s=0.0)
+    d = policy.decide(board(100, 95), 0.0)
+    assert (d.from_role, d.to_role) == ("prefill", "mixed") and d.reason.startswith("decode starved")
+
+
+def test_from_mixed_picks_the_least_to_drain_and_both_starved_only_moves_to_mixed():
+    policy = RolePolicy(BUSY, dwell_s=0.0)
+    loads = [row(0, "mixed", queued=900, running=30), row(1, "mixed", queued=950, running=5),
+             row(2, "mixed", queued=900, running=20)]
+    d = policy.decide(loads, 0.0)
+    assert (d.worker_id, d.from_role, d.to_role) == (1, "mixed", "prefill")
+    both = [row(0, "prefill", queued=5000), row(1, "prefill", queued=4000), row(2, "decode", running=90)]
+    d = RolePolicy(BUSY, dwell_s=0.0).decide(both, 0.0)
+    assert (d.worker_id, d.to_role) == (1, "mixed") and d.reason.startswith("both starved")
+    d = RolePolicy(BUSY, dwell_s=0.0).decide([row(0, "mixed", queued=5000, running=90),
+                                              row(1, "decode", running=90)], 0.0)
+    assert (d.worker_id, d.from_role, d.to_role) == (1, "decode", "mixed")  # no prefill worker left: a decode one
+    assert RolePolicy(BUSY, dwell_s=0.0).decide([row(0, "mixed", queued=5000, running=90),
+                                                 row(1, "mixed", queued=5000, running=90)], 0.0) is None  # no drain
+
+
+def test_no_drain_that_would_starve_the_side_losing_the_worker():
+    policy = RolePolicy(BUSY, dwell_s=0.0)
+    # decode starved, prefill at 0.3 over two mixed workers: one leaving puts 0.6 on the other
+    loads = [row(0, "mixed", queued=300, running=90), row(1, "mixed", queued=300, running=90),
+             row(2, "decode", running=90)]
+    assert policy.decide(loads, 0.0) is None
+    lighter = [row(0, "mixed", queued=200, running=90), row(1, "mixed", queued=200, running=90),
+               row(2, "decode", running=90)]
+    d = policy.decide(lighter, 1.0)  # 0.2 x 2 / 1 = 0.4 < 0.5
+    assert (d.from_role, d.to_role) == ("mixed", "decode")
+
+
+def test_a_worker_that_flipped_waits_its_dwell():
+    policy = RolePolicy(BUSY, dwell_s=0.0, worker_dwell_s=10.0)
+    d = policy.decide([row(0, "mixed", queued=900, running=5), row(1, "decode", running=5),
+                       row(2, "decode", running=5)], 0.0)
+    assert (d.worker_id, d.to_role) == (1, "mixed")
+    d = policy.decide([row(0, "mixed", queued=900, running=5), row(1, "mixed", queued=900, running=1),
+                       row(2, "decode", running=5)], 1.0)
+    assert (d.worker_id, d.to_role) == (2, "mixed")
+    starved = [row(0, "mixed", queued=900, running=5), row(1, "mixed", queued=900, running=1),
+               row(2, "mixed", queued=900, running=1)]
+    d = policy.decide(starved, 2.0)
+    assert (d.worker_id, d.to_role) == (0, "prefill")  # 1 and 2 hold fewer, but flipped under 10 s ago
+    later = [row(0, "prefill", queued=900), *starved[1:]]
+    assert policy.decide(later, 10.5).worker_id == 1  # worker 1's dwell (from t=0) is over
+
+
+def test_decode_pace_against_the_declared_tpot():
+    assert decode_pressure(row(0, "decode", running=10, step_s=0.020), tpot_s=0.025) == pytest.approx(0.8)
+    assert decode_pressure(row(0, "decode", running=10, step_s=0.020)) == pytest.approx(0.1)
+    assert decode_pressure(row(0, "decode", running=0, step_s=0.020), tpot_s=0.025) == 0.0  # nothing decoding
+    policy = RolePolicy(BUSY, dwell_s=0.0, tpot_s=0.025)
+    pace = [row(0, "prefill", queued=300), row(1, "prefill", queued=100), row(2, "decode", running=10, step_s=0.024)]
+    d = policy.decide(pace, 0.0)
+    assert (d.worker_id, d.to_role) == (1, "mixed") and "decode pressure 0.96" in d.reason
+    assert RolePolicy(BUSY, dwell_s=0.0).decide(pace, 0.0) is None  # no declared TPOT: 10 of 100 slots is room
+
+
+def test_never_a_decision_that_leaves_no_worker_able_to_prefill_or_decode():
+    rng = random.Random(0)
+    roles = {0: "prefill", 1: "decode", 2: "mixed"}
+    policy = RolePolicy(BUSY, dwell_s=0.0, worker_dwell_s=0.0)
+    decisions = 0
+    for t in range(2000):
+        loads = [row(w, r, queued=rng.choice([0, 300, 900, 5000]) if r != "decode" else 0,
+                     running=rng.choice([0, 10, 60, 100]) if r != "prefill" else 0) for w, r in roles.items()]
+        d = policy.decide(loads, float(t))
+        if d is None:
+            continue
+        decisions += 1
+        assert d.from_role == roles[d.worker_id] and d.reason
+        roles[d.worker_id] = d.to_role
+        assert any(r in ("prefill", "mixed") for r in roles.values()), roles
+        assert any(r in ("decode", "mixed") for r in roles.values()), roles
+    assert decisions > 20  # it did move workers around
+
+
+def test_flip_plan_flips_to_mixed_in_place_and_drains_the_rest():
+    plan = FlipPlan({0: "prefill", 1: "decode", 2: "decode"}, in_place_to_mixed=True)
+    plan.on_dispatch("a", 1)
+    assert plan.begin(FlipDecision(1, "decode", "mixed"))
+    assert plan.poll() == [FlipDecision(1, "decode", "mixed")]  # owns "a" and flips anyway
+    assert plan.on_flipped(1) and plan.role_of(1) == "mixed" and plan.outstanding(1) == {"a"}
+    assert plan.begin(FlipDecision(1, "mixed", "prefill"))
+    assert plan.poll() == []  # a flip away from mixed drains
+    plan.on_done("a", 1)
+    assert plan.poll() == [FlipDecision(1, "mixed", "prefill")]
+    drains = FlipPlan({0: "prefill", 1: "decode", 2: "decode"})
+    drains.on_dispatch("b", 1)
+    assert drains.begin(FlipDecision(1, "decode", "mixed")) and drains.poll() == []  # default: every flip drains
+
+
+def test_flip_plan_counts_mixed_workers_as_able_to_do_both():
+    plan = FlipPlan({0: "mixed", 1: "decode"})
+    assert not plan.begin(FlipDecision(0, "mixed", "decode"))  # the only worker able to prefill
+    assert plan.begin(FlipDecision(1, "decode", "prefill"))  # worker 0 still decodes
+    plan = FlipPlan({0: "prefill", 1: "mixed"})
+    assert plan.begin(FlipDecision(0, "prefill", "decode"))

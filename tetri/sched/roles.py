@@ -1,0 +1,193 @@
+"""Adaptive roles (issue 19 item 3): move workers between prefill, mixed and decode with the load.
+
+Pure policy: `RolePolicy.decide(loads, now)` reads the load board's rows (as `FlipPlan.view`
+shows them) and returns a `FlipDecision` with a `reason`, or None; the caller drives the
+flip through `FlipPlan` as for any instance flip. Roles lie on a line,
+
+    prefill  --  mixed  --  decode
+
+and one decision moves one worker one step along it: toward `prefill` when prefill is the
+bottleneck, toward `decode` when decode is. A `mixed` worker (chunked prefill, Sarathi-style)
+takes prompts from level-1 dispatch, keeps the requests it prefilled and decodes them itself,
+and also takes handoffs from prefill workers.
+
+Signals, over `ready` workers (a draining worker stops every decision: one flip at a time):
+  prefill pressure P = mean over prefill-capable workers (prefill, mixed) of
+                       min(1, queued_prefill_tokens / prefill_busy_tokens)
+  decode pressure  D = mean over decode-capable workers (decode, mixed) of the most of
+                       (running + waiting) / max_num_seqs, used / total blocks and, with a
+                       declared TPOT SLO `tpot_s`, step_s / tpot_s (its pace), capped at 1
+Hysteresis: a side is *starved* when its pressure is >= `high`, and *has room* when its
+pressure is < `room`; `room` < `high`, so a load oscillating between them changes nothing.
+  P starved and D has room, held for `dwell_s`:  decode -> mixed (the least-loaded decode
+      worker) if there is one, else mixed -> prefill (the mixed worker holding fewest
+      requests: least to drain);
+  D starved and P has room, held for `dwell_s`:  prefill -> mixed (the prefill worker with
+      the shortest queue) if there is one, else mixed -> decode (the shortest prefill queue);
+  both starved, held for `in_place_dwell_s`:  prefill -> mixed, else decode -> mixed (each
+      keeps its work and takes the other phase's as well; a drain would take capacity
+      away from both).
+A move out of mixed (a drain) is also refused when the side losing the worker would be left
+at a pressure >= `room` over its remaining workers (pressure x n / (n - 1)). A move to mixed
+drains nothing and needs only `in_place_dwell_s` (default dwell_s / 2) of hold. A worker
+that flipped is not moved again for `worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready worker able to prefill or to decode
+(`FlipPlan.begin` checks the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tetri.sched.dispatch import load_share, slot_cap
+from tetri.sched.flip import CAN_DECODE, CAN_PREFILL, FlipDecision
+from tetri.sched.load import WorkerLoad
+
+KEEP_SLACK = 0.125
+"""A mixed worker hands a request it prefilled to another worker only when that one is
+emptier by more than this share of a worker (32 of 256 slots)."""
+
+TOWARD_PREFILL = {"decode": "mixed", "mixed": "prefill"}
+TOWARD_DECODE = {"prefill": "mixed", "mixed": "decode"}
+
+
+def keeps_its_decode(own: WorkerLoad, target: WorkerLoad, slack: float = KEEP_SLACK) -> bool:
+    """A mixed worker decodes what it prefilled (no KV copy) unless `target`, level-2
+    dispatch's pick over the decode-capable workers, is less loaded by more than `slack`
+    (load share: the fuller of slots and KV blocks, as TetriDecode reads it)."""
+    if target.worker_id == own.worker_id:
+        return True
+    return float(load_share(own, slot_cap(own))) <= float(load_share(target, slot_cap(target))) + slack
+
+
+def prefill_pressure(load: WorkerLoad, busy_tokens: int) -> float:
+    return min(1.0, load.queued_prefill_tokens / busy_tokens)
+
+
+def decode_pressure(load: WorkerLoad, tpot_s: float | None = None, default_seqs: int = 256) -> float:
+    slots = load.max_num_seqs or default_seqs
+    seqs = (load.running_reqs + load.waiting_reqs) / slots
+    blocks = (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks > 0 else 0.0
+    pace = load.step_s / tpot_s if tpot_s and load.running_reqs else 0.0
+    return min(1.0, max(seqs, blocks, pace))
+
+
+@dataclass(frozen=True)
+class Pressures:
+    prefill: float
+    decode: float
+
+
+def pressures(ready: list[WorkerLoad], busy_tokens: int, tpot_s: float | None = None) -> Pressures | None:
+    p_rows = [w for w in ready if w.role in CAN_PREFILL]
+    d_rows = [w for w in ready if w.role in CAN_DECODE]
+    if not p_rows or not d_rows:
+        return None
+    return Pressures(sum(prefill_pressure(w, busy_tokens) for w in p_rows) / len(p_rows),
+                     sum(decode_pressure(w, tpot_s) for w in d_rows) / len(d_rows))
+
+
+class RolePolicy:
+    """When to move which worker to which role; the rule is in the module docstring."""
+
+    def __init__(self, prefill_busy_tokens: int = 2048, high: float = 0.8, room: float = 0.5,
+                 dwell_s: float = 1.0, worker_dwell_s: float = 10.0, tpot_s: float | None = None,
+                 in_place_dwell_s: float | None = None) -> None:
+        """`in_place_dwell_s` (default dwell_s / 2): the hold before a move TO mixed, which
+        drains nothing; a move out of mixed (a drain) needs `dwell_s`."""
+        if not 0.0 < room < high <= 1.0:
+            raise ValueError("need 0 < room < high <= 1")
+        if prefill_busy_tokens < 1 or dwell_s < 0 or worker_dwell_s < 0:
+            raise ValueError("need prefill_busy_tokens >= 1, dwell_s >= 0, worker_dwell_s >= 0")
+        self.prefill_busy_tokens = prefill_busy_tokens
+        self.high = high
+        self.room = room
+        self.dwell_s = dwell_s
+        self.worker_dwell_s = worker_dwell_s
+        self.tpot_s = tpot_s
+        self.in_place_dwell_s = dwell_s / 2 if in_place_dwell_s is None else min(in_place_dwell_s, dwell_s)
+        self._since: tuple[str, float] | None = None
+        """(the starved side, since when) while one side has been starved continuously."""
+        self._last_flip_s: dict[int, float] = {}
+
+    def starved_side(self, p: Pressures) -> str | None:
+        if p.prefill >= self.high and p.decode >= self.high:
+            return "both"
+        if p.prefill >= self.high and p.decode < self.room:
+            return "prefill"
+        if p.decode >= self.high and p.prefill < self.room:
+            return "decode"
+        return None
+
+    def _settled(self, load: WorkerLoad, now: float) -> bool:
+        last = self._last_flip_s.get(load.worker_id)
+        return last is None or now - last >= self.worker_dwell_s
+
+    def _leaves_room(self, ready: list[WorkerLoad], worker: WorkerLoad, to_role: str, p: Pressures) -> bool:
+        """A move out of mixed takes a capability away: the other side's pressure, spread over
+        the workers left with it, must stay below `room` (else the move would starve it)."""
+        if worker.role != "mixed":
+            return True
+        able, pressure = (CAN_DECODE, p.decode) if to_role == "prefill" else (CAN_PREFILL, p.prefill)
+        count = sum(1 for w in ready if w.role in able)
+        return count > 1 and pressure * count / (count - 1) < self.room
+
+    def _pick(self, ready: list[WorkerLoad], side: str, now: float) -> WorkerLoad | None:
+        steps = TOWARD_PREFILL if side == "prefill" else TOWARD_DECODE
+        # the role that gives up nothing first (decode -> mixed keeps decoding; prefill -> mixed keeps
+        # prefilling); both starved: only those (a prefill worker takes decodes too, then a decode
+        # worker takes prompts too), never a drain
+        order = {"prefill": ("decode", "mixed"), "decode": ("prefill", "mixed"), "both": ("prefill", "decode")}[side]
+        for role in order:
+            cands = [w for w in ready if w.role == role and self._settled(w, now) and not self._starves(ready, w)]
+            if not cands:
+                continue
+            if role == "mixed":  # it will drain: least to drain
+                key = (lambda w: (w.running_reqs + w.waiting_reqs, w.queued_prefill_tokens, w.worker_id)) \
+                    if steps["mixed"] == "prefill" else (lambda w: (w.queued_prefill_tokens, w.worker_id))
+            elif role == "decode":
+                key = lambda w: (decode_pressure(w), w.worker_id)  # noqa: E731
+            else:
+                key = lambda w: (w.queued_prefill_tokens, w.worker_id)  # noqa: E731
+            return min(cands, key=key)
+        return None
+
+    @staticmethod
+    def _starves(ready: list[WorkerLoad], worker: WorkerLoad) -> bool:
+        """Taking `worker` out (draining) would leave no other ready worker able to prefill or decode."""
+        others = [w for w in ready if w.worker_id != worker.worker_id]
+        return any(worker.role in able and not any(w.role in able for w in others) for able in (CAN_PREFILL,
+                                                                                                   CAN_DECODE))
+
+    def decide(self, loads: list[WorkerLoad], now: float) -> FlipDecision | None:
+        if any(w.state == "draining" for w in loads):
+            self._since = None
+            return None
+        ready = [w for w in loads if w.state == "ready" and w.role in ("prefill", "decode", "mixed")]
+        p = pressures(ready, self.prefill_busy_tokens, self.tpot_s)
+        side = None if p is None else self.starved_side(p)
+        if side is None:
+            self._since = None
+            return None
+        if self._since is None or self._since[0] != side:
+            self._since = (side, now)
+        held_s = now - self._since[1]
+        if held_s < self.in_place_dwell_s:
+            return None
+        worker = self._pick(ready, side, now)
+        if worker is None or (worker.role == "mixed" and held_s < self.dwell_s):
+            return None
+        to_role = "mixed" if side == "both" else (TOWARD_PREFILL if side == "prefill" else TOWARD_DECODE)[worker.role]
+        if not self._leaves_room(ready, worker, to_role, p):
+            return None
+        self._since = None
+        self._last_flip_s[worker.worker_id] = now
+        return FlipDecision(worker.worker_id, worker.role, to_role, self._reason(side, p, worker, to_role, held_s))
+
+    def _reason(self, side: str, p: Pressures, worker: WorkerLoad, to_role: str, held_s: float) -> str:
+        move = f"worker {worker.worker_id} {worker.role} -> {to_role}"
+        if side == "both":
+            return (f"both starved for {held_s:.1f} s: prefill pressure {p.prefill:.2f} and decode pressure "
+                    f"{p.decode:.2f} >= {self.high:g}; {move}")
+        other = "decode" if side == "prefill" else "prefill"
+        return (f"{side} starved for {held_s:.1f} s: {side} pressure {getattr(p, side):.2f} >= {self.high:g}"
+                f" while {other} pressure {getattr(p, other):.2f} < {self.room:g}; {move}")
