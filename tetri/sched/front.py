@@ -17,6 +17,8 @@ decisions from load-board snapshots. It performs no I/O: each method returns `Ac
     and tells the workers how many of its prompt's last tokens are outputs already
     (`prior_output_tokens`), so max/min_tokens, penalties and seeded draws go on from the
     position the stream had reached.
+    no live decode worker at the handoff: AWAIT_DECODE with no decode worker, the prefill
+    copy held (`parked_handoffs`) until `unpark` finds one.
     AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails.
 Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
 
@@ -69,6 +71,7 @@ class FrontScheduler:
         self.reqs: dict[str, FrontReq] = {}
         self.parked: list[str] = []
         """Migrated requests waiting for a live worker of the role (a restart); deadline-bound."""
+        self.parked_handoffs: dict[str, tuple[FrontReq, int, PrefillResult, ReqInfo]] = {}
         self.migrated_total = 0
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
@@ -100,6 +103,7 @@ class FrontScheduler:
 
     def _drop(self, req_id: str) -> FrontReq | None:
         req = self.reqs.pop(req_id, None)
+        self.parked_handoffs.pop(req_id, None)
         if req is not None:
             self._released(req_id, req.prefill_worker)
             self._released(req_id, req.decode_worker)
@@ -233,14 +237,16 @@ class FrontScheduler:
             self._drop(req.req_id)
             return
         view = self._view(loads)
-        info = self._decode_prefix(req, self._predict(req, res, prediction, predicted), wid, view)
+        predicted_info = self._predict(req, res, prediction, predicted)
         try:
-            did = self.level2.pick([w for w in view if w.role == "decode"], info)
-        except NoWorker:
-            acts.send(wid, Release(req_id=req.req_id))
-            acts.fails.append((req.req_id, "no live decode worker"))
-            self._drop(req.req_id)
+            did = self.level2.pick([w for w in view if w.role == "decode"],
+                                   self._decode_prefix(req, predicted_info, wid, view))
+        except NoWorker:  # no live decode worker: the prefilled KV waits for a restart, deadline-bound
+            front_failover.park_handoff(self, req, wid, res, predicted_info, now)
             return
+        self._hand_off(req, wid, did, res, now, acts)
+
+    def _hand_off(self, req: FrontReq, wid: int, did: int, res: PrefillResult, now: float, acts: Actions) -> None:
         req.state, req.decode_worker = ReqState.AWAIT_DECODE, did
         self._owned(req, did)
         req.deadline_s = now + self.cfg.handoff_timeout_s
@@ -329,6 +335,9 @@ class FrontScheduler:
             if req.state is ReqState.PREFILLING:
                 acts.send(req.prefill_worker, Abort(req_id=req_id))
             self._drop(req_id)
+        elif req.state is ReqState.AWAIT_DECODE and req.decode_worker is None:  # parked: no decode worker has it
+            acts.send(req.prefill_worker, Release(req_id=req_id))
+            self._drop(req_id)
         elif req.state is ReqState.AWAIT_DECODE:
             req.aborting = True  # Release the prefill copy once the decode worker says Dropped
             acts.send(req.decode_worker, Abort(req_id=req_id))
@@ -353,9 +362,9 @@ class FrontScheduler:
     def on_worker_dead(self, wid: int, loads: list[WorkerLoad] | None = None, migrate: bool = False) -> Actions:
         return front_failover.on_worker_dead(self, wid, loads, migrate)
 
-    def unpark(self, loads: list[WorkerLoad]) -> Actions:
-        """A worker came back: place the parked requests (those still waiting)."""
-        return front_failover.unpark(self, loads)
+    def unpark(self, loads: list[WorkerLoad], now: float) -> Actions:
+        """A worker came back: place the parked requests and the parked handoffs."""
+        return front_failover.unpark(self, loads, now)
 
     def expire(self, now: float) -> Actions:
         """Every state has a deadline: the handoff must be admitted within handoff_timeout_s,
