@@ -38,14 +38,14 @@ from dataclasses import replace
 
 from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
                             Release, SetRole, SubmitMixed)
-from tetri.sched import front_failover
+from tetri.sched import front_failover, front_prefix
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.decode_affinity import PrefixAffinityDecode
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
 from tetri.sched.load import ReqInfo, WorkerLoad
-from tetri.sched.prefix_hash import block_hashes, cacheable_blocks, extend_block_hashes
+from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
 
 __all__ = ["Actions", "FrontConfig", "FrontReq", "FrontScheduler", "ReqState"]
@@ -292,9 +292,10 @@ class FrontScheduler:
         return acts
 
     def decode_evicted(self, wid: int, hashes: list[bytes]) -> None:
-        """A decode worker's eviction report (on its KVCopied and TokenBatch messages)."""
+        """A decode or mixed worker's eviction report (on its KVCopied and TokenBatch messages)."""
         if hashes:
             self.decode_index.evicted(wid, hashes)
+            self.prefix_index.evicted(wid, hashes)  # a mixed worker's entries
 
     def on_choice_finished(self, req_id: str, choice: int) -> None:
         req = self.reqs.get(req_id)
@@ -306,14 +307,7 @@ class FrontScheduler:
             self._drop(req_id)
 
     def _index_decoded(self, req: FrontReq) -> None:
-        """A request that decoded on a decode worker ended: the full blocks of what it computed
-        there (context and choice 0's outputs but the last) stay cached there."""
-        if not self.cfg.prefix_caching or req.block_hashes is None or req.decode_worker in (None, req.prefill_worker):
-            return
-        tokens = req.prompt_token_ids + req.output_ids
-        hashes = extend_block_hashes(list(req.block_hashes), tokens, req.hash_block_tokens, self.cfg.prefix_hash_seed,
-                                     len(tokens) - 1)
-        self.decode_index.add(req.decode_worker, hashes[len(req.block_hashes):])
+        front_prefix.index_decoded(self, req)
 
     # ---- aborts, deaths, deadlines -----------------------------------------------------
     def abort(self, req_id: str, choice: int | None = None) -> Actions:
@@ -349,6 +343,8 @@ class FrontScheduler:
     def record_output(self, req_id: str, choice: int, token_ids: list[int]) -> None:
         req = self.reqs.get(req_id)
         if req is not None and choice == 0:
+            if not req.output_ids:
+                front_prefix.index_mixed_prefill(self, req)
             req.output_ids.extend(token_ids)
 
     def owns(self, req_id: str, worker_id: int, decoding: bool) -> bool:
