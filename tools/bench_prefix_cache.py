@@ -129,8 +129,10 @@ def summarize(results: dict[str, list[dict]], servers: dict[str, ServerProc]) ->
                   file=sys.stderr)
         recs = [r for r in recs if not r.get("error")]
         rows = servers[name].workers()
-        queries = sum(w["prefix_cache_queries"] for w in rows)
-        hits = sum(w["prefix_cache_hits"] for w in rows)
+        prefilling = [w for w in rows if w["role"] in ("prefill", "mixed")]  # decode workers' lookups: below
+        queries = sum(w["prefix_cache_queries"] for w in prefilling)
+        hits = sum(w["prefix_cache_hits"] for w in prefilling)
+        handoff = {k: sum(w.get(k, 0) for w in rows) for k in ("handoff_blocks_copied", "handoff_blocks_cached")}
         turns = sorted({r["turn"] for r in recs})
         block_size = next((w["block_size"] for w in rows if w.get("block_size")), 16)
         report[name] = dict(requests=len(recs), failed=len(errors),
@@ -142,7 +144,7 @@ def summarize(results: dict[str, list[dict]], servers: dict[str, ServerProc]) ->
                             mean_output_tokens=_mean(len(r["token_ids"]) for r in recs),
                             prefix_cache_queries=queries, prefix_cache_hits=hits,
                             hits_from_earlier_waves=hits_from_earlier_waves(recs, block_size) if name == ON else 0,
-                            hit_rate=hits / queries if queries else 0.0,
+                            hit_rate=hits / queries if queries else 0.0, **handoff,
                             idle_all_blocks_free=servers[name].wait_idle(30.0),
                             per_request=[{k: r[k] for k in ("conversation", "turn", "wave", "prompt_tokens", "ttft_s")}
                                          | {"output_tokens": len(r["token_ids"])} for r in recs])
@@ -185,6 +187,7 @@ def print_report(report: dict) -> None:
     print(f"{'':28s}{ON:>14s}{OFF:>14s}")
     for key in ("requests", "failed", "mean_prompt_tokens", "mean_output_tokens", "mean_ttft_s", "median_ttft_s",
                 "mean_ttft_later_turns_s", "prefix_cache_hits", "hits_from_earlier_waves", "prefix_cache_queries",
+                "handoff_blocks_copied", "handoff_blocks_cached",
                 "hit_rate", "idle_all_blocks_free"):
         a, b = report[ON][key], report[OFF][key]
         fmt = (lambda v: f"{v:14.4f}") if isinstance(a, float) else (lambda v: f"{v!s:>14s}")

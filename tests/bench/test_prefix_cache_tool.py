@@ -32,10 +32,13 @@ def test_hits_a_lossless_cache_must_serve_count_only_earlier_waves_full_blocks()
 
 class _Server:
     def __init__(self, hits: int, queries: int) -> None:
-        self.row = dict(prefix_cache_queries=queries, prefix_cache_hits=hits, block_size=16)
+        self.row = dict(role="prefill", prefix_cache_queries=queries, prefix_cache_hits=hits, block_size=16)
+        # a decode worker's handoff lookups are not the prefill cache's hit rate
+        self.decode = dict(role="decode", prefix_cache_queries=queries, prefix_cache_hits=queries,
+                           handoff_blocks_copied=3, handoff_blocks_cached=5, block_size=16)
 
     def workers(self):
-        return [self.row]
+        return [self.row, self.decode]
 
     def wait_idle(self, timeout_s):
         return True
@@ -51,4 +54,5 @@ def test_summary_ratios_and_a_differing_output_is_counted():
     assert report["mean_ttft_ratio_by_turn"] == [1.0, 0.25]
     assert report["outputs_identical"] == "1/2" and not report["all_outputs_identical"]
     assert report[tool.ON]["hits_from_earlier_waves"] == 16 and report[tool.ON]["hit_rate"] == 16 / 60
+    assert report[tool.ON]["handoff_blocks_cached"] == 5 and report[tool.ON]["handoff_blocks_copied"] == 3
     assert report[tool.ON]["mean_output_tokens"] == 1.5
