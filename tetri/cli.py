@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-offloading-size", type=float, default=0.0,
                    help="GiB of host memory per worker for a host tier of the prefix cache: evicted cached "
                         "blocks are copied there (pinned on CUDA) and back on a hit (default 0: off)")
+    g.add_argument("--swap-space", type=float, default=0.0,
+                   help="GiB of host memory per decoding worker for the KV of preempted requests, swapped "
+                        "out and back in instead of recomputed (default 0: always recompute)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g = ap.add_argument_group("scheduling")
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-sched-batch", type=int, default=16)
     g.add_argument("--decode-policy", default="greedy", choices=DECODE_POLICIES)
     g.add_argument("--heavy-decode-tokens", type=int, default=128)
+    g.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"),
+                   help="a decode worker's preempted request: swap its KV (needs --swap-space), recompute "
+                        "it, or auto: the lower measured cost (default)")
     g.add_argument("--predictor", default="none",
                    help="output-length predictor: none | oracle (the forced length of ignore_eos requests) | model:DIR")
     g.add_argument("--bucket-tokens", type=int, default=200, help="predictor bucket width in tokens")
@@ -198,9 +204,9 @@ def build_engine(args):
     cache = CacheConfig(block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching,
-                        kv_offloading_size=args.kv_offloading_size)
+                        kv_offloading_size=args.kv_offloading_size, swap_space=args.swap_space)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
-                              heavy_decode_tokens=args.heavy_decode_tokens)
+                              heavy_decode_tokens=args.heavy_decode_tokens, preemption_mode=args.preemption_mode)
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
                         prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
                         dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens,

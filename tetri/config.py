@@ -56,6 +56,9 @@ class CacheConfig:
     kv_offloading_size: float = 0.0
     """GiB of host memory per worker for the prefix cache's host tier (vLLM's flag and unit; 0: off):
     evicted cached blocks are copied there and copied back on a hit instead of recomputed."""
+    swap_space: float = 0.0
+    """GiB of host memory per decoding worker for swapped-out KV of preempted requests (vLLM's
+    flag and unit; 0: preemption always recomputes). Shares the host tier with kv_offloading_size."""
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size must be a power of 2 <= 256")
@@ -63,6 +66,7 @@ class CacheConfig:
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1")
         _require(self.kv_offloading_size >= 0, "kv_offloading_size must be >= 0")
+        _require(self.swap_space >= 0, "swap_space must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,15 @@ class EngineSchedConfig:
     decode_policy: str = "greedy"
     heavy_decode_tokens: int = 128
     """A decode predicted to produce more tokens than this counts as heavy on the load board."""
+    preemption_mode: str = "auto"
+    """A decode worker's preempted request: "swap" its KV to the host (needs swap_space),
+    "recompute" it, or "auto": whichever measured cost is lower (`tetri.sched.swap`)."""
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, "chunk_size must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.heavy_decode_tokens >= 0, "heavy_decode_tokens must be >= 0")
+        _require(self.preemption_mode in ("auto", "swap", "recompute"), "preemption_mode must be auto, swap or recompute")
 
 
 @dataclass(frozen=True)

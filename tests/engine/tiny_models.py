@@ -51,11 +51,14 @@ def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, dtype: to
 
 
 def hf_greedy_each(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,
-                   dtype: torch.dtype = torch.float32) -> list[list[int]]:
-    """HF `generate` greedy for each prompt alone (batch 1: no padding), the model loaded once."""
+                   dtype: torch.dtype = torch.float32, ignore_eos: bool = False) -> list[list[int]]:
+    """HF `generate` greedy for each prompt alone (batch 1: no padding), the model loaded once;
+    `ignore_eos`: always `max_new_tokens` (SamplingParams.ignore_eos)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    if ignore_eos:
+        model.generation_config.eos_token_id = None
     outs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])

@@ -21,9 +21,10 @@ class Cluster:
                  decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
                  heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None,
                  kv_offloading_size: float = 0.0, dispatch_policy: str = "least-loaded",
-                 global_policy: str = "least-loaded") -> None:
+                 global_policy: str = "least-loaded", swap_space: float = 0.0, preemption_mode: str = "auto") -> None:
         loaded = loaded or load_model(model_dir)
         extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
+        extra.update({} if preemption_mode == "auto" else {"preemption_mode": preemption_mode})
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy, **extra)
         self.nodes: dict[int, WorkerNode] = {}
         pools = {}
@@ -31,7 +32,8 @@ class Cluster:
         for wid, role in enumerate(roles):
             blocks = decode_blocks if role == "decode" and decode_blocks is not None else num_blocks
             ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching,
-                                                                    kv_offloading_size=kv_offloading_size),
+                                                                    kv_offloading_size=kv_offloading_size,
+                                                                    swap_space=swap_space if role == "decode" else 0.0),
                           loaded=loaded)
             pools[wid] = ex.pool
             self.nodes[wid] = WorkerNode(wid, role, ex, sched)

@@ -164,9 +164,14 @@ def test_invariants_catch_a_hash_in_both_tiers_and_a_leaked_host_block():
         alloc.check_invariants()
 
 
-def test_caching_off_or_zero_size_has_no_host_tier():
-    assert BlockAllocator(4, 4, enable_caching=False, host_blocks=8).host is None
+def test_zero_size_has_no_host_tier_and_caching_off_caches_nothing_there():
     assert BlockAllocator(4, 4, enable_caching=True, host_blocks=0).host is None
+    alloc = BlockAllocator(4, 4, enable_caching=False, host_blocks=8)  # the KV swap's space only
+    alloc.ensure_capacity("a", 16)
+    alloc.free("a")
+    alloc.ensure_capacity("b", 16)
+    assert alloc.host.num_cached == 0 and alloc.offloaded_blocks == 0
+    alloc.check_invariants()
 
 
 PREFIXES = [[f * 100 + i for i in range(20)] for f in range(4)]

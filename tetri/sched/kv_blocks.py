@@ -23,6 +23,14 @@ is reported evicted. `lookup` continues past the GPU-cached prefix into host-cac
 it allocates GPU blocks for them and asks for `on_copy(host_ids, gpu_ids, False)` (the
 upload), after which they are ordinary cached, held blocks. A hash is never in both tiers.
 
+KV swap (issue 19 item 5; the host tier then exists with caching off too): `swap_out(owner)`
+holds host blocks for every block of `owner` (its unhashed last partial block included),
+asks for the offload `on_copy(gpu_ids, host_ids, True)` and frees the GPU blocks;
+`swap_in(owner)` allocates GPU blocks, asks for the upload and frees the host ones;
+`drop_swapped(owner)` frees them unread (the job ended while swapped out). With
+`offload_evicted=False` the host tier is the swap space only (evicted cached blocks drop). The copy is asked
+for before anything can rewrite the GPU blocks freed, so on one stream the order holds.
+
 Invariants (`check_invariants`): every block is in exactly one of free, evictable (cached,
 no holder) or held (ref >= 1); ref[b] is the number of owner lists naming b; a block held
 more than once is cached; the hash maps are inverse of each other and name only cached
@@ -50,7 +58,7 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False, host_blocks: int = 0,
-                 on_copy: CopyFn | None = None) -> None:
+                 on_copy: CopyFn | None = None, offload_evicted: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
@@ -70,12 +78,16 @@ class BlockAllocator:
         """Of those, tokens found cached (vLLM's prefix_cache_hits)."""
         self.evictions = 0
         """Cached blocks evicted to make room."""
-        self.host = HostBlocks(host_blocks) if enable_caching and host_blocks > 0 else None
+        self.host = HostBlocks(host_blocks) if host_blocks > 0 else None
+        self.offload_evicted = offload_evicted
+        """Evicted cached blocks go to the host tier (False: it is the KV swap's space only)."""
         self.on_copy = on_copy
         self.host_hits = 0
         """Of `hits`, tokens found in the host tier (uploaded)."""
         self.offloaded_blocks = 0
         self.uploaded_blocks = 0
+        self.swapped_out_blocks = 0
+        self.swapped_in_blocks = 0
         self._last_lookup = (0, 0, 0)  # (queried, hit, host-hit tokens) of the last lookup
 
     @property
@@ -108,7 +120,7 @@ class BlockAllocator:
         h = self._hash_of.pop(block)
         del self._by_hash[h]
         self.evictions += 1
-        if self.host is None:
+        if self.host is None or not self.offload_evicted:
             self._evicted.append(h)
             return block
         x, dropped = self.host.put(h)
@@ -162,6 +174,44 @@ class BlockAllocator:
                 else:
                     self._free.append(b)
         return len(ids)
+
+    # ---- KV swap -------------------------------------------------------------------------
+    def can_swap_out(self, owner: Hashable) -> bool:
+        n = len(self._owned.get(owner, ()))
+        return self.host is not None and n > 0 and self.host.can_hold(n) and not self.host.held_by(owner)
+
+    def swapped_blocks(self, owner: Hashable) -> int:
+        return len(self.host.held_by(owner)) if self.host is not None else 0
+
+    def swap_out(self, owner: Hashable) -> int:
+        """Offload every block of `owner` to held host blocks and free them here; return how
+        many (0, nothing done, when the host tier cannot hold them: recompute instead)."""
+        if not self.can_swap_out(owner):
+            return 0
+        ids = self._owned[owner]
+        host_ids, dropped = self.host.hold(owner, len(ids))
+        self._evicted.extend(dropped)
+        self._copy(list(ids), host_ids, True)
+        self.swapped_out_blocks += len(ids)
+        return self.free(owner)
+
+    def swap_in(self, owner: Hashable) -> list[int]:
+        """Allocate GPU blocks for swapped-out `owner` (holding none here), upload its KV into
+        them and free the host blocks; returns the new block ids (raises OutOfBlocks)."""
+        host_ids = self.host.held_by(owner) if self.host is not None else []
+        if not host_ids:
+            raise ValueError(f"{owner!r} is not swapped out")
+        if self._owned.get(owner):
+            raise ValueError(f"{owner!r} already holds blocks")
+        gpu_ids = self.allocate(owner, len(host_ids))
+        self._copy(list(host_ids), gpu_ids, False)
+        self.host.unhold(owner)
+        self.swapped_in_blocks += len(gpu_ids)
+        return gpu_ids
+
+    def drop_swapped(self, owner: Hashable) -> int:
+        """Free a swapped-out owner's host blocks unread (aborted or finished)."""
+        return self.host.unhold(owner) if self.host is not None else 0
 
     # ---- prefix caching ------------------------------------------------------------------
     def match(self, hashes: list[bytes]) -> list[int]:

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-offloading-size", type=float, default=0.0,
                    help="GiB of host memory per worker for a host tier of the prefix cache (as tetri-serve's "
                         "flag): evicted cached blocks move there, hits upload them over PCIe (default 0: off)")
+    p.add_argument("--swap-space", type=float, default=0.0,
+                   help="GiB of host memory per decode worker for preempted requests' KV, swapped out and back "
+                        "in over PCIe instead of recomputed (as tetri-serve's flag; default 0: off)")
+    p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"))
     return p
 
 
@@ -146,6 +150,7 @@ def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
         predictor_accuracy=args.predictor_accuracy, flip=args.flip, seed=args.seed, max_sim_s=args.max_sim_s,
         check_invariants=args.check_invariants, prefix_caching=args.prefix_caching,
         role_tpot_s=_declared_tpot(args), kv_offloading_size=getattr(args, "kv_offloading_size", 0.0),
+        swap_space=getattr(args, "swap_space", 0.0), preemption_mode=getattr(args, "preemption_mode", "auto"),
         **_confusion(getattr(args, "predictor_confusion", None)))
     fields.update(changes)
     return SimConfig(**fields)

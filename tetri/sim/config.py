@@ -79,6 +79,10 @@ class SimConfig:
     """Prefill workers cache prompt blocks, hits from the trace's `hash_ids` (`tetri.sim.prefix`)."""
     kv_offloading_size: float = 0.0
     """GiB of host memory per worker for the prefix cache's host tier (tetri-serve's flag); 0: off."""
+    swap_space: float = 0.0
+    """GiB of host memory per decode worker for preempted requests' KV (tetri-serve's flag); 0: off."""
+    preemption_mode: str = "auto"
+    """A decode worker's preempted request: swap, recompute, or auto (the cheaper; `tetri.sim.swap`)."""
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
@@ -102,6 +106,8 @@ class SimConfig:
             _require(self.predictor_accuracy == 1.0, "give predictor accuracy or a confusion matrix, not both")
         _require(self.max_sim_s > 0, "max_sim_s must be > 0")
         _require(self.kv_offloading_size >= 0, "kv_offloading_size must be >= 0")
+        _require(self.swap_space >= 0, "swap_space must be >= 0")
+        _require(self.preemption_mode in ("auto", "swap", "recompute"), "preemption_mode must be auto, swap or recompute")
         if self.mode in DISAGG_MODES:
             _require(self.num_gpus >= 2, f"mode {self.mode} needs at least 2 GPUs (one prefill, one decode)")
             p, d = self.split()

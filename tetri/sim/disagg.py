@@ -14,7 +14,9 @@ Decode role (the real decode core's step, `tetri.workers.decode`):
      KV copy (`CostModel.transfer_s`) is done synchronously inside the step, as the real
      core does, and the prefill side frees its blocks when the copy ends;
   2. preempted requests (recompute) are re-prefilled here when their blocks fit;
-  3. the policy picks the batch (and preemptions); one decode token each.
+  3. the policy picks the batch (and preemptions: swapped out to the host instead of
+     recomputed where `tetri.sim.swap` finds it cheaper; uploaded back when they fit); one
+     decode token each.
 Mixed role (mode `auto`): one step is the decode role's step plus prompt chunks filling the
 rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`); a prompt it prefilled stays
 and decodes here (`adopt`: no copy), and it also takes handoffs from prefill workers.
@@ -29,6 +31,7 @@ from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.dispatch import expected_output_tokens, is_heavy
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
 from tetri.sim.requests import SimRequest
+from tetri.sim.swap import SimSwap
 from tetri.sim.workers import Plan, SimWorker, WorkerEnv, decode_context_tokens
 
 
@@ -150,6 +153,7 @@ class DecodeSide:
         self.waiting: dict[str, SimRequest] = {}
         self.running: dict[str, SimRequest] = {}
         self.recompute: dict[str, SimRequest] = {}
+        self.swap = SimSwap(worker, worker.env.preemption_mode)
         self.resuming: list[SimRequest] = []
         self.heavy = 0
         self.predicted_tokens = 0
@@ -168,7 +172,8 @@ class DecodeSide:
 
     @property
     def num_reqs(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming)
+        return (len(self.waiting) + len(self.running) + len(self.recompute) + len(self.resuming)
+                + len(self.swap.swapped))
 
     def _admit(self, now: float) -> float:
         """Admit handoffs the policy accepts; returns the seconds their KV copies take."""
@@ -178,7 +183,8 @@ class DecodeSide:
         views = [r.view(0) for r in self.waiting.values()]
         running = [r.view(w.held(r)) for r in self.running.values()]
         ids = self.policy.admit(views, running, w.blocks.num_free, w.env.block_size, now)
-        if not ids and not self.running and not self.recompute and w.blocks.num_free == w.blocks.num_blocks:
+        idle = not self.running and not self.recompute and not self.swap.swapped
+        if not ids and idle and w.blocks.num_free == w.blocks.num_blocks:
             ids = [views[0].req_id]  # nothing resident could ever free memory: admit the head anyway
             w.stats.forced_admissions += 1
         copy_s = 0.0
@@ -210,8 +216,12 @@ class DecodeSide:
     def prepare(self, now: float) -> tuple[float, list[SimRequest]]:
         """Admission, the decode batch and resumes for this step: (copy seconds, the batch)."""
         copy_s = self._admit(now)
-        run = self.w.decode_round(self.running, self.policy, now, self._preempted)
+        swaps = self.w.role == "decode" and self.w.blocks.host is not None  # as tetri-serve: the decode core only
+        run = self.w.decode_round(self.running, self.policy, now, self._preempted, self.swap.out if swaps else None)
+        self.swap.resume(self.running)
         self.resuming = self._resume()
+        if self.w.role == "decode":  # (a mixed step adds its host copies itself)
+            copy_s += self.w.take_host_copy_s()  # swap copies asked for in this step
         return copy_s, run
 
     def shape(self, run: list[SimRequest]) -> StepShape:
@@ -295,6 +305,6 @@ class PDWorker(SimWorker):
         queued = self.prefill.queued_tokens if self.role == "mixed" else 0
         prompts = len(self.prefill.queued) if self.role == "mixed" else 0
         return self.base_load(queued_prefill_tokens=queued, running_reqs=len(d.running) + len(d.resuming),
-                              waiting_reqs=len(d.waiting) + len(d.recompute) + prompts,
+                              waiting_reqs=len(d.waiting) + len(d.recompute) + len(d.swap.swapped) + prompts,
                               predicted_decode_tokens=d.predicted_tokens, heavy_decodes=d.heavy,
                               light_decodes=d.num_reqs - d.heavy)

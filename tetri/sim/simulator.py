@@ -29,6 +29,7 @@ from tetri.sim.cluster import Cluster
 from tetri.sim.config import SimConfig
 from tetri.sim.costmodel import CostModel
 from tetri.sim.requests import SimRequest, make_sim_request
+from tetri.sim.swap import swap_stats
 from tetri.sim.workers import EventLoop
 
 
@@ -97,6 +98,7 @@ def _stats(cluster: Cluster, loop: EventLoop, duration_s: float) -> dict[str, An
         "mispredictions": cluster.predictor.misses,
         "stopped_early": loop.stopped,
         **_prefix_stats(cluster),
+        **swap_stats(cluster.workers),
     }
 
 

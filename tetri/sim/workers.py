@@ -100,6 +100,9 @@ class WorkerEnv:
     prefix_caching: bool = False
     host_blocks: int = 0
     """Prefix-cache host tier per worker (`--kv-offloading-size`), in blocks."""
+    swap_blocks: int = 0
+    """Host blocks per decode worker for swapped-out KV (`--swap-space`; `tetri.sim.swap`)."""
+    preemption_mode: str = "auto"
 
 
 STEP_EWMA = 0.2
@@ -114,8 +117,9 @@ class SimWorker:
         self.worker_id = worker_id
         self.env = env
         self.blocks = BlockAllocator(env.num_blocks, env.block_size, enable_caching=env.prefix_caching,
-                                     host_blocks=env.host_blocks if self.role != "decode" else 0,
-                                     on_copy=self._host_copied)  # as tetri-serve: no host tier on decode
+                                     host_blocks=env.host_blocks if self.role != "decode" else env.swap_blocks,
+                                     on_copy=self._host_copied,  # as tetri-serve: on decode, the swap space only
+                                     offload_evicted=self.role != "decode")
         self.host_copy_blocks = 0
         """Blocks the host tier copied (either way) since the last `take_host_copy_s`."""
         self.busy = False
@@ -232,9 +236,11 @@ class SimWorker:
 
     # ---- continuous-batching decode, shared by every role that decodes -------------
     def decode_round(self, running: dict[str, SimRequest], policy, now: float,
-                     on_preempt: Callable[[SimRequest], None]) -> list[SimRequest]:
-        """Ask the decode policy which running requests step (and which to preempt: their
-        blocks are freed for recompute); reserve the blocks the stepping ones grow into."""
+                     on_preempt: Callable[[SimRequest], None],
+                     swap: Callable[[SimRequest], bool] | None = None) -> list[SimRequest]:
+        """Ask the decode policy which running requests step (and which to preempt: swapped
+        out when `swap` takes them, else their blocks are freed for recompute); reserve the
+        blocks the stepping ones grow into."""
         if not running:
             return []
         held = self.held_blocks.get
@@ -246,9 +252,11 @@ class SimWorker:
         run_ids, preempt_ids = policy.schedule(views, self.env.max_num_seqs, self.blocks.num_free, bs, now)
         for req_id in preempt_ids:
             req = running.pop(req_id)
+            self.stats.preemptions += 1
+            if swap is not None and swap(req):
+                continue
             self.free_blocks(req)
             req.recompute = True
-            self.stats.preemptions += 1
             on_preempt(req)
         run = []
         for req_id in run_ids:

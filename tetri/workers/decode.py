@@ -4,8 +4,11 @@ Each step:
   1. admission: the local policy (`tetri.sched.decode_policy`) picks waiting handoffs that
      fit; each one's KV is copied from the prefill worker's pool in a few large copies,
      acked with `KVCopied` (the prefill worker then frees its copy); n choices get n copies;
-  2. the policy picks which running sequences step (and which to preempt: their blocks are
-     freed and they are re-prefilled here from prompt + output before resuming);
+  2. the policy picks which running sequences step (and which to preempt: each is swapped out
+     to the host tier (`--swap-space`) or its blocks are freed and it is re-prefilled here from
+     prompt + output, whichever `tetri.sched.swap` finds cheaper by the costs measured here:
+     per-block swap copy seconds and per-token seconds of re-prefill steps; a swapped one is
+     uploaded back, in priority order, as soon as its blocks fit, before it is due to run);
   3. one forward pass over the decodes (and any re-prefills); the node sends one `TokenBatch`.
 Prefix caching (on with the worker's `CacheConfig`, as on prefill and mixed workers): a
 handoff's prompt blocks this worker already caches under the same hash chain (the previous
@@ -36,6 +39,7 @@ from tetri.protocol import Handoff, KVCopied, WorkerError
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.prefix_hash import block_hashes
+from tetri.sched.swap import CostMeter
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.kv_stage import block_stamps
 from tetri.workers.kv_transfer import Done, InflightCopies, InflightCopy, PeerSource, as_source
@@ -51,7 +55,7 @@ class _Waiting:
 
 class DecodeCore:
     def __init__(self, executor: Executor, worker_id: int, policy, max_num_seqs: int = 256,
-                 heavy_decode_tokens: int = 128) -> None:
+                 heavy_decode_tokens: int = 128, preemption_mode: str = "auto") -> None:
         self.ex = executor
         self.worker_id = worker_id
         self.policy = policy
@@ -64,6 +68,10 @@ class DecodeCore:
         self.waiting: dict[str, _Waiting] = {}
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
+        self.swapped: dict[str, Seq] = {}  # preempted, KV in the host tier, to upload before resuming
+        self.preemption_mode = preemption_mode
+        self.costs = CostMeter()
+        self.swaps = self.recomputes = 0
         self.predicted: dict[str, int] = {}
         self._resumed: list[Seq] = []
         self._preempted = False
@@ -97,10 +105,11 @@ class DecodeCore:
         """Drop the request (or one choice); True when this worker knew it."""
         known = self._settle_copy(req_id, choice)
         known = (self.waiting.pop(req_id, None) is not None if choice is None else False) or known
-        for table in (self.running, self.recompute):
+        for table in (self.running, self.recompute, self.swapped):
             for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
                 seq = table.pop(key)
                 self.ex.free(seq)
+                self.ex.blocks.drop_swapped(key)
                 self.policy.forget(key)
                 known = True
         if choice is None:
@@ -119,7 +128,7 @@ class DecodeCore:
         return gone
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.recompute or self.copies)
+        return bool(self.waiting or self.running or self.recompute or self.swapped or self.copies)
 
     def load(self) -> dict:
         remaining = 0
@@ -128,7 +137,7 @@ class DecodeCore:
                 done = w.msg.prior_output_tokens + 1  # the first token came from the prefill
                 remaining += max(0, w.msg.predicted_output_tokens - done) * len(w.msg.open_choices)
         held = set(self.waiting)
-        for table in (self.running, self.recompute):
+        for table in (self.running, self.recompute, self.swapped):
             for seq in table.values():
                 held.add(seq.req_id)
                 if seq.req_id in self.predicted:
@@ -140,7 +149,7 @@ class DecodeCore:
                     remaining += max(0, self.predicted[copy.req_id] - seq.num_outputs)
         heavy = sum(1 for r in held if self.predicted.get(r, 0) > self.heavy_decode_tokens)
         return dict(running_reqs=len(self.running),
-                    waiting_reqs=len(self.waiting) + len(self.recompute) + len(self.copies),
+                    waiting_reqs=len(self.waiting) + len(self.recompute) + len(self.swapped) + len(self.copies),
                     predicted_decode_tokens=remaining, heavy_decodes=heavy, light_decodes=len(held) - heavy)
 
     # ---- one step ------------------------------------------------------------------
@@ -150,6 +159,12 @@ class DecodeCore:
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
         decodes = [s for s in self._schedule(now) if s.key not in resumed]
+        if any(s.key not in self.running for s in self._resumed):
+            # preempted again before its re-prefill ran: its blocks are freed (another sequence
+            # may already hold them), so its segment must not run (it used to write them)
+            kept = [i for i, s in enumerate(self._resumed) if s.key in self.running]
+            segments, samplers = [segments[i] for i in kept], [samplers[i] for i in kept]
+            self._resumed = [self._resumed[i] for i in kept]
         for s in decodes:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
@@ -157,7 +172,11 @@ class DecodeCore:
         self.progressed = bool(segments or acks or self._preempted or self.copies)  # a copy: wait on it
         if not segments:
             return [], acks
+        start = time.perf_counter()
         sampled = self.ex.run(segments, [x for x in samplers if x])
+        prefill_tokens = sum(s.num_tokens - 1 for s in self._resumed)
+        if prefill_tokens:  # a re-prefill step: its seconds per token, decodes counted as one each
+            self.costs.add_prefill(prefill_tokens + len(decodes), time.perf_counter() - start)
         self.policy.on_step([s.key for s in decodes], now)
         for s in decodes:
             self.ex.commit_computed(s, decoded=True)
@@ -169,7 +188,8 @@ class DecodeCore:
                 self.running.pop(seq.key, None)
                 self.ex.free(seq)
                 self.policy.forget(seq.key)
-                if not any(s.req_id == seq.req_id for t in (self.running, self.recompute) for s in t.values()):
+                if not any(s.req_id == seq.req_id for t in (self.running, self.recompute, self.swapped)
+                           for s in t.values()):
                     self.predicted.pop(seq.req_id, None)
         return sampled, acks
 
@@ -276,10 +296,7 @@ class DecodeCore:
         run_ids, preempt_ids = self.policy.schedule(views, self.max_num_seqs, self.ex.blocks.num_free, self.ex.block_size, now)
         self._preempted = bool(preempt_ids)
         for key in preempt_ids:
-            seq = self.running.pop(key)
-            self.ex.free(seq)
-            seq.num_computed = 0
-            self.recompute[key] = seq
+            self._preempt(self.running.pop(key))
         out = []
         for key in run_ids:
             seq = self.running[key]
@@ -290,12 +307,42 @@ class DecodeCore:
             out.append(seq)
         return out
 
+    def _preempt(self, seq: Seq) -> None:
+        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`)."""
+        blocks = self.ex.blocks
+        n = len(blocks.blocks_of(seq.key))
+        computed = all(s is not seq for s in self._resumed)  # a re-prefill not run yet has no KV to swap
+        fits = blocks.can_swap_out(seq.key)
+        pending = bool(self.recompute)  # a re-prefill to come measures the prefill cost
+        if computed and self.costs.choose(n, seq.num_computed, fits, self.preemption_mode, pending) == "swap":
+            moved, seconds = self.ex.swap_out(seq)
+            if moved:
+                self.costs.add_copy(moved, seconds)
+                self.swapped[seq.key] = seq
+                self.swaps += 1
+                return
+        self.ex.free(seq)
+        seq.num_computed = 0
+        self.recompute[seq.key] = seq
+        self.recomputes += 1
+
     def _resume_preempted(self) -> tuple[list[Segment], list[list[Seq]]]:
-        """Re-prefill preempted sequences (all tokens but the last) when their blocks fit."""
+        """Bring preempted sequences back in priority order (stable: preemption order within
+        one) when their blocks fit: upload a swapped one (it decodes this step), re-prefill a
+        recomputed one (all tokens but the last)."""
         segments, samplers = [], []
         self._resumed = []
-        for key in sorted(self.recompute, key=lambda k: self.recompute[k].priority):  # stable: arrival within one
-            seq = self.recompute[key]
+        order = sorted([*self.swapped.values(), *self.recompute.values()], key=lambda s: s.priority)
+        for seq in order:
+            key = seq.key
+            if key in self.swapped:
+                if self.ex.blocks.swapped_blocks(key) > self.ex.blocks.num_free:
+                    break
+                del self.swapped[key]
+                moved, seconds = self.ex.swap_in(seq)
+                self.costs.add_copy(moved, seconds)
+                self.running[key] = seq
+                continue
             if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
                 break
             del self.recompute[key]

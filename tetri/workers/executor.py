@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +63,12 @@ def pool_blocks(cache: CacheConfig, layout1: PoolLayout, device: str, share: flo
 def cache_for_role(cache: CacheConfig, role: str) -> CacheConfig:
     """A worker's cache config: the prefix cache's host tier (`--kv-offloading-size`) only on
     workers that start in a prefilling role, where cached prompt blocks live (a decode worker
-    would pin host memory it never fills)."""
+    would pin host memory it never fills), and the KV swap's space (`--swap-space`) only on decode
+    workers, whose core swaps preempted requests out."""
     if role == "decode" and cache.kv_offloading_size:
         return dataclasses.replace(cache, kv_offloading_size=0.0)
+    if role != "decode" and cache.swap_space:  # only a decode core swaps preempted requests out
+        return dataclasses.replace(cache, swap_space=0.0)
     return cache
 
 
@@ -107,13 +111,14 @@ class Executor:
         self.max_model_len = min(model_cfg.max_model_len or limit, limit)  # capped by the pool below
         num_blocks = self._build_pool_and_runner(model_cfg, cache_cfg, sched or EngineSchedConfig(), shared_pool,
                                                  memory_share)
-        host_blocks = HostPool.blocks_for(self.pool.layout, cache_cfg.kv_offloading_size) \
+        offload_blocks = HostPool.blocks_for(self.pool.layout, cache_cfg.kv_offloading_size) \
             if cache_cfg.enable_prefix_caching else 0
+        host_blocks = offload_blocks + HostPool.blocks_for(self.pool.layout, cache_cfg.swap_space)
         self.host_pool = HostPool(self.pool, host_blocks) if host_blocks else None
         self.blocks = BlockAllocator(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching, host_blocks,
-                                     self.host_pool.copy if self.host_pool else None)
+                                     self.host_pool.copy if self.host_pool else None, offload_evicted=offload_blocks > 0)
         if host_blocks:
-            log.info("prefix cache host tier: %d blocks (%.2f GiB%s)", host_blocks,
+            log.info("host tier (prefix cache + swap): %d blocks (%.2f GiB%s)", host_blocks,
                      host_blocks * self.pool.layout.block_bytes / 2**30, ", pinned" if self.host_pool.pinned else "")
         self.block_size = cache_cfg.block_size
         self.hash_seed = hash_seed(self.loaded.model_dir)
@@ -200,6 +205,28 @@ class Executor:
     def free(self, seq: Seq) -> int:
         seq.uid = new_uid()  # its KV is gone: whatever was staged for it is stale
         return self.blocks.free(seq.key)
+
+    def swap_out(self, seq: Seq) -> tuple[int, float]:
+        """Offload `seq`'s KV to the host tier and free its GPU blocks (`BlockAllocator.swap_out`);
+        returns (blocks, seconds the copy took), (0, 0.0) when the host cannot hold them."""
+        start = time.perf_counter()
+        moved = self.blocks.swap_out(seq.key)
+        if moved:
+            seq.uid = new_uid()  # its slots moved: whatever was staged for it is stale
+        return moved, self._copy_seconds(start) if moved else 0.0
+
+    def swap_in(self, seq: Seq) -> tuple[int, float]:
+        """Upload swapped-out `seq`'s KV into fresh GPU blocks; returns (blocks, seconds)."""
+        start = time.perf_counter()
+        moved = len(self.blocks.swap_in(seq.key))
+        return moved, self._copy_seconds(start)
+
+    def _copy_seconds(self, start: float) -> float:
+        """Seconds since `start`, the copies queued since then included: on CUDA the stream is
+        synchronized first (the swap copies run on the current stream; never run on a GPU)."""
+        if self.pool.data.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        return time.perf_counter() - start
 
     # ---- prefix caching -------------------------------------------------------------------
     def attach_cached_prefix(self, seq: Seq, num_tokens: int, keep_free_blocks: int = 0) -> int:

@@ -73,7 +73,8 @@ class WorkerNode:
             from tetri.workers.decode import DecodeCore
 
             core = DecodeCore(self.ex, self.worker_id, make_decode_policy(self.sched.decode_policy),
-                              self.sched.max_num_seqs, heavy_decode_tokens=self.sched.heavy_decode_tokens)
+                              self.sched.max_num_seqs, heavy_decode_tokens=self.sched.heavy_decode_tokens,
+                              preemption_mode=self.sched.preemption_mode)
             for wid, info in self.peer_infos.items():
                 if wid != self.worker_id:
                     core.add_peer(wid, self._open_peer(info))
