@@ -20,7 +20,8 @@ class Cluster:
     def __init__(self, model_dir: str, roles=("prefill", "decode"), num_blocks=64, chunk_size=16,
                  decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
                  heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None,
-                 kv_offloading_size: float = 0.0, dispatch_policy: str = "least-loaded") -> None:
+                 kv_offloading_size: float = 0.0, dispatch_policy: str = "least-loaded",
+                 global_policy: str = "least-loaded") -> None:
         loaded = loaded or load_model(model_dir)
         extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy, **extra)
@@ -41,7 +42,7 @@ class Cluster:
         seed = self.nodes[0].ex.hash_seed
         self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
                                                 prefix_caching=prefix_caching, prefix_hash_seed=seed,
-                                                dispatch_policy=dispatch_policy),
+                                                dispatch_policy=dispatch_policy, global_policy=global_policy),
                                     random.Random(0), predictor=predictor)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()

@@ -160,7 +160,7 @@ def test_requests_of_the_only_prefill_worker_wait_for_its_restart(cluster):
     cluster.nodes[0].ex.blocks.free("a/0")
     cluster.dead.discard(0)
     cluster.to_workers[0].clear()
-    cluster.apply(cluster.front.unpark(cluster.loads()))
+    cluster.apply(cluster.front.unpark(cluster.loads(), cluster.now))
     assert cluster.front.parked == []
     finish_and_check(cluster, ["a"])
 
@@ -256,7 +256,7 @@ def test_a_request_migrated_twice_continues_exactly_where_it_was(default_model_d
     assert c.front.parked == ["a"]
     c.dead.discard(0)  # restarted, empty
     c.to_workers[0].clear()
-    c.apply(c.front.unpark(c.loads()))
+    c.apply(c.front.unpark(c.loads(), c.now))
     finish_and_check(c, ["a"])
     assert c.tokens["a"] == ref.tokens["a"] and len(ref.tokens["a"]) == 12
 
@@ -265,3 +265,47 @@ def test_every_node_publishes_its_max_num_seqs_on_the_board(cluster):
     """TetriDecode's slot test reads the row's max_num_seqs (0: unpublished, then it assumes its own)."""
     assert {load.max_num_seqs for load in cluster.loads()} == {cluster.nodes[0].sched.max_num_seqs}
     assert cluster.nodes[0].sched.max_num_seqs > 0
+
+
+def _prefilled_with_no_decode_worker(c: Cluster) -> None:
+    """The only decode worker dies before "a" is prefilled: the handoff parks."""
+    c.dead.add(1)
+    c.apply(c.front.on_worker_dead(1, c.loads(), migrate=True))
+    c.submit("a", [5, 6, 7, 8, 9], max_tokens=6)
+    c.deliver(0)
+    c.step(0)
+    c.pump_front()
+    req = c.front.reqs["a"]
+    assert "a" not in c.failed and req.state is ReqState.AWAIT_DECODE and req.decode_worker is None
+    assert list(c.front.parked_handoffs) == ["a"] and c.blocks_used()[0] > 0  # the prefill copy waits
+
+
+def test_a_prefilled_request_waits_for_a_decode_worker_and_equals_the_undisturbed_run(cluster, default_model_dir):
+    ref = Cluster(default_model_dir)
+    ref.submit("a", [5, 6, 7, 8, 9], max_tokens=6)
+    finish_and_check(ref, ["a"])
+    _prefilled_with_no_decode_worker(cluster)
+    cluster.apply(cluster.front.unpark(cluster.loads(), cluster.now))  # still no decode worker: it stays
+    assert list(cluster.front.parked_handoffs) == ["a"] and "a" not in cluster.failed
+    cluster.dead.discard(1)  # restarted
+    cluster.apply(cluster.front.unpark(cluster.loads(), cluster.now))
+    assert cluster.front.parked_handoffs == {} and cluster.front.reqs["a"].decode_worker == 1
+    finish_and_check(cluster, ["a"])
+    assert cluster.tokens["a"] == ref.tokens["a"]
+
+
+def test_a_parked_handoff_fails_at_its_deadline_and_frees_the_prefill_copy(cluster):
+    _prefilled_with_no_decode_worker(cluster)
+    cluster.apply(cluster.front.expire(cluster.now + 1.0))
+    assert "a" not in cluster.failed
+    cluster.apply(cluster.front.expire(cluster.now + cluster.front.cfg.handoff_timeout_s + 1.0))
+    assert cluster.failed["a"].startswith("no live decode worker within")
+    assert cluster.front.parked_handoffs == {}
+    finish_and_check(cluster)
+
+
+def test_a_parked_handoff_can_be_aborted_and_frees_the_prefill_copy(cluster):
+    _prefilled_with_no_decode_worker(cluster)
+    cluster.abort("a")
+    assert cluster.front.parked_handoffs == {} and "a" not in cluster.failed
+    finish_and_check(cluster)

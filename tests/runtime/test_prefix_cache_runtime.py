@@ -189,3 +189,29 @@ def test_host_staged_stamps_name_a_shared_blocks_content_not_its_last_stager():
     b = block_stamps("b", SYSTEM + [3], 16, seed, caching=True)
     assert a[:2] == b[:2] and a[2] == stamp_of("a", 42) and b[2] == stamp_of("b", 41)
     assert block_stamps("a", SYSTEM + [1, 2], 16, seed, caching=False) == [stamp_of("a", 42)] * 3
+
+
+def test_colocated_cache_aware_dispatch_sends_each_turn_where_its_history_is_cached(default_model_dir, loaded):
+    """Mixed workers: the front indexes what a mixed worker prefilled (at its first token) and
+    decoded (at its end), and corrects it by the worker's eviction reports, so cache-aware
+    level 1 sends each turn to the worker holding the conversation; least-loaded does not."""
+    prompts = conversation(3)
+    placed, hits, outputs = {}, {}, {}
+    for policy in ("cache-aware", "least-loaded"):
+        c = Cluster(default_model_dir, roles=("mixed", "mixed"), global_policy=policy, loaded=loaded)
+        c.submit("busy", [3] * 30, max_tokens=4)
+        c.deliver(0)  # worker 0 is busy: turn one goes to worker 1
+        placed[policy] = []
+        for i, p in enumerate(prompts):
+            c.submit(f"t{i}", p, max_tokens=6)
+            placed[policy].append(c.front.reqs[f"t{i}"].prefill_worker)
+            c.run()
+            # the index holds no more than the worker caches, evictions reported
+            assert c.front.prefix_index.num_blocks(1) <= c.nodes[1].ex.blocks.num_cached
+        assert c.blocks_used() == {0: 0, 1: 0} and c.front.reqs == {}
+        hits[policy] = sum(n.ex.blocks.hits for n in c.nodes.values())
+        outputs[policy] = {r: t for r, t in c.tokens.items() if r != "busy"}
+    assert placed["cache-aware"] == [1, 1, 1]
+    assert placed["least-loaded"] == [1, 0, 0]
+    assert hits["cache-aware"] > hits["least-loaded"]
+    assert outputs["cache-aware"] == outputs["least-loaded"]

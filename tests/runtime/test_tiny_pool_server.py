@@ -21,7 +21,7 @@ POOL_TOKENS = 131 * 16  # --kv-cache-gb 0.002: 2 GiB/1000 over 16 KiB blocks of 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
     srv = ServerProc("--device", "cpu", "--prefill", "1", "--decode", "2", "--kv-cache-gb", "0.002",
-                     "--chunk-size", "32").start()
+                     "--chunk-size", "32", "--heartbeat-timeout-s", "600").start()  # SIGSTOPs here are not deaths
     try:
         yield srv, srv.openai().models.list().data[0].id
     finally:
@@ -177,24 +177,31 @@ def test_a_migrated_seeded_penalised_stream_equals_an_unmigrated_one(server, def
     extra = dict(repetition_penalty=1.2, min_tokens=100, return_token_ids=True)
     client = srv.openai(timeout=120)
     got: list[int] = []
+    decodes = _pid_of(srv, "decode")
+    frozen = []
 
     def stream() -> None:
         for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=130, stream=True,
                                                extra_body=extra, **knobs):
             for ch in chunk.choices:
                 got.extend((ch.model_extra or {}).get("token_ids") or [])
+            if len(got) >= 30 and not frozen:  # freeze the decode side mid-stream, whatever the load
+                for pid in decodes:
+                    os.kill(pid, signal.SIGSTOP)
+                frozen.append(len(got))
 
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(stream)
-        victim = None
-        deadline = time.monotonic() + 60
-        while victim is None and time.monotonic() < deadline:
+        try:
+            _wait(lambda: frozen or fut.done(), "the stream never reached 30 tokens", 90)
+            assert frozen, f"the stream ended before it was frozen: {len(got)} tokens"
             busy = [w for w in srv.workers() if w["role"] == "decode" and w["running"] > 0]
-            victim = busy[0] if busy and len(got) >= 30 else None
-            time.sleep(0.02)
-        assert victim is not None, "the stream never reached a decode worker"
-        os.kill(victim["pid"], signal.SIGKILL)
+            assert len(busy) == 1, f"one decode worker should hold the stream: {srv.workers()}"
+            os.kill(busy[0]["pid"], signal.SIGKILL)
+        finally:
+            _resume(*decodes)
         fut.result(timeout=120)
+        assert frozen[0] < 130, "the kill came after the last token"
     metrics = srv.get("/metrics")[1]
     migrated = [ln for ln in metrics.splitlines() if ln.startswith("tetri:requests_migrated_total")]
     assert migrated and float(migrated[0].split()[-1]) >= 1

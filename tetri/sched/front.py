@@ -17,6 +17,8 @@ decisions from load-board snapshots. It performs no I/O: each method returns `Ac
     and tells the workers how many of its prompt's last tokens are outputs already
     (`prior_output_tokens`), so max/min_tokens, penalties and seeded draws go on from the
     position the stream had reached.
+    no live decode worker at the handoff: AWAIT_DECODE with no decode worker, the prefill
+    copy held (`parked_handoffs`) until `unpark` finds one.
     AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails.
 Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
 
@@ -36,14 +38,14 @@ from dataclasses import replace
 
 from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
                             Release, SetRole, SubmitMixed)
-from tetri.sched import front_failover
+from tetri.sched import front_failover, front_prefix
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.decode_affinity import PrefixAffinityDecode
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
 from tetri.sched.load import ReqInfo, WorkerLoad
-from tetri.sched.prefix_hash import block_hashes, cacheable_blocks, extend_block_hashes
+from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
 
 __all__ = ["Actions", "FrontConfig", "FrontReq", "FrontScheduler", "ReqState"]
@@ -69,6 +71,7 @@ class FrontScheduler:
         self.reqs: dict[str, FrontReq] = {}
         self.parked: list[str] = []
         """Migrated requests waiting for a live worker of the role (a restart); deadline-bound."""
+        self.parked_handoffs: dict[str, tuple[FrontReq, int, PrefillResult, ReqInfo]] = {}
         self.migrated_total = 0
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
@@ -100,6 +103,7 @@ class FrontScheduler:
 
     def _drop(self, req_id: str) -> FrontReq | None:
         req = self.reqs.pop(req_id, None)
+        self.parked_handoffs.pop(req_id, None)
         if req is not None:
             self._released(req_id, req.prefill_worker)
             self._released(req_id, req.decode_worker)
@@ -233,14 +237,16 @@ class FrontScheduler:
             self._drop(req.req_id)
             return
         view = self._view(loads)
-        info = self._decode_prefix(req, self._predict(req, res, prediction, predicted), wid, view)
+        predicted_info = self._predict(req, res, prediction, predicted)
         try:
-            did = self.level2.pick([w for w in view if w.role == "decode"], info)
-        except NoWorker:
-            acts.send(wid, Release(req_id=req.req_id))
-            acts.fails.append((req.req_id, "no live decode worker"))
-            self._drop(req.req_id)
+            did = self.level2.pick([w for w in view if w.role == "decode"],
+                                   self._decode_prefix(req, predicted_info, wid, view))
+        except NoWorker:  # no live decode worker: the prefilled KV waits for a restart, deadline-bound
+            front_failover.park_handoff(self, req, wid, res, predicted_info, now)
             return
+        self._hand_off(req, wid, did, res, now, acts)
+
+    def _hand_off(self, req: FrontReq, wid: int, did: int, res: PrefillResult, now: float, acts: Actions) -> None:
         req.state, req.decode_worker = ReqState.AWAIT_DECODE, did
         self._owned(req, did)
         req.deadline_s = now + self.cfg.handoff_timeout_s
@@ -286,9 +292,10 @@ class FrontScheduler:
         return acts
 
     def decode_evicted(self, wid: int, hashes: list[bytes]) -> None:
-        """A decode worker's eviction report (on its KVCopied and TokenBatch messages)."""
+        """A decode or mixed worker's eviction report (on its KVCopied and TokenBatch messages)."""
         if hashes:
             self.decode_index.evicted(wid, hashes)
+            self.prefix_index.evicted(wid, hashes)  # a mixed worker's entries
 
     def on_choice_finished(self, req_id: str, choice: int) -> None:
         req = self.reqs.get(req_id)
@@ -300,14 +307,7 @@ class FrontScheduler:
             self._drop(req_id)
 
     def _index_decoded(self, req: FrontReq) -> None:
-        """A request that decoded on a decode worker ended: the full blocks of what it computed
-        there (context and choice 0's outputs but the last) stay cached there."""
-        if not self.cfg.prefix_caching or req.block_hashes is None or req.decode_worker in (None, req.prefill_worker):
-            return
-        tokens = req.prompt_token_ids + req.output_ids
-        hashes = extend_block_hashes(list(req.block_hashes), tokens, req.hash_block_tokens, self.cfg.prefix_hash_seed,
-                                     len(tokens) - 1)
-        self.decode_index.add(req.decode_worker, hashes[len(req.block_hashes):])
+        front_prefix.index_decoded(self, req)
 
     # ---- aborts, deaths, deadlines -----------------------------------------------------
     def abort(self, req_id: str, choice: int | None = None) -> Actions:
@@ -329,6 +329,9 @@ class FrontScheduler:
             if req.state is ReqState.PREFILLING:
                 acts.send(req.prefill_worker, Abort(req_id=req_id))
             self._drop(req_id)
+        elif req.state is ReqState.AWAIT_DECODE and req.decode_worker is None:  # parked: no decode worker has it
+            acts.send(req.prefill_worker, Release(req_id=req_id))
+            self._drop(req_id)
         elif req.state is ReqState.AWAIT_DECODE:
             req.aborting = True  # Release the prefill copy once the decode worker says Dropped
             acts.send(req.decode_worker, Abort(req_id=req_id))
@@ -340,6 +343,8 @@ class FrontScheduler:
     def record_output(self, req_id: str, choice: int, token_ids: list[int]) -> None:
         req = self.reqs.get(req_id)
         if req is not None and choice == 0:
+            if not req.output_ids:
+                front_prefix.index_mixed_prefill(self, req)
             req.output_ids.extend(token_ids)
 
     def owns(self, req_id: str, worker_id: int, decoding: bool) -> bool:
@@ -353,9 +358,9 @@ class FrontScheduler:
     def on_worker_dead(self, wid: int, loads: list[WorkerLoad] | None = None, migrate: bool = False) -> Actions:
         return front_failover.on_worker_dead(self, wid, loads, migrate)
 
-    def unpark(self, loads: list[WorkerLoad]) -> Actions:
-        """A worker came back: place the parked requests (those still waiting)."""
-        return front_failover.unpark(self, loads)
+    def unpark(self, loads: list[WorkerLoad], now: float) -> Actions:
+        """A worker came back: place the parked requests and the parked handoffs."""
+        return front_failover.unpark(self, loads, now)
 
     def expire(self, now: float) -> Actions:
         """Every state has a deadline: the handoff must be admitted within handoff_timeout_s,

@@ -72,9 +72,34 @@ def _migrate(sched, req: FrontReq, loads: list[WorkerLoad], acts: Actions) -> bo
     return True
 
 
-def unpark(sched, loads: list[WorkerLoad]) -> Actions:
-    """A worker came back: place the parked requests (those still waiting)."""
+def park_handoff(sched, req: FrontReq, wid: int, res, info, now: float) -> None:
+    """No live decode worker for a prefilled request: its prefill worker keeps the KV until a
+    decode worker is back (`unpark`), or the handoff deadline fails it (`expire`)."""
+    req.state, req.decode_worker = ReqState.AWAIT_DECODE, None
+    req.deadline_s = now + sched.cfg.handoff_timeout_s
+    sched.parked_handoffs[req.req_id] = (req, wid, res, info)
+
+
+def _unpark_handoffs(sched, loads: list[WorkerLoad], now: float, acts: Actions) -> None:
+    for req_id, (req, wid, res, info) in list(sched.parked_handoffs.items()):
+        if sched.reqs.get(req_id) is not req or req.aborting or req.prefill_worker != wid:
+            sched.parked_handoffs.pop(req_id)  # gone, or moved on (a migration) since it parked
+            continue
+        view = sched._view(loads)
+        try:
+            did = sched.level2.pick([w for w in view if w.role == "decode"],
+                                    sched._decode_prefix(req, info, wid, view))
+        except NoWorker:
+            return  # still none: they all wait
+        sched.parked_handoffs.pop(req_id)
+        sched._hand_off(req, wid, did, res, now, acts)
+
+
+def unpark(sched, loads: list[WorkerLoad], now: float) -> Actions:
+    """A worker came back: place the parked requests (those still waiting), and hand off the
+    prefilled ones waiting for a decode worker."""
     acts = Actions()
+    _unpark_handoffs(sched, loads, now, acts)
     waiting, sched.parked = sched.parked, []
     for req_id in waiting:
         req = sched.reqs.pop(req_id, None)
@@ -107,8 +132,9 @@ def expire(sched, now: float) -> Actions:
                 sched._drop(req.req_id)
             continue
         if req.state is ReqState.AWAIT_DECODE and now > req.deadline_s:
+            what = "no live decode worker" if req.decode_worker is None else "KV handoff not admitted"
             acts.extend(sched.abort(req.req_id))
-            acts.fails.append((req.req_id, f"KV handoff not admitted within {sched.cfg.handoff_timeout_s:.0f} s"))
+            acts.fails.append((req.req_id, f"{what} within {sched.cfg.handoff_timeout_s:.0f} s"))
         elif now - req.arrival_s > sched.cfg.request_timeout_s:
             acts.extend(sched.abort(req.req_id))
             acts.fails.append((req.req_id, f"request exceeded its {sched.cfg.request_timeout_s:.0f} s deadline"))

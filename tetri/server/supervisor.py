@@ -33,8 +33,8 @@ async def supervise_loop(client) -> None:
             if not client.procs.alive(wid) or stale:
                 client._on_dead(wid, "exited" if not client.procs.alive(wid) else "stopped heartbeating")
         client._apply(client.scheduler.expire(now))
-        if client.scheduler.parked:
-            client._apply(client.scheduler.unpark(client._loads()))
+        if client.scheduler.parked or client.scheduler.parked_handoffs:
+            client._apply(client.scheduler.unpark(client._loads(), now))
         if client.scheduler.flip_policy is not None:
             client._apply(client.scheduler.flip_tick(client._loads(), now))
 
@@ -95,4 +95,4 @@ def on_ready(client, msg: Ready) -> None:
         if client.scheduler.flip_plan is not None:
             client.scheduler.flip_plan.add_worker(msg.worker_id, msg.role)
         client._broadcast_pools()
-        client._apply(client.scheduler.unpark(client._loads()))
+        client._apply(client.scheduler.unpark(client._loads(), time.monotonic()))

@@ -200,16 +200,13 @@ class WorkerNode:
             self.core.errors.clear()
         self.stalled = not self.core.progressed
         out = [*out, token_batch(self.worker_id, sampled)] if sampled else list(out)
-        if self.role == "decode":
-            self._report_evictions(out)
-        else:
-            self.ex.blocks.take_evicted()  # mixed: nobody indexes its cache; keep the list from growing
+        self._report_evictions(out)
         return out
 
     def _report_evictions(self, out: list) -> None:
-        """Decode workers: the cached hashes evicted so far ride on this step's first KVCopied
-        or TokenBatch (the front's index of what each decode worker caches); with neither they
-        wait for the next step that has one."""
+        """Decode and mixed workers: the cached hashes evicted so far ride on this step's first
+        KVCopied or TokenBatch (the front's indexes of what each worker caches); with neither
+        they wait for the next step that has one."""
         carrier = next((m for m in out if isinstance(m, (KVCopied, TokenBatch))), None)
         if carrier is not None:
             carrier.evicted_hashes = self.ex.blocks.take_evicted()
