@@ -174,7 +174,8 @@ def render(results: dict[str, dict[str, dict[str, dict]]], num_requests: int, el
            "offered rate x SLO attainment; the run's drain tail is left out, so equal attainment is equal "
            "goodput). `vs best`: the mode's goodput over the better of colocated-chunked and disagg at the "
            "same SLO. `auto@X` declares the SLO X to the role policy (it paces decode steps against that TPOT); "
-           "its P:D column is the start -> the roles at the end (P prefill, M mixed, D decode).", "",
+           "its P:D column is the start (tetri-plan's pick for X; all mixed: plan picked colocated-chunked) -> "
+           "the roles at the end (P prefill, M mixed, D decode).", "",
            f"| workload | load | mode | P:D | mean TTFT (s) | p99 TTFT (s) | p99 TPOT (ms) | mean JCT (s) | "
            f"goodput @{g1} | goodput @{g2} | vs best @{g1} | vs best @{g2} |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -190,8 +191,9 @@ def render(results: dict[str, dict[str, dict[str, dict]]], num_requests: int, el
             "tetri-sim " + " ".join(run_flags(workloads[0], "LOAD", "MODE", num_requests)).replace(
                 workloads[0].flags, "WORKLOAD").replace("--rate LOAD", "LOAD"),
             "# WORKLOAD: --workload lpld|lphd|hpld|hphd|mixed or --trace " + AZURE + "; LOAD: --rate R or "
-            "--time-scale T; MODE auto@X: --mode auto --slo ttft=1,tpot=X; --prefill/--decode (the split) only for "
-            "disagg, tetri, auto; --predictor-accuracy 0.75 for tetri and auto", "```", ""]
+            "--time-scale T; MODE auto@X: --mode auto --slo ttft=1,tpot=X; --prefill/--decode only for "
+            "disagg, tetri (the split) and auto (plan's split; none when it starts all mixed); "
+            "--predictor-accuracy 0.75 for tetri and auto", "```", ""]
     return out
 
 
