@@ -6,6 +6,8 @@ JCT, and goodput (requests/s meeting TTFT <= 1 s AND TPOT <= the SLO, DistServe-
 TPOT 50 ms and at 25 ms. One simulation per (workload, load, mode): the SLO judges the
 records, it does not change the run, so both goodputs come from the same run. The last
 columns compare each mode's goodput with the better of `colocated-chunked` and `disagg`.
+`auto@X` starts from tetri-plan's choice for the SLO X (`plan_start`: plan's search, run once
+per workload and SLO in this script's run and cached; all mixed when plan picks colocated).
 
     nice -n 10 python tools/sim_results.py [--num-requests 2000] [--workloads mixed azure] \\
         [--modes colocated colocated-chunked disagg tetri auto] [--write tetri/sim/RESULTS.md]
@@ -34,6 +36,12 @@ AZURE = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 MODES = ("colocated", "colocated-chunked", "disagg", "tetri", "auto")
 BASELINES = ("colocated-chunked", "disagg")
 _REQUESTS: dict[tuple, list] = {}
+PLAN_BUDGET_S = 20.0
+"""tetri-plan's wall-clock budget per (workload, SLO) when it picks auto's start."""
+PLAN_FLAGS = ""
+"""Further tetri-plan flags (the tests shrink its runs with --max-requests/--window-s)."""
+_PLAN: dict[tuple, tuple[int, int] | None] = {}
+"""tetri-plan's choice per (workload flags, cluster flags, SLO), computed once per script run."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class Workload:
     flags: str
     """tetri-sim workload flags, without --rate/--time-scale/--num-requests."""
     split: tuple[int, int]
-    """prefill:decode of disagg and tetri (RESULTS.md's split sweep); auto starts from it."""
+    """prefill:decode of disagg and tetri (RESULTS.md's split sweep); auto starts from tetri-plan's pick."""
     loads: tuple[tuple[str, str], ...]
     """(label, the load flag) per load."""
     request_factor: float = 1.0
@@ -69,14 +77,45 @@ def run_flags(wl: Workload, load_flag: str, mode: str, num_requests: int, common
     base, _, slo_label = mode.partition("@")
     flags = [*wl.flags.split(), *load_flag.split(), "--num-requests", str(int(num_requests * wl.request_factor)),
              *common.split(), "--mode", base]
-    if base in ("disagg", "tetri", "auto"):
-        flags += ["--prefill", str(wl.split[0]), "--decode", str(wl.split[1])]
+    start = plan_start(wl, dict(SLOS)[slo_label], common) if base == "auto" else wl.split
+    if base in ("disagg", "tetri") or (base == "auto" and start is not None):
+        flags += ["--prefill", str(start[0]), "--decode", str(start[1])]
     if base in ("tetri", "auto"):
         flags += ["--predictor-accuracy", "0.75"]
     if slo_label:
         slo = dict(SLOS)[slo_label]
         flags += ["--slo", f"ttft={slo.ttft_s:g},tpot={slo.tpot_s:g}"]
     return flags
+
+
+def plan_start(wl: Workload, slo: Slo, common: str = COMMON) -> tuple[int, int] | None:
+    """auto's starting deployment: tetri-plan's pick for `slo` ((prefill, decode) workers of its
+    best tetri split, or None when colocated-chunked wins: every worker starts mixed). Run once
+    per (workload, cluster, SLO) and cached: plan's own search (tetri.sim.plan.run_search, Poisson
+    arrivals of the workload's lengths, highest rate at 90% attainment), narrowed to its stage-1
+    candidates at this script's chunk size and auto's decode policy (colocated-chunked and every
+    split) and to PLAN_BUDGET_S seconds."""
+    key = (wl.flags, common, slo)
+    if key not in _PLAN:
+        from tetri.sim.plan import build_parser, plan_search
+
+        flags = [*wl.flags.split(), *_cluster_flags(common), "--slo", f"ttft={slo.ttft_s:g},tpot={slo.tpot_s:g}",
+                 "--budget-s", f"{PLAN_BUDGET_S:g}", *PLAN_FLAGS.split()]
+        args = build_parser().parse_args(flags)
+        chunk = int(common.split()[common.split().index("--chunk-size") + 1])
+        best = plan_search(args, build_parser(), slo, [chunk], ["reserve-dynamic"]).best()
+        c = best.candidate if best is not None else None
+        _PLAN[key] = (c.num_prefill, c.num_decode) if c is not None and c.mode == "tetri" else None
+    return _PLAN[key]
+
+
+def _cluster_flags(common: str) -> list[str]:
+    """`common` without --chunk-size (tetri-plan takes --chunk-sizes)."""
+    words = common.split()
+    if "--chunk-size" in words:
+        i = words.index("--chunk-size")
+        words = words[:i] + words[i + 2:]
+    return words
 
 
 def simulate_row(flags: list[str]) -> dict:
@@ -110,7 +149,9 @@ def placement(wl: Workload, mode: str, row: dict) -> str:
     if mode.startswith("auto"):
         end = " ".join(f"{row['roles_final'][role]}{role[0].upper()}" for role in ("prefill", "mixed", "decode")
                        if row["roles_final"].get(role))
-        return f"{wl.split[0]}:{wl.split[1]} -> {end} ({row['flips']} flips)"
+        start = row.get("start")
+        begin = "all mixed" if start is None else f"{start[0]}:{start[1]}"
+        return f"{begin} -> {end} ({row['flips']} flips)"
     return f"{wl.split[0]}:{wl.split[1]}"
 
 
@@ -133,7 +174,8 @@ def render(results: dict[str, dict[str, dict[str, dict]]], num_requests: int, el
            "offered rate x SLO attainment; the run's drain tail is left out, so equal attainment is equal "
            "goodput). `vs best`: the mode's goodput over the better of colocated-chunked and disagg at the "
            "same SLO. `auto@X` declares the SLO X to the role policy (it paces decode steps against that TPOT); "
-           "its P:D column is the start -> the roles at the end (P prefill, M mixed, D decode).", "",
+           "its P:D column is the start (tetri-plan's pick for X; all mixed: plan picked colocated-chunked) -> "
+           "the roles at the end (P prefill, M mixed, D decode).", "",
            f"| workload | load | mode | P:D | mean TTFT (s) | p99 TTFT (s) | p99 TPOT (ms) | mean JCT (s) | "
            f"goodput @{g1} | goodput @{g2} | vs best @{g1} | vs best @{g2} |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -149,8 +191,9 @@ def render(results: dict[str, dict[str, dict[str, dict]]], num_requests: int, el
             "tetri-sim " + " ".join(run_flags(workloads[0], "LOAD", "MODE", num_requests)).replace(
                 workloads[0].flags, "WORKLOAD").replace("--rate LOAD", "LOAD"),
             "# WORKLOAD: --workload lpld|lphd|hpld|hphd|mixed or --trace " + AZURE + "; LOAD: --rate R or "
-            "--time-scale T; MODE auto@X: --mode auto --slo ttft=1,tpot=X; --prefill/--decode (the split) only for "
-            "disagg, tetri, auto; --predictor-accuracy 0.75 for tetri and auto", "```", ""]
+            "--time-scale T; MODE auto@X: --mode auto --slo ttft=1,tpot=X; --prefill/--decode only for "
+            "disagg, tetri (the split) and auto (plan's split; none when it starts all mixed); "
+            "--predictor-accuracy 0.75 for tetri and auto", "```", ""]
     return out
 
 
@@ -172,6 +215,8 @@ def run_all(workloads: tuple[Workload, ...], modes: list[str], num_requests: int
             for mode in row_modes(modes):
                 start = time.monotonic()
                 row = simulate_row(run_flags(wl, load_flag, mode, num_requests, common))
+                if mode.startswith("auto@"):
+                    row["start"] = plan_start(wl, dict(SLOS)[mode.partition("@")[2]], common)
                 results.setdefault(wl.name, {}).setdefault(load, {})[mode] = row
                 if log is not None:
                     print(f"{wl.name} {load} {mode}: goodput {row['goodput']} ({time.monotonic() - start:.1f} s)",

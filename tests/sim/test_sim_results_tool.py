@@ -18,8 +18,14 @@ def _tool():
     return mod
 
 
+def _tiny_plan(tool):
+    tool.PLAN_FLAGS = "--max-requests 150 --num-requests 60 --window-s 2"
+    tool.PLAN_BUDGET_S = 120.0  # generous: the tiny search finishes well inside it, so its pick is deterministic
+
+
 def test_tiny_table_end_to_end(tmp_path):
     tool = _tool()
+    _tiny_plan(tool)
     tiny = tool.Workload("tiny", "--workload random", (1, 2), (("20 req/s", "--rate 20"), ("60 req/s", "--rate 60")))
     results = tool.run_all((tiny,), ["colocated-chunked", "disagg", "auto"], 40, COMMON)
     rows = results["tiny"]["60 req/s"]
@@ -38,7 +44,8 @@ def test_tiny_table_end_to_end(tmp_path):
     auto25 = next(line for line in table if "| 60 req/s | auto@25 ms |" in line)
     cells = [c.strip() for c in auto25.split("|")]
     assert cells[-2] == f"{rows['auto@25 ms']['goodput']['25 ms'] / best:.2f}x" and cells[-3] == ""
-    assert cells[4].startswith("1:2 -> ")
+    start = tool.plan_start(tiny, dict(tool.SLOS)["25 ms"], COMMON)
+    assert cells[4].startswith(("all mixed" if start is None else f"{start[0]}:{start[1]}") + " -> ")
     baseline = next(line for line in table if "| 60 req/s | disagg |" in line)
     assert [c.strip() for c in baseline.split("|")][-3:-1] == ["", ""]
     assert "--mode MODE" in "\n".join(lines)
@@ -64,3 +71,35 @@ def test_write_section_replaces_only_between_the_markers(tmp_path):
     path.write_text(path.read_text() + "\n## after\n")
     tool.write_section(path, f"{tool.BEGIN}\nsecond\n{tool.END}\n")
     assert path.read_text() == f"# head\n\nkeep me\n\n{tool.BEGIN}\nsecond\n{tool.END}\n\n## after\n"
+
+
+def test_auto_starts_from_tetri_plans_choice():
+    """auto@X starts where tetri-plan's search for SLO X lands: on 3 GPUs plan picks colocated-chunked
+    for HPHD (auto starts all mixed) and a 2:1 tetri split for LPHD (auto starts 2 prefill, 1 decode)."""
+    tool = _tool()
+    _tiny_plan(tool)
+    from tetri.sim import plan
+
+    picks = {}
+    for workload in ("hphd", "lphd"):
+        tiny = tool.Workload("tiny", f"--workload {workload}", (1, 2), ())
+        for label, slo in tool.SLOS[1:]:  # the 25 ms SLO (the 50 ms search is the same code, twice the time)
+            flags = ["--workload", workload, "--gpus", "3", "--model-preset", "llama3-8b", "--hardware", "h200",
+                     "--seed", "0", "--slo", f"ttft=1,tpot={slo.tpot_s:g}", "--budget-s", "120",
+                     *tool.PLAN_FLAGS.split()]
+            search = plan.plan_search(plan.build_parser().parse_args(flags), plan.build_parser(), slo, [512],
+                                      ["reserve-dynamic"])
+            assert not search.out_of_time and search.sims > 1
+            best = search.best().candidate
+            expected = (best.num_prefill, best.num_decode) if best.mode == "tetri" else None
+            picks[workload, label] = tool.plan_start(tiny, slo, COMMON)
+            assert picks[workload, label] == expected
+            auto = tool.run_flags(tiny, "--rate 5", f"auto@{label}", 10, COMMON)
+            split = tool.run_flags(tiny, "--rate 5", "disagg", 10, COMMON)  # the baselines keep the sweep's split
+            assert split[split.index("--prefill"):split.index("--decode") + 2] == ["--prefill", "1", "--decode", "2"]
+            if expected is None:  # colocated-chunked won: every worker starts mixed
+                assert "--prefill" not in auto and "--decode" not in auto
+            else:
+                assert auto[auto.index("--prefill"):auto.index("--decode") + 2] == [
+                    "--prefill", str(expected[0]), "--decode", str(expected[1])]
+    assert picks["hphd", "25 ms"] is None and picks["lphd", "25 ms"] == (2, 1)  # both branches exercised

@@ -226,6 +226,19 @@ def run_search(search: Search, chunk_sizes: list[int], decode_policies: list[str
     return search
 
 
+def plan_search(args: argparse.Namespace, parser: argparse.ArgumentParser, slo: Slo, chunk_sizes: list[int],
+                decode_policies: list[str]) -> Search:
+    """One search for `slo` from parsed tetri-plan flags (what `main` runs per --slo)."""
+    min_requests = args.num_requests
+    cost = cost_model_from_args(args, parser)
+    base_reqs = build_requests(argparse.Namespace(**{**vars(args), "num_requests": max(min_requests, args.max_requests)}),
+                               rate=1.0)
+    search = Search(base_reqs, cost, slo, args.gpus, args.budget_s, args.attainment, args.window_s, min_requests,
+                    seed=args.seed, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                    block_size=args.block_size, max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
+    return run_search(search, sorted(set(chunk_sizes)), decode_policies, args.rates)
+
+
 def render(search: Search) -> str:
     gpus = search.gpus
     rows = sorted(search.results, key=lambda e: -(e.max_rate or 0.0))
