@@ -1,17 +1,11 @@
 """tools/bench_prefix_cache.py: the verdicts it prints, without servers (its runs take minutes:
 the README's figures come from it)."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tetri_tools_bench_prefix_cache", ROOT / "tools" / "bench_prefix_cache.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_prefix_cache")
 
 
 def _rec(wave: int, prompt: list[int], tokens: list[int], ttft_s: float, turn: int = 0) -> dict:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import load_tool  # noqa: F401  (the reliability tests import it from here)
+
 SERVED = "default-model-v1"
-
-
-def load_tool(name: str):
-    """Import tools/<name>.py (tools/ is not a package)."""
-    mod_name = f"tetri_tools_{name}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -6,6 +6,14 @@ import pytest
 from tests.runtime.server_proc import ServerProc
 
 
+@pytest.fixture(scope="module")
+def loaded(default_model_dir):
+    """The default test model's weights, loaded once per module for its in-process clusters."""
+    from tetri.workers.models.loader import load_model
+
+    return load_model(default_model_dir)
+
+
 @pytest.fixture(scope="package", params=["disagg", "colocated"])
 def real_server(request):
     """`tetri-serve` with no --model (the real default, SmolLM2-135M-Instruct, as a user gets it) in

@@ -28,7 +28,6 @@ class Cluster:
         sched = EngineSchedConfig(chunk_size=chunk_size, decode_policy=decode_policy, **extra)
         self.nodes: dict[int, WorkerNode] = {}
         pools = {}
-        cache = CacheConfig(num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
         for wid, role in enumerate(roles):
             blocks = decode_blocks if role == "decode" and decode_blocks is not None else num_blocks
             ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching,
@@ -131,6 +130,15 @@ class Cluster:
             for wid in busy:
                 self.step(wid)
         raise AssertionError("cluster did not go idle")
+
+    def serve_in_order(self, prompts, max_tokens: int = 6) -> dict[str, list[int]]:
+        """Submit each prompt as "r<i>" and run the cluster idle before the next (a conversation's
+        turns), block invariants checked after each; the tokens each request got."""
+        for i, p in enumerate(prompts):
+            self.submit(f"r{i}", p, max_tokens=max_tokens)
+            self.run()
+            self.check()
+        return dict(self.tokens)
 
     def check(self) -> None:
         for node in self.nodes.values():

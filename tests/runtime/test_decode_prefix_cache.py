@@ -7,20 +7,13 @@ worker holding it, and every block is free when idle."""
 
 import random
 
-import pytest
 
 from tests.runtime.inproc import Cluster
 from tetri.sched.front import ReqState
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.prefix_hash import block_hashes
-from tetri.workers.models.loader import load_model
 
 BS = 16
-
-
-@pytest.fixture(scope="module")
-def loaded(default_model_dir):
-    return load_model(default_model_dir)
 
 
 def converse(c: Cluster, name: str, turns: int, seed: int, max_tokens: int = 10) -> list[list[int]]:

@@ -5,7 +5,6 @@ caching off token for token; the real server threads the flag and reports the co
 
 import random
 
-import pytest
 
 from tests.runtime.inproc import Cluster
 from tests.runtime.server_proc import ServerProc
@@ -14,7 +13,6 @@ from tetri.protocol import ChunkPlan, NewReq, PlanPiece
 from tetri.types import SamplingParams
 from tetri.workers.executor import Executor
 from tetri.workers.kv_pool import PoolLayout
-from tetri.workers.models.loader import load_model
 from tetri.workers.prefill import PrefillCore
 
 rng = random.Random(5)
@@ -23,26 +21,13 @@ SYSTEM = [rng.randrange(5, 200) for _ in range(70)]  # 4 full blocks of 16 (+6)
 PROMPTS = [SYSTEM + [1, 2]] + [[rng.randrange(5, 200) for _ in range(120)] for _ in range(2)] + [SYSTEM + [3]]
 
 
-@pytest.fixture(scope="module")
-def loaded(default_model_dir):
-    return load_model(default_model_dir)
-
-
-def _serve(c: Cluster, prompts, max_tokens: int = 5) -> dict[str, list[int]]:
-    for i, p in enumerate(prompts):
-        c.submit(f"r{i}", p, max_tokens=max_tokens)
-        c.run()
-        c.check()
-    return dict(c.tokens)
-
-
 def test_an_evicted_prefix_is_uploaded_from_the_host_tier_and_outputs_match(default_model_dir, loaded):
     block_gib = PoolLayout.for_model(loaded.spec, 1, 16, loaded.dtype).block_bytes / 2**30
     runs, prefill_blocks = {}, {}
     for name, caching, host_gib in (("off", False, 0.0), ("gpu", True, 0.0), ("host", True, 32 * block_gib)):
         c = Cluster(default_model_dir, num_blocks=12, prefix_caching=caching, kv_offloading_size=host_gib,
                     loaded=loaded)
-        runs[name] = _serve(c, PROMPTS)
+        runs[name] = c.serve_in_order(PROMPTS, max_tokens=5)
         assert c.blocks_used() == {0: 0, 1: 0} and c.front.reqs == {}
         prefill_blocks[name] = c.nodes[0].ex.blocks
         if name == "host":

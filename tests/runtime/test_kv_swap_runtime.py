@@ -5,21 +5,14 @@ Hugging Face generate token for token, as they do when the same preemptions reco
 
 import random
 
-import pytest
 
 from tests.engine.tiny_models import hf_greedy_each
 from tests.runtime.inproc import Cluster
 from tetri.workers.kv_pool import PoolLayout
-from tetri.workers.models.loader import load_model
 
 MAX_TOKENS = 30
 rng = random.Random(19)
 PROMPTS = [[rng.randrange(5, 400) for _ in range(n)] for n in (21, 27, 18)]  # + 30 tokens: 3-4 blocks each
-
-
-@pytest.fixture(scope="module")
-def loaded(default_model_dir):
-    return load_model(default_model_dir)
 
 
 def _serve(default_model_dir, loaded, mode: str, swap_blocks: int) -> tuple[dict, object]:

@@ -4,7 +4,6 @@ migrations and flips with shared blocks leak nothing (invariants after every ste
 
 import random
 
-import pytest
 
 from tests.runtime.inproc import Cluster
 from tetri.llm import LLM
@@ -12,7 +11,6 @@ from tetri.protocol import SetRole
 from tetri.sched.front import ReqState
 from tetri.sched.prefix_hash import block_hashes
 from tetri.types import SamplingParams
-from tetri.workers.models.loader import load_model
 
 rng = random.Random(3)
 SYSTEM = [rng.randrange(5, 200) for _ in range(40)]  # a shared 40-token "system prompt"
@@ -32,23 +30,11 @@ def conversation(turns: int = 3) -> list[list[int]]:
 PROMPTS = conversation() + [SYSTEM + [7, 8, 9], SYSTEM[:20] + [1, 2, 3, 4, 5], SYSTEM]
 
 
-@pytest.fixture(scope="module")
-def loaded(default_model_dir):
-    return load_model(default_model_dir)
-
-
-def serve_in_order(c: Cluster, prompts, max_tokens: int = 6) -> dict[str, list[int]]:
-    for i, p in enumerate(prompts):
-        c.submit(f"r{i}", p, max_tokens=max_tokens)
-        c.run()
-    return dict(c.tokens)
-
-
 def test_disagg_outputs_equal_with_caching_on_and_off(default_model_dir, loaded):
     runs = {}
     for caching in (True, False):
         c = Cluster(default_model_dir, prefix_caching=caching, loaded=loaded)
-        runs[caching] = serve_in_order(c, PROMPTS, max_tokens=4)
+        runs[caching] = c.serve_in_order(PROMPTS, max_tokens=4)
         assert c.blocks_used() == {0: 0, 1: 0} and c.front.reqs == {}
         blocks = c.nodes[0].ex.blocks
         if caching:
@@ -81,7 +67,7 @@ def test_evictions_under_a_small_pool_keep_outputs_and_correct_the_index(default
     runs = {}
     for caching in (True, False):
         c = Cluster(default_model_dir, num_blocks=12, prefix_caching=caching, loaded=loaded)
-        runs[caching] = serve_in_order(c, prompts, max_tokens=4)
+        runs[caching] = c.serve_in_order(prompts, max_tokens=4)
         assert c.blocks_used() == {0: 0, 1: 0}
         blocks = c.nodes[0].ex.blocks
         if caching:

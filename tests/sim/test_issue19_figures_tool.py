@@ -1,16 +1,10 @@
 """tools/issue19_figures.py: the target verdicts and the section it writes (no simulation here)."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tetri_tools_issue19_figures", ROOT / "tools" / "issue19_figures.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("issue19_figures")
 
 
 def test_verdict_judges_both_targets_and_says_by_how_much():

@@ -1,18 +1,12 @@
 """tools/sim_dispatch_balance.py (RESULTS.md finding 3's figures) on a tiny simulated run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tetri_tools_sim_dispatch_balance",
-                                                  ROOT / "tools" / "sim_dispatch_balance.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("sim_dispatch_balance")
 
 
 def test_peak_resident_counts_overlaps_exactly():
