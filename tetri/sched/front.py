@@ -303,11 +303,8 @@ class FrontScheduler:
             return
         req.open_choices.discard(choice)
         if not req.open_choices and not req.aborting:
-            self._index_decoded(req)
+            front_prefix.index_decoded(self, req)
             self._drop(req_id)
-
-    def _index_decoded(self, req: FrontReq) -> None:
-        front_prefix.index_decoded(self, req)
 
     # ---- aborts, deaths, deadlines -----------------------------------------------------
     def abort(self, req_id: str, choice: int | None = None) -> Actions:

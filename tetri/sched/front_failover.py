@@ -81,11 +81,11 @@ def park_handoff(sched, req: FrontReq, wid: int, res, info, now: float) -> None:
 
 
 def _unpark_handoffs(sched, loads: list[WorkerLoad], now: float, acts: Actions) -> None:
+    view = sched._view(loads)
     for req_id, (req, wid, res, info) in list(sched.parked_handoffs.items()):
         if sched.reqs.get(req_id) is not req or req.aborting or req.prefill_worker != wid:
             sched.parked_handoffs.pop(req_id)  # gone, or moved on (a migration) since it parked
             continue
-        view = sched._view(loads)
         try:
             did = sched.level2.pick([w for w in view if w.role == "decode"],
                                     sched._decode_prefix(req, info, wid, view))
