@@ -116,8 +116,9 @@ def test_every_decode_policy_completes(policy, h200_cost, make_requests):
 
 @pytest.mark.parametrize("prefill_policy", ["sjf", "ljf"])
 def test_prefill_policies_reorder(prefill_policy, h200_cost):
-    # The first prompt keeps the prefill worker busy while the other three queue up together.
-    reqs = [Request(512, 2, 0.0), Request(2000, 2, 0.001), Request(100, 2, 0.001), Request(1000, 2, 0.001)]
+    # The first prompt's two chunks fill the front's `chunks_ahead` (2) plans for the prefill
+    # worker, so the other three queue up together in the front's packer.
+    reqs = [Request(1024, 2, 0.0), Request(2000, 2, 0.001), Request(100, 2, 0.001), Request(1000, 2, 0.001)]
     result = simulate(reqs, SimConfig(mode="tetri", num_gpus=2, prefill_policy=prefill_policy), h200_cost)
     order = sorted(range(1, 4), key=lambda i: result.records[i].arrival_s + result.records[i].ttft_s)
     assert order == ([2, 3, 1] if prefill_policy == "sjf" else [1, 3, 2])

@@ -13,6 +13,10 @@ then cuts the scheduled queue, in order, into chunks of exactly `chunk_size` tok
 
 A prompt is never reordered once its first piece has been packed (non-preemptive).
 
+`whole_prompts` (DistServe's prefill batching, mode `disagg`): a chunk never splits a
+prompt; it takes whole prompts in order while they fit `chunk_size` tokens, and a longer
+prompt alone.
+
 Priority (vLLM's semantics: lower values first). The raw queue is kept in (priority,
 arrival) order, so a group takes the best-priority prompts first and sorts them by
 priority before the policy's key; a prompt that arrives with a better priority than
@@ -56,7 +60,8 @@ class _Pending:
 
 
 class ChunkPacker:
-    def __init__(self, chunk_size: int, policy: str = "fcfs", sched_batch: int = 16) -> None:
+    def __init__(self, chunk_size: int, policy: str = "fcfs", sched_batch: int = 16,
+                 whole_prompts: bool = False) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         if policy not in PREFILL_POLICIES:
@@ -66,6 +71,7 @@ class ChunkPacker:
         self.chunk_size = chunk_size
         self.policy = policy
         self.sched_batch = sched_batch
+        self.whole_prompts = whole_prompts
         self._raw: list[_Pending] = []  # in (priority, arrival) order
         self._scheduled: deque[_Pending] = deque()
         self._queued_tokens = 0
@@ -134,7 +140,12 @@ class ChunkPacker:
                     break
                 self._refill()
             head = self._scheduled[0]
-            take = min(budget, head.num_tokens - head.cursor)
+            left = head.num_tokens - head.cursor
+            if self.whole_prompts and left > budget:
+                if pieces:
+                    break  # it runs in the next chunk, whole
+                budget = left  # a prompt longer than the chunk runs alone
+            take = min(budget, left)
             is_last = head.cursor + take == head.num_tokens
             pieces.append(ChunkPiece(head.req_id, head.cursor, take, is_last))
             head.cursor += take

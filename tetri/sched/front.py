@@ -37,7 +37,7 @@ import random
 from dataclasses import replace
 
 from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
-                            Release, SetRole, SubmitMixed)
+                            Release, SetRole, SubmitMixed, TokenBatch)
 from tetri.sched import front_failover, front_prefix
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.decode_affinity import PrefixAffinityDecode
@@ -54,10 +54,14 @@ __all__ = ["Actions", "FrontConfig", "FrontReq", "FrontScheduler", "ReqState"]
 class FrontScheduler:
     """`predictor`: a `tetri.sched.predictor.LengthPredictor` (or None), consulted when a
     prompt's prefill ends. `flip`: a `FlipPolicy` (or None); instance flips then run through
-    a `FlipPlan` that tracks which worker holds which request (see `flip_tick`)."""
+    a `FlipPlan` that tracks which worker holds which request (see `flip_tick`).
+    `in_place_to_mixed`: the plan also covers mixed workers, and a flip to mixed drains
+    nothing (`FlipPlan`'s flag; for `RolePolicy`, which moves workers between all three roles)."""
 
-    def __init__(self, cfg: FrontConfig, rng: random.Random, predictor=None, flip: FlipPolicy | None = None) -> None:
+    def __init__(self, cfg: FrontConfig, rng: random.Random, predictor=None, flip: FlipPolicy | None = None,
+                 in_place_to_mixed: bool = False) -> None:
         self.cfg = cfg
+        self.in_place_to_mixed = in_place_to_mixed
         self.rng = rng
         self.predictor = predictor
         self.flip_policy = flip
@@ -79,7 +83,8 @@ class FrontScheduler:
 
     def _packer(self, wid: int) -> ChunkPacker:
         if wid not in self.packers:
-            self.packers[wid] = ChunkPacker(self.cfg.chunk_size, self.cfg.prefill_policy, self.cfg.prefill_sched_batch)
+            self.packers[wid] = ChunkPacker(self.cfg.chunk_size, self.cfg.prefill_policy, self.cfg.prefill_sched_batch,
+                                            self.cfg.whole_prompts)
             self.outstanding[wid] = 0
         return self.packers[wid]
 
@@ -88,7 +93,9 @@ class FrontScheduler:
         shown as such while a flip is under way."""
         if self.flip_policy is not None:
             if self.flip_plan is None:
-                self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in ("prefill", "decode")})
+                roles = ("prefill", "decode", "mixed") if self.in_place_to_mixed else ("prefill", "decode")
+                self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in roles},
+                                          in_place_to_mixed=self.in_place_to_mixed)
             loads = self.flip_plan.view(loads)
         return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
@@ -297,6 +304,21 @@ class FrontScheduler:
             self.decode_index.evicted(wid, hashes)
             self.prefix_index.evicted(wid, hashes)  # a mixed worker's entries
 
+    def on_token_batch(self, msg: TokenBatch) -> Actions:
+        """A decode or mixed worker's tokens: record those from the worker that holds the
+        request (`current` lists their entries; the rest are stale) and close finished choices.
+        (Added by wt-sim for the simulator; wt-life's version of this method wins at merge.)"""
+        self.decode_evicted(msg.worker_id, msg.evicted_hashes)  # before a finish indexes new blocks
+        acts = Actions()
+        for i, req_id in enumerate(msg.req_ids):
+            if not self.owns(req_id, msg.worker_id, decoding=True):
+                continue
+            acts.current.append(i)
+            self.record_output(req_id, msg.choices[i], [msg.token_ids[i]])
+            if msg.finish_reasons[i] is not None:
+                self.on_choice_finished(req_id, msg.choices[i])
+        return acts
+
     def on_choice_finished(self, req_id: str, choice: int) -> None:
         req = self.reqs.get(req_id)
         if req is None:
@@ -386,6 +408,9 @@ class FrontScheduler:
         if decision is not None:
             plan.begin(decision)
         for order in plan.poll(loads):  # every request it held is done, so our packer for it is empty
+            if self.in_place_to_mixed and order.to_role == "mixed":  # in place: it finishes what it holds
+                acts.send(order.worker_id, SetRole(role=order.to_role))
+                continue
             self.packers.pop(order.worker_id, None)
             self.outstanding.pop(order.worker_id, None)
             self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role

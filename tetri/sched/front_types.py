@@ -36,6 +36,8 @@ class FrontConfig:
     its worker's cache is expected to end (the runtime mirrors `CacheConfig`)."""
     prefix_hash_seed: bytes = b""
     """`prefix_hash.hash_seed` of the model, as the workers compute it."""
+    whole_prompts: bool = False
+    """Chunks never split a prompt (DistServe's batching, the simulator's mode `disagg`)."""
 
 
 @dataclass
@@ -80,6 +82,8 @@ class FrontReq:
 class Actions:
     sends: list[tuple[int, object]] = field(default_factory=list)
     fails: list[tuple[str, str]] = field(default_factory=list)
+    current: list[int] = field(default_factory=list)
+    """`on_token_batch`: the entries of the batch from the worker that holds the request."""
 
     def send(self, worker_id: int, msg) -> None:
         self.sends.append((worker_id, msg))

@@ -195,7 +195,10 @@ def _prompt_done(worker: SimWorker, req: SimRequest, end_s: float) -> None:
     if req.recompute:
         req.recompute = False
     elif req.emit(end_s):
+        worker.emitted(req, True)
         worker.free_blocks(req)
         worker.env.hooks.finished(req, worker)
         return
+    else:
+        worker.emitted(req, False)
     worker.running[req.req_id] = req

@@ -1,149 +1,34 @@
 """Disaggregated workers: one `PDWorker` per GPU whose role (prefill, decode or mixed) can flip.
 
-Prefill role:
-  - `whole_prompts` (mode `disagg`, DistServe): FCFS batches of whole prompts, adding
-    prompts while the batch stays within `chunk_size` tokens (DistServe's L_m; one longer
-    prompt runs alone);
-  - otherwise (mode `tetri`): the real `ChunkPacker` (FCFS/SJF/LJF in groups of
-    `sched_batch`) cuts the queue into fixed `chunk_size` chunks, one chunk per step.
-  A prompt's KV blocks are reserved at its first piece and held until the decode worker has
-  copied them (the real ownership protocol), so a decode backlog back-pressures prefill.
-  The first token is out when the last piece's step ends (TTFT).
+Prefill role: `tetri.sim.prefill_side` (the ChunkPlans the front sends, one per step; in
+mode `disagg` the front's packer never splits a prompt: DistServe's whole-prompt batches up
+to `chunk_size` tokens, one longer prompt alone).
 Decode role (the real decode core's step, `tetri.workers.decode`):
-  1. admission: the decode policy (`make_decode_policy`) picks waiting handoffs; each one's
-     KV copy (`CostModel.transfer_s`) is done synchronously inside the step, as the real
-     core does, and the prefill side frees its blocks when the copy ends;
+  1. admission: the front's `Handoff`s wait; the decode policy (`make_decode_policy`) picks
+     which to admit; each one's KV copy (`CostModel.transfer_s`) is done synchronously
+     inside the step, as the real core does, and its `KVCopied` goes to the front when the
+     copy ends (the front then Releases the prefill side's blocks);
   2. preempted requests (recompute) are re-prefilled here when their blocks fit;
   3. the policy picks the batch (and preemptions: swapped out to the host instead of
      recomputed where `tetri.sim.swap` finds it cheaper; uploaded back when they fit); one
-     decode token each.
-Mixed role (mode `auto`): one step is the decode role's step plus prompt chunks filling the
-rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`); a prompt it prefilled stays
-and decodes here (`adopt`: no copy), and it also takes handoffs from prefill workers.
+     decode token each, out in the step's `TokenBatch`.
+Mixed role (mode `auto`): one step is the decode role's step plus prompt pieces filling the
+rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`); the prompts the front sent it
+whole (`SubmitMixed`) decode here.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from dataclasses import replace
 
-from tetri.sched.chunking import ChunkPacker
+from tetri.protocol import Handoff, KVCopied
 from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.dispatch import expected_output_tokens, is_heavy
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
+from tetri.sim.prefill_side import PrefillSide
 from tetri.sim.requests import SimRequest
 from tetri.sim.swap import SimSwap
 from tetri.sim.workers import Plan, SimWorker, WorkerEnv, decode_context_tokens
-
-
-class PrefillSide:
-    def __init__(self, worker: PDWorker, whole_prompts: bool) -> None:
-        self.w = worker
-        env = worker.env
-        self.whole_prompts = whole_prompts
-        self.pass_tokens = env.prefill_chunk_tokens or env.chunk_size_tokens
-        self.packer = ChunkPacker(max(self.pass_tokens, env.chunk_size_tokens), env.prefill_policy, env.sched_batch)
-        self.fifo: deque[SimRequest] = deque()
-        self.queued: dict[str, SimRequest] = {}
-        """Not yet fully prefilled (some may hold blocks already)."""
-        self.holding: dict[str, SimRequest] = {}
-        """Prefilled; blocks held until the decode side has copied the KV."""
-        self.fifo_tokens = 0
-        self.started: set[str] = set()
-        """Requests whose cached prefix was looked up (their first piece was packed)."""
-
-    @property
-    def queued_tokens(self) -> int:
-        return self.fifo_tokens if self.whole_prompts else self.packer.queued_tokens
-
-    def add(self, req: SimRequest) -> None:
-        self.queued[req.req_id] = req
-        if self.whole_prompts:
-            self.fifo.append(req)
-            self.fifo_tokens += req.prompt_tokens
-        else:  # the chunks pack uncached tokens only (the worker computes any gap found later)
-            self.packer.add(req.req_id, req.prompt_tokens, self.w.cached_tokens(req))
-
-    def release(self, req: SimRequest) -> None:
-        self.holding.pop(req.req_id, None)
-        self.w.free_blocks(req)
-
-    def resident(self) -> list[SimRequest]:
-        return [*self.queued.values(), *self.holding.values()]
-
-    def _reserve(self, req: SimRequest) -> bool:
-        """Its first piece: attach the cached prefix once, then hold blocks for the prompt."""
-        if req.req_id not in self.started:
-            self.started.add(req.req_id)
-            req.computed_tokens = self.w.attach_cached(req)
-        return self.w.try_reserve(req, req.prompt_tokens)
-
-    def _whole_batch(self) -> list[tuple[SimRequest, int, int, bool]]:
-        batch: list[tuple[SimRequest, int, int, bool]] = []
-        tokens = 0
-        while self.fifo:
-            req = self.fifo[0]
-            if batch and tokens + req.prompt_tokens > self.w.env.chunk_size_tokens:
-                break
-            if not self._reserve(req):
-                break
-            self.fifo.popleft()
-            self.fifo_tokens -= req.prompt_tokens
-            begin = req.computed_tokens
-            tokens += req.prompt_tokens - begin
-            batch.append((req, begin, req.prompt_tokens - begin, True))
-        return batch
-
-    def _chunk(self, budget_tokens: int | None = None) -> list[tuple[SimRequest, int, int, bool]]:
-        if not len(self.packer):
-            return []
-        pieces = self.packer.next_chunk(budget_tokens)
-        out = []
-        for i, p in enumerate(pieces):
-            req = self.queued[p.req_id]
-            if not self._reserve(req):
-                for later in reversed(pieces[i:]):
-                    self.packer.push_front(later)
-                break
-            begin, end = min(req.computed_tokens, p.start + p.num_tokens), p.start + p.num_tokens
-            if begin == end and not p.is_last:
-                continue  # wholly cached
-            out.append((req, begin, end - begin, p.is_last))
-        return out
-
-    def plan(self, now: float) -> Plan | None:
-        pieces = self._whole_batch() if self.whole_prompts else self._chunk(self.pass_tokens)
-        if not pieces:
-            return None
-        shape = self.shape(pieces)
-        step_s = self.w.env.cost.step_s(shape) + self.w.take_host_copy_s()  # uploads/offloads of this step
-        return step_s, lambda end_s: self._end(pieces, end_s)
-
-    def shape(self, pieces) -> StepShape:
-        shape = StepShape()
-        for _req, start, num_tokens, is_last in pieces:
-            shape = add_shapes(shape, piece_shape(num_tokens, start, is_last))
-        self.w.stats.prefill_tokens += shape.prefill_tokens
-        return shape
-
-    def _end(self, pieces, end_s: float) -> None:
-        hooks = self.w.env.hooks
-        for req, start, num_tokens, _ in pieces:
-            req.computed_tokens = start + num_tokens
-            self.w.commit_computed(req)
-        evicted = self.w.blocks.take_evicted()
-        if evicted:
-            hooks.evicted(self.w, evicted)
-        for req, _start, _num_tokens, is_last in pieces:
-            if not is_last:
-                continue
-            del self.queued[req.req_id]
-            self.started.discard(req.req_id)
-            if req.emit(end_s):
-                self.w.free_blocks(req)
-                hooks.finished(req, self.w)
-            else:
-                self.holding[req.req_id] = req
-                hooks.prefilled(req, self.w)
 
 
 class DecodeSide:
@@ -162,10 +47,22 @@ class DecodeSide:
         self.heavy += sign * is_heavy(req.info, self.w.env.heavy_decode_tokens)
         self.predicted_tokens += sign * expected_output_tokens(req.info)
 
-    def handoff(self, req: SimRequest) -> None:
+    def handoff(self, msg: Handoff) -> None:
+        """The front's Handoff: the request waits for admission, with the predicted length."""
+        req = self.w.env.reqs[msg.req_id]
+        req.info = replace(req.info, predicted_low_tokens=msg.predicted_output_tokens)
+        req.decode_worker = self.w.worker_id
         req.handoff_s = self.w.env.loop.now
         self.waiting[req.req_id] = req
         self._count(req, +1)
+
+    def drop(self, req_id: str) -> None:
+        """Abort: forget the request wherever it is here, and free its blocks."""
+        for where in (self.waiting, self.running, self.recompute):
+            req = where.pop(req_id, None)
+            if req is not None:
+                self._count(req, -1)
+                self.w.free_blocks(req)
 
     def resident(self) -> list[SimRequest]:
         return [*self.running.values(), *self.resuming]
@@ -194,8 +91,10 @@ class DecodeSide:
                 break
             del self.waiting[req_id]
             self.running[req_id] = req
-            copy_s += w.env.cost.transfer_s(req.kv_tokens)
-            w.env.loop.at(now + copy_s, w.env.hooks.released, req, w)
+            one_s = w.env.cost.transfer_s(req.kv_tokens)
+            copy_s += one_s
+            w.env.loop.at(now + copy_s, w.env.hooks.kv_copied,
+                          KVCopied(worker_id=w.worker_id, req_id=req_id, num_bytes=0, seconds=one_s))
         return copy_s
 
     def _resume(self) -> list[SimRequest]:
@@ -210,6 +109,7 @@ class DecodeSide:
     def adopt(self, req: SimRequest) -> None:
         """A mixed worker decodes what it prefilled: its prompt blocks stay, no copy."""
         req.handoff_s = self.w.env.loop.now
+        req.decode_worker = self.w.worker_id
         self.running[req.req_id] = req
         self._count(req, +1)
 
@@ -251,28 +151,30 @@ class DecodeSide:
 
 
 class PDWorker(SimWorker):
-    def __init__(self, worker_id: int, env: WorkerEnv, role: str, whole_prompts: bool) -> None:
+    def __init__(self, worker_id: int, env: WorkerEnv, role: str) -> None:
         self.role = role  # before the allocator is built: a decode worker gets no host tier
         super().__init__(worker_id, env)
-        self.prefill = PrefillSide(self, whole_prompts)
+        self.prefill = PrefillSide(self)
         self.decode = DecodeSide(self)
 
+    # ---- the front's messages (the cluster kicks the worker after delivering them) ---------
+    def submit_plan(self, msg) -> None:
+        self.prefill.submit_plan(msg)
+
     def add(self, req: SimRequest) -> None:
-        self.prefill.add(req)
-        self.kick()
+        self.prefill.add_own(req)
 
-    def handoff(self, req: SimRequest) -> None:
-        self.decode.handoff(req)
-        self.kick()
+    def handoff(self, msg: Handoff) -> None:
+        self.decode.handoff(msg)
 
-    def release(self, req: SimRequest) -> None:
-        self.prefill.release(req)
-        self.kick()
+    def release(self, msg) -> None:
+        self.prefill.release(msg.req_id)
 
-    def adopt(self, req: SimRequest) -> None:
-        self.prefill.holding.pop(req.req_id, None)
-        self.decode.adopt(req)
+    def abort(self, msg) -> None:
+        self.prefill.release(msg.req_id)
+        self.decode.drop(msg.req_id)
 
+    # ---- steps -----------------------------------------------------------------------
     def plan_step(self, now: float) -> Plan | None:
         if self.role == "mixed":
             return self._plan_mixed(now)
@@ -280,18 +182,23 @@ class PDWorker(SimWorker):
         return side.plan(now)
 
     def _plan_mixed(self, now: float) -> Plan | None:
-        """Chunked prefill (Sarathi): the decode step plus prompt pieces up to the chunk budget."""
+        """Chunked prefill (Sarathi): the decode step plus prompt pieces up to the chunk budget
+        (plans the front sent before an in-place flip to mixed run first)."""
         copy_s, run = self.decode.prepare(now)
-        budget_tokens = self.env.chunk_size_tokens - len(run)
-        pieces = self.prefill._chunk(budget_tokens) if budget_tokens > 0 else []
-        if not run and not self.decode.resuming and copy_s == 0.0 and not pieces:
+        head, pieces = self.prefill._plan_pieces() if self.prefill.plans else (None, [])
+        if head is None:
+            pieces = self.prefill.own_chunk(self.env.chunk_size_tokens - len(run))
+        if not run and not self.decode.resuming and copy_s == 0.0 and not pieces and head is None:
             return None
         shape = add_shapes(self.decode.shape(run), self.prefill.shape(pieces))
         duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0) + self.take_host_copy_s()
 
         def apply(end_s: float) -> None:
             self.decode._end(run, end_s)
-            self.prefill._end(pieces, end_s)
+            if head is not None:
+                self.prefill.end_plan(head, pieces, end_s)
+            else:
+                self.prefill.end(pieces, end_s)
         return duration_s, apply
 
     def resident(self) -> list[SimRequest]:

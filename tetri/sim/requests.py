@@ -39,6 +39,8 @@ class SimRequest:
     """Trace prefix-block ids (`tetri.sim.prefix`); () without prefix information."""
     computed_tokens: int = 0
     """Prefill: prompt tokens whose KV is on the prefill worker (cached or computed)."""
+    block_keys: list = field(default_factory=list)
+    """Prefix caching: the block hashes of the prompt's cacheable blocks (`front_adapter`)."""
 
     @property
     def remaining_tokens(self) -> int:
@@ -97,17 +99,22 @@ class NoisyPredictor:
         self.misses = 0
 
     def annotate(self, info: ReqInfo, output_tokens: int) -> ReqInfo:
-        pred = self.inner.predict(info, {"expected_output_tokens": output_tokens})
+        return with_prediction(info, self.predict(info, {"expected_output_tokens": output_tokens}))
+
+    def predict(self, info: ReqInfo, features=None):
+        """The `LengthPredictor` interface the front calls (the true length arrives in
+        `features["expected_output_tokens"]`, from `FrontReq.expected_output_tokens`)."""
+        pred = self.inner.predict(info, features)
         if pred is None:
-            return info
+            return None
         self.predictions += 1
         if self.confusion is not None:
-            return with_prediction(info, self._from_confusion(pred.bucket))
+            return self._from_confusion(pred.bucket)
         if self.accuracy < 1.0 and self.rng.random() >= self.accuracy:
             self.misses += 1
             step = 1 if pred.bucket == 0 or self.rng.random() < 0.5 else -1
             pred = prediction_for_bucket(pred.bucket + step, self.bucket_tokens)
-        return with_prediction(info, pred)
+        return pred
 
 
     def _from_confusion(self, true_bucket: int):

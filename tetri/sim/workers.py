@@ -5,6 +5,11 @@ planning returns the pass's duration (from the cost model) and a callback that a
 pass's effects (tokens out, requests moved) at its end; then the worker plans again. So a
 worker decides with the state at the start of a step, as a real continuous-batching worker
 does, and what arrives during a step waits for the next one.
+
+Workers talk to the front in the real protocol (`tetri.protocol`): `receive` takes the
+front's messages (ChunkPlan, SubmitMixed, Handoff, Release, Abort, SetRole); the tokens a
+step emitted leave at its end as one `TokenBatch` (a prefill worker's first tokens ride on
+its `ChunkDone` instead), through the cluster's hooks to `SimFront`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from tetri.protocol import Abort, ChunkPlan, Handoff, Release, SetRole, SubmitMixed, TokenBatch
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import BlockAllocator, blocks_for_tokens
 from tetri.sched.load import WorkerLoad
@@ -56,13 +62,16 @@ class EventLoop:
 
 
 class ClusterHooks(Protocol):
-    """What workers tell the cluster."""
+    """What workers tell the cluster: protocol messages for the front, and the requests that
+    finished (the client's side of the stream)."""
 
-    def prefilled(self, req: SimRequest, worker: SimWorker) -> None: ...
+    def chunk_done(self, msg) -> None: ...
 
-    def evicted(self, worker: SimWorker, keys: list) -> None: ...
+    def kv_copied(self, msg) -> None: ...
 
-    def released(self, req: SimRequest, worker: SimWorker) -> None: ...
+    def token_batch(self, msg) -> None: ...
+
+    def set_role(self, worker: SimWorker, role: str) -> None: ...
 
     def finished(self, req: SimRequest, worker: SimWorker) -> None: ...
 
@@ -88,8 +97,6 @@ class WorkerEnv:
     block_size: int = 16
     max_num_seqs: int = 256
     chunk_size_tokens: int = 512
-    prefill_chunk_tokens: int | None = None
-    """Prefill-role passes (mode auto; None: chunk_size_tokens)."""
     max_batched_tokens: int = 8192
     prefill_policy: str = "fcfs"
     sched_batch: int = 16
@@ -103,11 +110,17 @@ class WorkerEnv:
     swap_blocks: int = 0
     """Host blocks per decode worker for swapped-out KV (`--swap-space`; `tetri.sim.swap`)."""
     preemption_mode: str = "auto"
+    reqs: dict[str, SimRequest] = field(default_factory=dict)
+    """Every request by id: a message names a request, the simulated state lives here."""
 
 
 STEP_EWMA = 0.2
 Plan = tuple[float, Callable[[float], None]]
 """A planned step: (duration_s, apply(end_s))."""
+
+
+_HANDLERS = {ChunkPlan: "submit_plan", SubmitMixed: "submit_mixed", Handoff: "handoff", Release: "release",
+             Abort: "abort", SetRole: "set_role"}
 
 
 class SimWorker:
@@ -129,6 +142,28 @@ class SimWorker:
         self.stats = env.stats.setdefault(worker_id, WorkerStats())
         self.held_blocks: dict[str, int] = {}
         """req_id -> blocks it owns in `self.blocks` (a cache of the allocator's answer)."""
+        self.out_ids: list[str] = []
+        self.out_reasons: list[str | None] = []
+        """Tokens emitted in this step (request, finish reason): the step's TokenBatch."""
+
+    # ---- the front's messages ----------------------------------------------------
+    def receive(self, msg) -> None:
+        """One message from the front (the caller kicks the worker after delivering them all)."""
+        getattr(self, _HANDLERS[type(msg)])(msg)
+
+    def set_role(self, msg: SetRole) -> None:
+        self.env.hooks.set_role(self, msg.role)
+
+    def submit_mixed(self, msg: SubmitMixed) -> None:
+        self.add(self.env.reqs[msg.req_id])
+
+    def add(self, req: SimRequest) -> None:
+        raise NotImplementedError(f"worker {self.worker_id} ({self.role}) takes no whole requests")
+
+    def emitted(self, req: SimRequest, done: bool) -> None:
+        """`req` emitted a token in this step (it goes out in the step's TokenBatch)."""
+        self.out_ids.append(req.req_id)
+        self.out_reasons.append("length" if done else None)
 
     # ---- the step cycle --------------------------------------------------------
     def kick(self) -> None:
@@ -147,6 +182,12 @@ class SimWorker:
     def _end_step(self, apply: Callable[[float], None]) -> None:
         self.busy = False
         apply(self.env.loop.now)
+        if self.out_ids:
+            ids, reasons, self.out_ids, self.out_reasons = self.out_ids, self.out_reasons, [], []
+            zeros = [0] * len(ids)
+            self.env.hooks.token_batch(TokenBatch(worker_id=self.worker_id, req_ids=ids, choices=zeros,
+                                                  token_ids=zeros, finish_reasons=reasons,
+                                                  evicted_hashes=self.blocks.take_evicted()))
         if self.env.check_invariants:
             self.check()
         self.kick()
@@ -181,30 +222,21 @@ class SimWorker:
     def attach_cached(self, req: SimRequest) -> int:
         """Before its first piece: attach the prompt's cached leading blocks (the real
         prefill worker's lookup); returns the cached tokens."""
-        if not self.blocks.caching or not req.hash_ids:
+        if not self.blocks.caching or not req.block_keys:
             return 0
-        from tetri.sim.prefix import sub_block_keys
-
-        hit = self.blocks.lookup(req.req_id, sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size),
-                                 req.prompt_tokens)
+        hit = self.blocks.lookup(req.req_id, req.block_keys, req.prompt_tokens)
         self.held_blocks[req.req_id] = len(self.blocks.blocks_of(req.req_id))
         return hit
 
     def cached_tokens(self, req: SimRequest) -> int:
         """What `attach_cached` would find now (no side effects)."""
-        if not self.blocks.caching or not req.hash_ids:
+        if not self.blocks.caching or not req.block_keys:
             return 0
-        from tetri.sim.prefix import sub_block_keys
-
-        keys = sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size)
-        return self.blocks.cached_prefix_blocks(keys) * self.env.block_size
+        return self.blocks.cached_prefix_blocks(req.block_keys) * self.env.block_size
 
     def commit_computed(self, req: SimRequest) -> None:
-        if self.blocks.caching and req.hash_ids:
-            from tetri.sim.prefix import sub_block_keys
-
-            keys = sub_block_keys(req.hash_ids, req.prompt_tokens, self.env.block_size)
-            self.blocks.commit(req.req_id, keys[:req.computed_tokens // self.env.block_size])
+        if self.blocks.caching and req.block_keys:
+            self.blocks.commit(req.req_id, req.block_keys[:req.computed_tokens // self.env.block_size])
 
     def free_blocks(self, req: SimRequest) -> None:
         self.blocks.free(req.req_id)
@@ -282,7 +314,12 @@ class SimWorker:
                 self.free_blocks(req)
                 policy.forget(req.req_id)
                 done.append(req)
+                self.out_ids.append(req.req_id)
+                self.out_reasons.append("length")
                 self.env.hooks.finished(req, self)
+            else:
+                self.out_ids.append(req.req_id)
+                self.out_reasons.append(None)
         return done
 
 
