@@ -205,9 +205,9 @@ class PDWorker(SimWorker):
         return [*self.prefill.resident(), *self.decode.resident()]
 
     def load(self):
-        if self.role == "prefill":
+        if self.role == "prefill":  # as the real prefill node's board: prefilling, and prefilled (held)
             return self.base_load(queued_prefill_tokens=self.prefill.queued_tokens,
-                                  running_reqs=len(self.prefill.holding), waiting_reqs=len(self.prefill.queued))
+                                  running_reqs=len(self.prefill.queued), waiting_reqs=len(self.prefill.holding))
         d = self.decode
         queued = self.prefill.queued_tokens if self.role == "mixed" else 0
         prompts = len(self.prefill.queued) if self.role == "mixed" else 0
