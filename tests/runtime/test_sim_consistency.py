@@ -2,9 +2,9 @@
 cluster (real model, real nodes, the real front) and through the simulator with the cost
 model of that cluster's clock (every step one tick: `tests/runtime/inproc.py` advances its
 clock 0.01 s a step; the KV copy is instant), checking the same level-1 worker per request
-(two prefill workers) and the same admission order on the decode worker. (Two decode workers
-do not match yet: the real decode node's board moves inside its step, the simulated one at
-the step's end, and the test driver below does not reproduce that exactly.)
+(two prefill workers) and the same admission order on the decode worker. (Level 2 over two
+decode workers does not match yet: a simulated decode worker's board shows the handoffs it
+admits from the start of the step that admits them, the real node's from the step's end.)
 
 Both sides are event-ordered, with no timing dependence: every request arrives at t = 0, in
 order; the in-process side delivers each message as soon as it is sent (the simulator's
@@ -13,6 +13,7 @@ delivery), and hands each step's output to the front before the next worker step
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -34,13 +35,13 @@ WORKLOAD = [(70, 9), (18, 4), (120, 12), (45, 7), (33, 10), (90, 5), (12, 11), (
 TICK_S = 0.01
 
 
-def _real(model_dir: str, loaded) -> tuple[dict, dict, dict]:
+def _real(model_dir: str, loaded, roles=ROLES) -> tuple[dict, dict, dict]:
     """The real cluster on the simulator's event loop: a step starts when a worker has work
     and is idle, and its output reaches the front one tick later (inproc's 0.01 s)."""
-    c = Cluster(model_dir, roles=ROLES, num_blocks=BLOCKS, chunk_size=CHUNK, prefix_caching=False, loaded=loaded)
+    c = Cluster(model_dir, roles=roles, num_blocks=BLOCKS, chunk_size=CHUNK, prefix_caching=False, loaded=loaded)
     loop, busy, touched, handed = EventLoop(), set(), [], {}
     level1, level2 = {}, {}
-    admitted: dict[int, list[str]] = {2: []}
+    admitted: dict[int, list[str]] = defaultdict(list)
     apply = c.apply
 
     def recording_apply(acts):
@@ -102,17 +103,17 @@ def _real(model_dir: str, loaded) -> tuple[dict, dict, dict]:
     return level1, level2, admitted
 
 
-def _sim(model_dir: str) -> tuple[dict, dict, dict]:
+def _sim(model_dir: str, roles=ROLES) -> tuple[dict, dict, dict]:
     cfg_json = json.loads((Path(model_dir) / "config.json").read_text())
     model = ModelSpec.from_hf_config("test", cfg_json)
     tick = HardwareSpec("inproc-tick", peak_flops=1e30, hbm_bytes_s=1e30, memory_bytes=1e12, link_bytes_s=1e30,
                         host_link_bytes_s=1e30, link_latency_s=0.0, prefill_overhead_s=0.0, decode_overhead_s=0.0,
                         step_latency_s=TICK_S)
-    cfg = SimConfig(mode="tetri", num_gpus=3, num_prefill=2, chunk_size_tokens=CHUNK, num_blocks=BLOCKS,
+    cfg = SimConfig(mode="tetri", num_gpus=len(roles), num_prefill=roles.count("prefill"), chunk_size_tokens=CHUNK, num_blocks=BLOCKS,
                     decode_dispatch="least-loaded", decode_policy="greedy", predictor="none").resolved()
     loop = EventLoop()
     sim = SimCluster(cfg, CostModel(model, tick), loop, random.Random(0))
-    admitted: dict[int, list[str]] = {2: []}
+    admitted: dict[int, list[str]] = defaultdict(list)
     copied = sim.kv_copied
 
     def recording_copied(msg):
