@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plan-flags", default=None, metavar="FLAGS",
                    help="--mode auto: further tetri-plan flags for the start, e.g. \"--trace FILE --calibration F\" "
                         "(default: the mixed workload; on CPU the uncalibrated cpu preset)")
+    g.add_argument("--role-tpot-s", type=float, default=None,
+                   help="--mode auto: the decode pace the role policy holds steps to (default: --slo-tpot)")
     g.add_argument("--role-busy-tokens", type=int, default=2048,
                    help="--mode auto: queued prompt tokens at which a prefilling worker counts fully loaded")
     g.add_argument("--role-dwell-s", type=float, default=1.0,
@@ -188,7 +190,8 @@ def role_policy(args):
     from tetri.sched.roles import RolePolicy
 
     return RolePolicy(prefill_busy_tokens=args.role_busy_tokens, dwell_s=args.role_dwell_s,
-                      worker_dwell_s=args.role_worker_dwell_s, tpot_s=args.slo_tpot, mixed_hands_off=False)
+                      worker_dwell_s=args.role_worker_dwell_s,
+                      tpot_s=args.role_tpot_s if args.role_tpot_s is not None else args.slo_tpot, mixed_hands_off=False)
 
 
 def worker_specs(args) -> list[WorkerSpec]:
