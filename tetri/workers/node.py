@@ -212,7 +212,7 @@ class WorkerNode:
         stalled = self.stalled or not self.core.has_work()
         if self.side:  # adaptive roles: one step of each side core too
             carried = any(isinstance(m, (KVCopied, TokenBatch)) for m in out)
-            side_out, side_progressed = side_cores.step(self, now)
+            side_out, side_progressed = side_cores.step(self, now, token_batch)
             out.extend(side_out)
             stalled = stalled and not side_progressed
             if not carried:  # the evictions ride on the side cores' first carrier instead

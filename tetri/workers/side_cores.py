@@ -83,12 +83,12 @@ def has_work(node) -> bool:
     return any(core.has_work() for core in node.side.values())
 
 
-def step(node, now: float) -> tuple[list, bool]:
+def step(node, now: float, token_batch) -> tuple[list, bool]:
     """One step of each side core: (messages to send, whether any progressed). A retired
     prefill or decode core that holds nothing any more is dropped; a mixed worker's decode
-    core stays (its peer mappings are kept for the next handoff)."""
+    core stays (its peer mappings are kept for the next handoff). `token_batch`: the node's
+    (worker id, sampled) -> TokenBatch."""
     from tetri.workers import kv_stage
-    from tetri.workers.node import token_batch
 
     out, progressed = [], False
     for role, core in list(node.side.items()):
