@@ -48,6 +48,8 @@ class Cluster:
                                     random.Random(0), predictor=predictor, flip=flip)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
+        self.sent: list[tuple[int, str, str]] = []
+        """(worker, its role then, message type) of every message sent to a worker."""
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.finished: dict[str, str] = {}
         self.failed: dict[str, str] = {}
@@ -62,6 +64,7 @@ class Cluster:
         for wid, msg in acts.sends:
             if wid not in self.dead:
                 self.to_workers[wid].append(msg)
+                self.sent.append((wid, self.nodes[wid].role, type(msg).__name__))
         for req_id, why in acts.fails:
             self.failed[req_id] = why
 

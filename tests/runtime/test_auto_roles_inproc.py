@@ -76,17 +76,19 @@ def test_in_place_flips_to_mixed_and_a_drain_back_lose_nothing(default_model_dir
     assert cl.nodes[0].role == "mixed" and "prefill" in cl.nodes[0].side  # the old core runs on
     cl.flip_tick()  # the board shows mixed: dispatch to it resumes
     assert cl.front.flip_plan.state_of(0) == "active"
-    for i, p in enumerate(batch[4:], start=4):  # level 1 may pick the mixed worker, level 2 may too
-        cl.submit(f"r{i}", p, max_tokens=MAX_TOKENS)
     for _ in range(3):
         cl.round()
     policy.queue.append(FlipDecision(2, "decode", "mixed", "prefill starved (test)"))
     cl.flip_tick()
     cl.round()
     assert cl.nodes[2].role == "mixed"
+    cl.flip_tick()
+    for i, p in enumerate(batch[4:], start=4):  # no decode worker left: worker 1's handoffs go to mixed ones
+        cl.submit(f"r{i}", p, max_tokens=MAX_TOKENS)
     finish(cl)
     assert not cl.nodes[0].side.get("prefill") and not cl.nodes[2].side.get("prefill")
     assert cl.tokens == {k: v for k, v in want.items() if k[0] == "r"}  # greedy tokens as without flips
+    assert ("Handoff", "mixed") in {(kind, role) for _, role, kind in cl.sent}  # a mixed worker took handoffs
     # a drain out of mixed: worker 0 back to prefill once it holds nothing
     policy.queue.append(FlipDecision(0, "mixed", "prefill", "decode starved (test)"))
     for i, p in enumerate(BATCHES["s"]):
@@ -94,6 +96,7 @@ def test_in_place_flips_to_mixed_and_a_drain_back_lose_nothing(default_model_dir
     finish(cl)
     assert cl.nodes[0].role == "prefill" and not cl.nodes[0].side
     assert cl.tokens == {k: v for k, v in want.items() if k[0] in "rs"}
+    assert ("SubmitMixed", "mixed") in {(kind, role) for _, role, kind in cl.sent}  # mixed ones take prompts too
     assert [d.to_role for _, d in cl.front.role_decisions] == ["mixed", "mixed", "prefill"]
 
 
