@@ -15,7 +15,8 @@ the methods of `Lifecycle`, each of which returns the `Actions` the transition c
     position the stream had reached.
     no live decode worker at the handoff: AWAIT_DECODE with no decode worker, the prefill
     copy held (`parked_handoffs`) until `unpark` finds one.
-    AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails.
+    AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails (an
+    aborted AWAIT_DECODE waits for its Dropped within `handoff_timeout_s` more, then Releases).
 Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
 
 The one message a transition sends about a request already gone is `Release`: a prefill
@@ -307,6 +308,8 @@ class Lifecycle:
                 what = "no live decode worker" if req.decode_worker is None else "KV handoff not admitted"
                 acts.extend(self.abort(req.req_id))
                 acts.fails.append((req.req_id, f"{what} within {cfg.handoff_timeout_s:.0f} s"))
+                if req.aborting:  # the wait for its Dropped gets a deadline of its own (this one has passed)
+                    req.deadline_s = now + cfg.handoff_timeout_s
             elif now - req.arrival_s > cfg.request_timeout_s:
                 acts.extend(self.abort(req.req_id))
                 acts.fails.append((req.req_id, f"request exceeded its {cfg.request_timeout_s:.0f} s deadline"))
