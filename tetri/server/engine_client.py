@@ -70,9 +70,11 @@ class RuntimeClient:
                                     prefix_hash_seed=hash_seed(str(pathlib.Path(self.model_dir))))  # as the workers
         self.scheduler = FrontScheduler(front, random.Random(seed), predictor=predictor, flip=flip)
         self.length_log = length_log  # tetri.server.length_log.LengthLog or None
+        from tetri.sched.roles import RolePolicy
         from tetri.server.roles_report import RolesReport
 
-        self.roles_report = roles_report or RolesReport("auto" if self.scheduler.adaptive else "static")
+        self.adaptive = isinstance(flip, RolePolicy)  # --mode auto (the scheduler runs it the same way)
+        self.roles_report = roles_report or RolesReport("auto" if self.adaptive else "static")
         self.wants_prompt_text = length_log is not None or getattr(predictor, "kind", None) == "text"
         self.predict_off_loop = getattr(predictor, "kind", None) is not None  # a learned (torch) model
         self._tok = None
@@ -237,7 +239,7 @@ class RuntimeClient:
         """(roles that need a live worker, roles live now); --mode auto moves workers between
         roles, so there it is the phases: a live worker able to prefill and one able to decode."""
         live = {w.role for w in self._loads() if w.alive}
-        if not self.scheduler.adaptive:
+        if not self.adaptive:
             return {spec.role for spec in self.launch_cfg.workers}, live
         from tetri.server.roles_report import phases
 

@@ -1,7 +1,9 @@
 """What the role policy decided, for people: `/workers`, `/metrics` and the log.
 
 The front scheduler appends every flip it begins to `FrontScheduler.role_decisions`
-(`(monotonic now, FlipDecision)`); the supervisor tick hands them to `RolesReport.take`,
+(`(monotonic now, FlipDecision)`; one per flip, so it stays short); the supervisor tick
+hands the ones it has not seen yet to `RolesReport.take` (a read: the scheduler's state
+changes only through its event methods),
 which logs one INFO line per decision with its reason, counts it in
 `tetri:role_changes_total{from_role,to_role,reason}` and keeps the recent ones for
 `/workers` (the reason label is the decision's kind, e.g. `prefill_starved`; the full text,
@@ -40,13 +42,16 @@ class RolesReport:
         self.start = start
         self.decisions_total = 0
         self.recent: deque[dict] = deque(maxlen=KEEP_DECISIONS)
+        self._seen = 0
 
     def take(self, scheduler, metrics=None) -> None:
         """Report the decisions the scheduler made since the last call."""
-        if not scheduler.role_decisions:
+        new = scheduler.role_decisions[self._seen:]
+        if not new:
             return
+        self._seen += len(new)
         mono_now, wall_now = time.monotonic(), time.time()
-        for at_s, decision in scheduler.role_decisions:
+        for at_s, decision in new:
             kind = reason_kind(decision.reason)
             row = dict(worker_id=decision.worker_id, from_role=decision.from_role, to_role=decision.to_role,
                        reason=decision.reason or "instance flip (FlipPolicy)", reason_kind=kind,
@@ -57,7 +62,6 @@ class RolesReport:
                      decision.to_role, row["reason"])
             if metrics is not None:
                 metrics.observe_role_change(decision.from_role, decision.to_role, kind)
-        scheduler.role_decisions.clear()
 
     def view(self) -> dict:
         return dict(mode=self.mode, start=self.start, decisions_total=self.decisions_total,
