@@ -11,7 +11,8 @@ delivers its messages to the workers, which answer with the real protocol messag
     colocated   `ColocatedWorker` (vLLM 0.2)     SubmitMixed
     colocated-chunked  `ChunkedWorker` (Sarathi) SubmitMixed
     auto        `PDWorker`s, prefill / mixed / decode, moved by the real `RolePolicy`
-                through `front.flip_tick` (a flip to mixed in place, the others drained)
+                through `front.flip_tick` (a flip to mixed in place, the others drained);
+                a mixed worker gets SubmitMixed and, from prefill workers, Handoffs
 
 With `flip` (disagg, tetri) the monitor asks the real `FlipPolicy` the same way. A `SetRole`
 pauses the worker for `flip_latency_s`; it then takes the role and drops its prefix cache.

@@ -76,26 +76,15 @@ def prompt_block_keys(req: SimRequest, tokens: SimTokens, block_size: int) -> li
     return block_hashes(tokens, block_size, b"")[:cacheable_blocks(req.prompt_tokens, block_size)]
 
 
-class RecordingPolicy:
-    """The flip policy, with every decision it returned kept (the front says which it took)."""
-
-    def __init__(self, policy) -> None:
-        self.policy = policy
-        self.last = None
-
-    def decide(self, loads, now):
-        self.last = self.policy.decide(loads, now)
-        return self.last
-
-
 def make_flip_policy(cfg: SimConfig, cluster: Cluster):
-    """Mode auto: the adaptive `RolePolicy` (prefill / mixed / decode); `--flip` in disagg or
+    """Mode auto: the adaptive `RolePolicy` (prefill / mixed / decode; the front then flips to
+    mixed in place and lets mixed workers take handoffs, as `tetri-serve --mode auto`); `--flip` in disagg or
     tetri: `FlipPolicy`; otherwise None."""
     if cfg.mode == "auto":
         chunk = cfg.chunk_size_tokens
         busy_tokens = max(1, int(cfg.role_busy_s * chunk / cluster.cost.prefill_s([chunk])))
         return RolePolicy(busy_tokens, cfg.role_high, cfg.role_room, cfg.role_dwell_s, cfg.role_worker_dwell_s,
-                          cfg.role_tpot_s)
+                          cfg.role_tpot_s, mixed_hands_off=False)  # as tetri-serve: mixed workers keep theirs
     if cfg.flip and cfg.mode in DISAGG_MODES:
         return FlipPolicy(window_s=cfg.flip_window_s, prefill_busy_tokens=4 * cfg.chunk_size_tokens)
     return None
@@ -105,18 +94,14 @@ class SimFront:
     def __init__(self, cluster: Cluster, cfg: SimConfig, rng: random.Random, predictor) -> None:
         self.cluster = cluster
         self.cfg = cfg
-        inner = make_flip_policy(cfg, cluster)
-        self.policy = RecordingPolicy(inner) if inner is not None else None
+        self.policy = make_flip_policy(cfg, cluster)
         fcfg = FrontConfig(chunk_size=cfg.prefill_chunk_tokens or cfg.chunk_size_tokens,
                            prefill_policy=cfg.prefill_policy, prefill_sched_batch=cfg.sched_batch,
                            global_policy=cfg.prefill_dispatch, dispatch_policy=cfg.decode_dispatch or "least-loaded",
                            heavy_decode_tokens=cfg.heavy_decode_tokens, prefix_caching=cfg.prefix_caching,
                            whole_prompts=cfg.mode == "disagg",
                            handoff_timeout_s=float("inf"), request_timeout_s=float("inf"))
-        self.front = FrontScheduler(fcfg, rng, predictor=predictor, flip=self.policy,
-                                    in_place_to_mixed=cfg.mode == "auto")
-        self.decisions: list[dict] = []
-        """Every flip decision the front took: time, worker, from, to, reason."""
+        self.front = FrontScheduler(fcfg, rng, predictor=predictor, flip=self.policy)
         self._params: dict[int, SamplingParams] = {}
 
     @property
@@ -146,20 +131,13 @@ class SimFront:
         self.carry(self.front.on_token_batch(msg))
 
     def flip_tick(self) -> None:
-        active = {w.worker_id for w in self.cluster.workers if self._state(w.worker_id) == "active"}
-        acts = self.front.flip_tick(self.cluster.loads(), self.now)
-        d, self.policy.last = self.policy.last, None
-        if d is not None and d.worker_id in active and self._state(d.worker_id) != "active":  # the plan began it
-            self.decisions.append({"t_s": round(self.now, 3), "worker": d.worker_id, "from": d.from_role,
-                                   "to": d.to_role, "reason": d.reason})
-        self.carry(acts)
+        self.carry(self.front.flip_tick(self.cluster.loads(), self.now))
 
-    def _state(self, worker_id: int) -> str:
-        plan = self.front.flip_plan
-        try:
-            return "active" if plan is None else plan.state_of(worker_id)
-        except KeyError:
-            return "active"
+    @property
+    def decisions(self) -> list[dict]:
+        """Every flip the front began: time, worker, from, to, reason."""
+        return [{"t_s": round(t, 3), "worker": d.worker_id, "from": d.from_role, "to": d.to_role, "reason": d.reason}
+                for t, d in self.front.role_decisions]
 
     def carry(self, acts) -> None:
         kicked = []
