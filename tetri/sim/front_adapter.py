@@ -22,7 +22,6 @@ matters, and, with prefix caching, its blocks' hashes: tokens derived from the t
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 from tetri.sched.dispatch import NoWorker
 from tetri.sched.flip import FlipPolicy
@@ -33,9 +32,6 @@ from tetri.sim.config import DISAGG_MODES, SimConfig
 from tetri.sim.prefix import TRACE_BLOCK_TOKENS
 from tetri.sim.requests import SimRequest
 from tetri.types import SamplingParams
-
-if TYPE_CHECKING:
-    from tetri.sim.cluster import Cluster
 
 
 class SimTokens:
@@ -76,7 +72,7 @@ def prompt_block_keys(req: SimRequest, tokens: SimTokens, block_size: int) -> li
     return block_hashes(tokens, block_size, b"")[:cacheable_blocks(req.prompt_tokens, block_size)]
 
 
-def make_flip_policy(cfg: SimConfig, cluster: Cluster):
+def make_flip_policy(cfg: SimConfig, cluster):
     """Mode auto: the adaptive `RolePolicy` (prefill / mixed / decode; the front then flips to
     mixed in place and lets mixed workers take handoffs, as `tetri-serve --mode auto`); `--flip` in disagg or
     tetri: `FlipPolicy`; otherwise None."""
@@ -91,7 +87,7 @@ def make_flip_policy(cfg: SimConfig, cluster: Cluster):
 
 
 class SimFront:
-    def __init__(self, cluster: Cluster, cfg: SimConfig, rng: random.Random, predictor) -> None:
+    def __init__(self, cluster, cfg: SimConfig, rng: random.Random, predictor) -> None:
         self.cluster = cluster
         self.cfg = cfg
         self.policy = make_flip_policy(cfg, cluster)
