@@ -42,6 +42,7 @@ from tetri.sched.prefix_hash import block_hashes
 from tetri.sched.swap import CostMeter
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.kv_stage import block_stamps
+from tetri.workers.kv_swap import SwapTable
 from tetri.workers.kv_transfer import Done, InflightCopies, InflightCopy, PeerSource, as_source
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
@@ -69,6 +70,7 @@ class DecodeCore:
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
         self.swapped: dict[str, Seq] = {}  # preempted, KV in the host tier, to upload before resuming
+        self.swap_copies = SwapTable(self._swap_landed)  # swaps of `swapped` seqs with copies in flight
         self.preemption_mode = preemption_mode
         self.costs = CostMeter()
         self.swaps = self.recomputes = 0
@@ -105,6 +107,8 @@ class DecodeCore:
         """Drop the request (or one choice); True when this worker knew it."""
         known = self._settle_copy(req_id, choice)
         known = (self.waiting.pop(req_id, None) is not None if choice is None else False) or known
+        for key in [k for k, s in self.swapped.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
+            self.swap_copies.settle(key)  # a swap copy in flight: wait for it before freeing anything
         for table in (self.running, self.recompute, self.swapped):
             for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
                 seq = table.pop(key)
@@ -156,6 +160,7 @@ class DecodeCore:
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
         acks = self._admit(now)
         acks += self._landed()
+        self.swap_copies.land(wait_oldest=not self.running and not self.recompute)
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
         decodes = [s for s in self._schedule(now) if s.key not in resumed]
@@ -169,7 +174,7 @@ class DecodeCore:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
             s.num_computed += 1
-        self.progressed = bool(segments or acks or self._preempted or self.copies)  # a copy: wait on it
+        self.progressed = bool(segments or acks or self._preempted or self.copies or self.swap_copies)  # a copy: wait on it
         if not segments:
             return [], acks
         start = time.perf_counter()
@@ -308,40 +313,51 @@ class DecodeCore:
         return out
 
     def _preempt(self, seq: Seq) -> None:
-        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`)."""
+        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`).
+        A swapped-out one keeps its pool blocks until the host saw the copy complete (`kv_swap`)."""
         blocks = self.ex.blocks
         n = len(blocks.blocks_of(seq.key))
         computed = all(s is not seq for s in self._resumed)  # a re-prefill not run yet has no KV to swap
         fits = blocks.can_swap_out(seq.key)
         pending = bool(self.recompute)  # a re-prefill to come measures the prefill cost
         if computed and self.costs.choose(n, seq.num_computed, fits, self.preemption_mode, pending) == "swap":
-            moved, seconds = self.ex.swap_out(seq)
-            if moved:
-                self.costs.add_copy(moved, seconds)
+            copy = self.ex.start_swap_out(seq)
+            if copy is not None:
                 self.swapped[seq.key] = seq
                 self.swaps += 1
+                self.swap_copies.add(seq, copy, to_host=True)
                 return
         self.ex.free(seq)
         seq.num_computed = 0
         self.recompute[seq.key] = seq
         self.recomputes += 1
 
+    def _swap_landed(self, seq: Seq, to_host: bool, copy) -> None:
+        """The host saw a swap copy complete: a swapped-out seq's pool blocks are freed; a
+        swapped-in one's host blocks are, and it re-joins the batch."""
+        self.costs.add_copy(copy.num_blocks, copy.seconds())
+        if to_host:
+            self.ex.finish_swap_out(seq)
+            return
+        self.ex.finish_swap_in(seq)
+        del self.swapped[seq.key]
+        self.running[seq.key] = seq
+
     def _resume_preempted(self) -> tuple[list[Segment], list[list[Seq]]]:
         """Bring preempted sequences back in priority order (stable: preemption order within
-        one) when their blocks fit: upload a swapped one (it decodes this step), re-prefill a
-        recomputed one (all tokens but the last)."""
+        one) when their blocks fit: start uploading a swapped one (it decodes once the upload
+        completed: this step on CPU), re-prefill a recomputed one (all tokens but the last)."""
         segments, samplers = [], []
         self._resumed = []
         order = sorted([*self.swapped.values(), *self.recompute.values()], key=lambda s: s.priority)
         for seq in order:
             key = seq.key
             if key in self.swapped:
+                if key in self.swap_copies:
+                    continue  # its swap-out (or upload) is still in flight
                 if self.ex.blocks.swapped_blocks(key) > self.ex.blocks.num_free:
                     break
-                del self.swapped[key]
-                moved, seconds = self.ex.swap_in(seq)
-                self.costs.add_copy(moved, seconds)
-                self.running[key] = seq
+                self.swap_copies.add(seq, self.ex.start_swap_in(seq), to_host=False)
                 continue
             if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
                 break

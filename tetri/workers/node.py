@@ -19,6 +19,7 @@ from tetri.config import EngineSchedConfig
 from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, KVCopied, PeerPaths, PeerPools, PoolInfo, Release,
                             SetRole, Shutdown, SubmitMixed, TokenBatch, WorkerError)
 from tetri.workers.executor import Executor
+from tetri.workers.kv_swap import swap_board_fields
 
 log = logging.getLogger("tetri.worker")
 
@@ -227,7 +228,8 @@ class WorkerNode:
                     block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
                     prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits,
                     host_prefix_cache_hits=blocks.host_hits, kv_offloaded_blocks=blocks.offloaded_blocks,
-                    kv_uploaded_blocks=blocks.uploaded_blocks, **extra)
+                    kv_uploaded_blocks=blocks.uploaded_blocks, **extra,
+                    **swap_board_fields(core, blocks))  # the KV swap's counters (issue 19 item 5)
 
 
 def token_batch(worker_id: int, sampled) -> TokenBatch:
