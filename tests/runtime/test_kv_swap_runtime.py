@@ -55,3 +55,109 @@ def test_auto_learns_both_costs_and_a_host_too_small_recomputes(default_model_di
     assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
     small, node = _serve(default_model_dir, loaded, "swap", swap_blocks=1)  # no job fits in 1 block
     assert node.core.swaps == 0 and node.core.recomputes > 0 and small == got
+
+
+class _HeldEvent:
+    """A fake copy event: the copy itself already ran (on CPU), but the host is told it is
+    done only once the test releases it or someone waits on it (as a CUDA event would be)."""
+
+    def __init__(self, on_wait=None) -> None:
+        self.released = False
+        self.ordered = False  # the worker's stream was made to wait for it
+        self.on_wait = on_wait
+
+    def done(self) -> bool:
+        return self.released
+
+    def wait(self) -> None:
+        if self.on_wait is not None:
+            self.on_wait()
+        self.released = True
+
+
+class _HeldSwapper:
+    """The executor's real `SwapCopier` (the data moves at once) whose completions are
+    `_HeldEvent`s; `release_out`: swap-outs complete at once (only uploads are held)."""
+
+    def __init__(self, real, on_wait=None, release_out: bool = False) -> None:
+        self.real, self.on_wait, self.release_out, self.events = real, on_wait, release_out, []
+
+    def copy(self, src_ids, dst_ids, to_host):
+        from tetri.workers.kv_swap import SwapCopy
+
+        real = self.real.copy(src_ids, dst_ids, to_host)
+        event = _HeldEvent(self.on_wait)
+        event.released = to_host and self.release_out
+        self.events.append(event)
+        return SwapCopy(event, real.num_blocks, real.seconds, lambda: setattr(event, "ordered", True))
+
+
+def _swap_cluster(default_model_dir, loaded) -> Cluster:
+    block_gib = PoolLayout.for_model(loaded.spec, 1, 16, loaded.dtype).block_bytes / 2**30
+    return Cluster(default_model_dir, decode_policy="mlfq", decode_blocks=7, loaded=loaded, prefix_caching=False,
+                   swap_space=16 * block_gib, preemption_mode="swap")
+
+
+def test_a_swapped_in_request_steps_only_once_its_copy_event_completed(default_model_dir, loaded):
+    """Every swap copy's event completes only 3 rounds after it started. Meanwhile a swapped-out
+    sequence's pool blocks are free but the worker's stream waits for the copy, and it is not
+    swapped back in; a swapped-in one neither runs nor gets a token. Outputs stay exact."""
+    c = _swap_cluster(default_model_dir, loaded)
+    node = c.nodes[1]
+    core, blocks = node.core, node.ex.blocks
+    held = node.ex.swapper = _HeldSwapper(node.ex.swapper)
+    for i, p in enumerate(PROMPTS):
+        c.submit(f"r{i}", p, max_tokens=MAX_TOKENS)
+    started: dict[int, int] = {}
+    seen = {True: 0, False: 0}
+    for rnd in range(2000):
+        for event in held.events:
+            started.setdefault(id(event), rnd)
+            if rnd - started[id(event)] >= 3:
+                event.released = True
+        before = {r: len(t) for r, t in c.tokens.items()}
+        pending = {k: f.to_host for k, f in core.swap_copies._by_key.items()}
+        c.round()
+        for key, to_host in pending.items():
+            flight = core.swap_copies._by_key.get(key)
+            if flight is None or flight.to_host != to_host:
+                continue  # landed in this round
+            seen[to_host] += 1
+            seq = core.swapped[key]
+            assert key not in core.running
+            if to_host:
+                assert not blocks.blocks_of(key) and blocks.swapped_blocks(key) and flight.copy.completion.ordered
+            else:
+                assert len(c.tokens[seq.req_id]) == before[seq.req_id], "stepped before its upload completed"
+        if len(c.finished) == len(PROMPTS):
+            break
+    assert seen[True] > 0 and seen[False] > 0, seen  # both kinds were observed in flight
+    assert c.finished == {f"r{i}": "length" for i in range(len(PROMPTS))}
+    assert c.blocks_used() == {0: 0, 1: 0} and blocks.host.num_held == 0 and len(core.swap_copies) == 0
+    want = hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
+    assert [c.tokens[f"r{i}"] for i in range(len(PROMPTS))] == want
+
+
+def test_an_abort_waits_for_the_upload_in_flight_before_freeing(default_model_dir, loaded):
+    c = _swap_cluster(default_model_dir, loaded)
+    node = c.nodes[1]
+    core, blocks = node.core, node.ex.blocks
+    at_wait = []
+    node.ex.swapper = _HeldSwapper(node.ex.swapper, release_out=True, on_wait=lambda: at_wait.append(
+        {k: (len(blocks.blocks_of(k)), blocks.swapped_blocks(k)) for k in core.swapped}))
+    for i, p in enumerate(PROMPTS):
+        c.submit(f"r{i}", p, max_tokens=MAX_TOKENS)
+    for _ in range(2000):  # no upload's event is released: the first swap-in stays in flight
+        c.round()
+        if core.swap_copies:
+            break
+    (key,) = core.swap_copies._by_key
+    assert not core.swap_copies._by_key[key].to_host
+    owned, host = len(blocks.blocks_of(key)), blocks.swapped_blocks(key)
+    assert owned > 0 and host == owned  # the upload writes its pool blocks from its host blocks
+    c.abort(key.split("/")[0])
+    c.deliver(1)
+    assert at_wait and at_wait[0][key] == (owned, host)  # waited with both still held
+    assert key not in core.swapped and key not in core.running
+    assert not blocks.blocks_of(key) and blocks.swapped_blocks(key) == 0
+    blocks.check_invariants()

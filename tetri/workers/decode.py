@@ -313,8 +313,8 @@ class DecodeCore:
         return out
 
     def _preempt(self, seq: Seq) -> None:
-        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`).
-        A swapped-out one keeps its pool blocks until the host saw the copy complete (`kv_swap`)."""
+        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`);
+        a swap-out's blocks are free at once, ordered after its copy on the device (`kv_swap`)."""
         blocks = self.ex.blocks
         n = len(blocks.blocks_of(seq.key))
         computed = all(s is not seq for s in self._resumed)  # a re-prefill not run yet has no KV to swap
@@ -323,6 +323,8 @@ class DecodeCore:
         if computed and self.costs.choose(n, seq.num_computed, fits, self.preemption_mode, pending) == "swap":
             copy = self.ex.start_swap_out(seq)
             if copy is not None:
+                copy.order_compute()  # later device work waits for the copy: its blocks are freed now
+                self.ex.finish_swap_out(seq)
                 self.swapped[seq.key] = seq
                 self.swaps += 1
                 self.swap_copies.add(seq, copy, to_host=True)
@@ -333,11 +335,10 @@ class DecodeCore:
         self.recomputes += 1
 
     def _swap_landed(self, seq: Seq, to_host: bool, copy) -> None:
-        """The host saw a swap copy complete: a swapped-out seq's pool blocks are freed; a
-        swapped-in one's host blocks are, and it re-joins the batch."""
+        """The host saw a swap copy complete: a swapped-out seq may be swapped back in; a
+        swapped-in one's host blocks are freed and it re-joins the batch."""
         self.costs.add_copy(copy.num_blocks, copy.seconds())
         if to_host:
-            self.ex.finish_swap_out(seq)
             return
         self.ex.finish_swap_in(seq)
         del self.swapped[seq.key]

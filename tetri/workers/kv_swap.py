@@ -9,13 +9,16 @@ comes back into fresh pool blocks (`begin_swap_in`). The copies run through a `S
            worker's stream (the forward that wrote the KV; earlier writers of the destination),
            between two timing events; the host pool is pinned (`HostPool`), so the copies are DMA
 
-`SwapTable` is the ordering, the same on both devices: a swap-out's pool blocks stay held by
-the sequence until the host has seen its copy complete (only then are they freed for others
-to overwrite); a swap-in's sequence re-joins the batch, and its host blocks are freed, only
-once the host has seen the upload complete; an abort of a sequence whose copy is in flight
-waits for that copy before anything is freed. On CPU every copy is complete when it returns,
-so a preempted sequence is swapped out, and a resumed one swapped in, within the step; the
-CUDA path (events, the copy stream, pinned memory) has never run on a GPU: none is lent to us.
+The ordering, the same on both devices: a swap-out's pool blocks are freed at once (the
+preemption needs them this step), and the worker's stream is made to wait for the copy's event
+(`order_compute`) before anything it queues later can overwrite them; the host never waits.
+`SwapTable` keeps each copy until the host has seen it complete: a swapped-out sequence is not
+swapped back in before that; a swap-in's sequence re-joins the batch, and its host blocks are
+freed, only once the host has seen the upload complete (like a handoff's copy, its pool blocks
+are held meanwhile); an abort of a sequence whose copy is in flight waits for that copy before
+its blocks are freed. On CPU every copy is complete when it returns, so a preempted sequence
+is swapped out, and a resumed one swapped in, within the step. The CUDA path (the copy
+stream, its events, the pinned host pool) has never run on a GPU: none is lent to us.
 Copy seconds come from the completion (perf_counter on CPU, the events' elapsed time on CUDA)
 and feed the `CostMeter` that picks swap or recompute.
 """
@@ -32,12 +35,14 @@ from tetri.workers.kv_transfer import Done, EventDone, StreamCopier, make_copier
 
 class SwapCopy:
     """One swap copy: `done()` once the host has seen it complete, `wait()` blocks until then,
-    `seconds()` what it took (valid once done)."""
+    `seconds()` what it took (valid once done), `order_compute()` makes the worker's later
+    device work wait for it (without blocking the host)."""
 
-    def __init__(self, completion, num_blocks: int, seconds_fn) -> None:
+    def __init__(self, completion, num_blocks: int, seconds_fn, order_fn=None) -> None:
         self.completion = completion
         self.num_blocks = num_blocks
         self._seconds_fn = seconds_fn
+        self._order_fn = order_fn
 
     def done(self) -> bool:
         return self.completion.done()
@@ -47,6 +52,10 @@ class SwapCopy:
 
     def seconds(self) -> float:
         return self._seconds_fn()
+
+    def order_compute(self) -> None:
+        if self._order_fn is not None:
+            self._order_fn()
 
 
 class SwapCopier:
@@ -70,7 +79,9 @@ class SwapCopier:
         begin.record(stream)
         self.copier.copy(dst, src, src_ids, dst_ids)  # on `stream`, after the worker's queued work
         end.record(stream)
-        return SwapCopy(EventDone(end), len(src_ids), lambda: begin.elapsed_time(end) / 1e3)
+        current = torch.cuda.current_stream(self.copier.device)
+        return SwapCopy(EventDone(end), len(src_ids), lambda: begin.elapsed_time(end) / 1e3,
+                        lambda: current.wait_event(end))
 
 
 @dataclass
