@@ -161,3 +161,31 @@ def test_an_abort_waits_for_the_upload_in_flight_before_freeing(default_model_di
     assert key not in core.swapped and key not in core.running
     assert not blocks.blocks_of(key) and blocks.swapped_blocks(key) == 0
     blocks.check_invariants()
+
+
+def _serve_mixed(default_model_dir, loaded, mode: str) -> tuple[dict, object]:
+    block_gib = PoolLayout.for_model(loaded.spec, 1, 16, loaded.dtype).block_bytes / 2**30
+    c = Cluster(default_model_dir, roles=("mixed",), decode_blocks=7, loaded=loaded, prefix_caching=False,
+                swap_space=16 * block_gib, preemption_mode=mode)
+    for i, p in enumerate(PROMPTS):
+        c.submit(f"r{i}", p, max_tokens=MAX_TOKENS)
+    c.run(max_rounds=2000)
+    assert c.finished == {f"r{i}": "length" for i in range(len(PROMPTS))}
+    node = c.nodes[0]
+    assert c.blocks_used() == {0: 0} and node.ex.blocks.host.num_held == 0 and not node.core.swapped
+    fields = node.board_fields()
+    assert (fields["preemptions_swap"], fields["preemptions_recompute"]) == (node.core.swaps, node.core.recomputes)
+    return [c.tokens[f"r{i}"] for i in range(len(PROMPTS))], node
+
+
+def test_a_mixed_worker_swaps_like_a_decode_worker(default_model_dir, loaded):
+    """The colocated role's preemptions go the same way: swapped out and back in, outputs as
+    Hugging Face's and as the same worker's recompute preemptions."""
+    want = hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
+    got, node = _serve_mixed(default_model_dir, loaded, "swap")
+    blocks = node.ex.blocks
+    assert node.core.swaps > 0 and node.core.recomputes == 0
+    assert blocks.swapped_out_blocks == blocks.swapped_in_blocks > 0 and node.core.costs.copy_s_per_block > 0
+    assert got == want
+    again, node = _serve_mixed(default_model_dir, loaded, "recompute")
+    assert node.core.swaps == 0 and node.core.recomputes > 0 and again == want

@@ -186,8 +186,7 @@ class BlockAllocator:
         return len(self.host.held_by(owner)) if self.host is not None else 0
 
     def swap_out(self, owner: Hashable) -> int:
-        """Offload every block of `owner` to held host blocks and free them here; return how
-        many (0, nothing done, when the host tier cannot hold them: recompute instead)."""
+        """`begin_swap_out`, `on_copy`, `end_swap_out`: blocks moved (0: the host cannot hold them)."""
         ids = self.begin_swap_out(owner)
         if ids is None:
             return 0
@@ -211,8 +210,7 @@ class BlockAllocator:
         return self.free(owner)
 
     def swap_in(self, owner: Hashable) -> list[int]:
-        """Allocate GPU blocks for swapped-out `owner` (holding none here), upload its KV into
-        them and free the host blocks; returns the new block ids (raises OutOfBlocks)."""
+        """`begin_swap_in`, `on_copy`, `end_swap_in`: the new block ids (raises OutOfBlocks)."""
         host_ids, gpu_ids = self.begin_swap_in(owner)
         self._copy(host_ids, gpu_ids, False)
         self.end_swap_in(owner)

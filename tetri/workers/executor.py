@@ -64,10 +64,10 @@ def cache_for_role(cache: CacheConfig, role: str) -> CacheConfig:
     """A worker's cache config: the prefix cache's host tier (`--kv-offloading-size`) only on
     workers that start in a prefilling role, where cached prompt blocks live (a decode worker
     would pin host memory it never fills), and the KV swap's space (`--swap-space`) only on decode
-    workers, whose core swaps preempted requests out."""
+    and mixed workers, whose cores swap preempted requests out."""
     if role == "decode" and cache.kv_offloading_size:
         return dataclasses.replace(cache, kv_offloading_size=0.0)
-    if role != "decode" and cache.swap_space:  # only a decode core swaps preempted requests out
+    if role not in ("decode", "mixed") and cache.swap_space:  # a prefill core never preempts
         return dataclasses.replace(cache, swap_space=0.0)
     return cache
 
