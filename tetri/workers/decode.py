@@ -107,8 +107,9 @@ class DecodeCore:
         """Drop the request (or one choice); True when this worker knew it."""
         known = self._settle_copy(req_id, choice)
         known = (self.waiting.pop(req_id, None) is not None if choice is None else False) or known
-        for key in [k for k, s in self.swapped.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
-            self.swap_copies.settle(key)  # a swap copy in flight: wait for it before freeing anything
+        for key, seq in list(self.swapped.items()):
+            if seq.req_id == req_id and (choice is None or seq.choice == choice):
+                self.swap_copies.settle(key)  # a swap copy in flight: wait for it before freeing anything
         for table in (self.running, self.recompute, self.swapped):
             for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
                 seq = table.pop(key)
@@ -174,7 +175,8 @@ class DecodeCore:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
             s.num_computed += 1
-        self.progressed = bool(segments or acks or self._preempted or self.copies or self.swap_copies)  # a copy: wait on it
+        # a copy in flight (handoff or swap): wait on it
+        self.progressed = bool(segments or acks or self._preempted or self.copies or self.swap_copies)
         if not segments:
             return [], acks
         start = time.perf_counter()
