@@ -5,6 +5,7 @@ Hugging Face generate token for token, as they do when the same preemptions reco
 
 import random
 
+import pytest
 
 from tests.engine.tiny_models import hf_greedy_each
 from tests.runtime.inproc import Cluster
@@ -13,6 +14,12 @@ from tetri.workers.kv_pool import PoolLayout
 MAX_TOKENS = 30
 rng = random.Random(19)
 PROMPTS = [[rng.randrange(5, 400) for _ in range(n)] for n in (21, 27, 18)]  # + 30 tokens: 3-4 blocks each
+
+
+@pytest.fixture(scope="module")
+def want(default_model_dir) -> list[list[int]]:
+    """Hugging Face `generate`'s greedy outputs for PROMPTS (the oracle), computed once."""
+    return hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
 
 
 def _serve(default_model_dir, loaded, mode: str, swap_blocks: int) -> tuple[dict, object]:
@@ -32,8 +39,7 @@ def _serve(default_model_dir, loaded, mode: str, swap_blocks: int) -> tuple[dict
     return {r: t for r, t in c.tokens.items()}, c.nodes[1]
 
 
-def test_swapped_out_and_in_requests_decode_exactly_like_hugging_face(default_model_dir, loaded):
-    want = hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
+def test_swapped_out_and_in_requests_decode_exactly_like_hugging_face(default_model_dir, loaded, want):
     got, swap_node = _serve(default_model_dir, loaded, "swap", swap_blocks=16)
     core, blocks = swap_node.core, swap_node.ex.blocks
     assert core.swaps > 0 and core.recomputes == 0
@@ -47,8 +53,7 @@ def test_swapped_out_and_in_requests_decode_exactly_like_hugging_face(default_mo
     # was planned had that segment run into its freed blocks, which another sequence then held
 
 
-def test_auto_learns_both_costs_and_a_host_too_small_recomputes(default_model_dir, loaded):
-    want = hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
+def test_auto_learns_both_costs_and_a_host_too_small_recomputes(default_model_dir, loaded, want):
     got, node = _serve(default_model_dir, loaded, "auto", swap_blocks=16)
     assert node.core.swaps > 0 and node.core.recomputes > 0  # one of each, to measure both
     assert node.core.costs.copy_s_per_block > 0 and node.core.costs.prefill_s_per_token > 0
@@ -98,7 +103,7 @@ def _swap_cluster(default_model_dir, loaded) -> Cluster:
                    swap_space=16 * block_gib, preemption_mode="swap")
 
 
-def test_a_swapped_in_request_steps_only_once_its_copy_event_completed(default_model_dir, loaded):
+def test_a_swapped_in_request_steps_only_once_its_copy_event_completed(default_model_dir, loaded, want):
     """Every swap copy's event completes only 3 rounds after it started. Meanwhile a swapped-out
     sequence's pool blocks are free but the worker's stream waits for the copy, and it is not
     swapped back in; a swapped-in one neither runs nor gets a token. Outputs stay exact."""
@@ -134,7 +139,6 @@ def test_a_swapped_in_request_steps_only_once_its_copy_event_completed(default_m
     assert seen[True] > 0 and seen[False] > 0, seen  # both kinds were observed in flight
     assert c.finished == {f"r{i}": "length" for i in range(len(PROMPTS))}
     assert c.blocks_used() == {0: 0, 1: 0} and blocks.host.num_held == 0 and len(core.swap_copies) == 0
-    want = hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
     assert [c.tokens[f"r{i}"] for i in range(len(PROMPTS))] == want
 
 
@@ -178,14 +182,11 @@ def _serve_mixed(default_model_dir, loaded, mode: str) -> tuple[dict, object]:
     return [c.tokens[f"r{i}"] for i in range(len(PROMPTS))], node
 
 
-def test_a_mixed_worker_swaps_like_a_decode_worker(default_model_dir, loaded):
-    """The colocated role's preemptions go the same way: swapped out and back in, outputs as
-    Hugging Face's and as the same worker's recompute preemptions."""
-    want = hf_greedy_each(default_model_dir, PROMPTS, MAX_TOKENS, ignore_eos=True)
+def test_a_mixed_worker_swaps_like_a_decode_worker(default_model_dir, loaded, want):
+    """The colocated role's preemptions go the same way: swapped out and back in (the mode
+    reaches the mixed core: no recompute), outputs as Hugging Face's."""
     got, node = _serve_mixed(default_model_dir, loaded, "swap")
     blocks = node.ex.blocks
     assert node.core.swaps > 0 and node.core.recomputes == 0
     assert blocks.swapped_out_blocks == blocks.swapped_in_blocks > 0 and node.core.costs.copy_s_per_block > 0
     assert got == want
-    again, node = _serve_mixed(default_model_dir, loaded, "recompute")
-    assert node.core.swaps == 0 and node.core.recomputes > 0 and again == want
