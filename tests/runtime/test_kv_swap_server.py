@@ -1,5 +1,6 @@
-"""`--swap-space` on a real `tetri-serve` (issue 19 item 5): a decode pool of 12 blocks that
-six concurrent requests (4 blocks each at the end) overflow, so the decode worker must preempt.
+"""`--swap-space` on a real `tetri-serve` (issue 19 item 5): a decode pool of 10 blocks that
+six requests sent at once (4 blocks each at the end; any three overlapping overflow it) make
+the decode worker preempt.
 With `--preemption-mode swap` every request completes, the greedy outputs equal those of a
 second server that recomputes and of the same requests served one at a time (unpreempted),
 the swap counters moved in `/workers` and `/metrics`, and nothing leaks: the board's free
@@ -9,13 +10,14 @@ so a loaded machine never turns a slow worker into a dead one mid-test."""
 import concurrent.futures as cf
 import random
 import re
+import threading
 
 import pytest
 
 from tests.runtime.server_proc import ServerProc
 
 BLOCK_BYTES = 16 * 1024  # one 16-token block of the embedded default model
-KV_GIB = 12.5 * BLOCK_BYTES / 2**30  # -> 12 blocks per worker (max_model_len 192)
+KV_GIB = 10.5 * BLOCK_BYTES / 2**30  # -> 10 blocks per worker (max_model_len 160)
 SWAP_GIB = 40 * BLOCK_BYTES / 2**30
 MAX_TOKENS = 40
 rng = random.Random(5)
@@ -40,9 +42,11 @@ def servers(default_model_dir):
             list(pool.map(ServerProc.stop, (swap, recompute)))
 
 
-def _complete(srv: ServerProc, prompt: list[int]) -> list[int]:
+def _complete(srv: ServerProc, prompt: list[int], start: threading.Barrier | None = None) -> list[int]:
     client = srv.openai(timeout=300)
     model = client.models.list().data[0].id
+    if start is not None:
+        start.wait()  # every request of the burst is sent together
     out = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                     extra_body={"ignore_eos": True, "return_token_ids": True})
     assert out.choices[0].finish_reason == "length"
@@ -50,8 +54,9 @@ def _complete(srv: ServerProc, prompt: list[int]) -> list[int]:
 
 
 def _burst(srv: ServerProc) -> list[list[int]]:
+    start = threading.Barrier(len(PROMPTS), timeout=60)
     with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        return list(pool.map(lambda p: _complete(srv, p), PROMPTS))
+        return list(pool.map(lambda p: _complete(srv, p, start), PROMPTS))
 
 
 def _decode_row(srv: ServerProc) -> dict:
@@ -79,7 +84,7 @@ def test_swapped_requests_complete_and_equal_recomputed_and_unpreempted_ones(ser
     assert other["preemptions_recompute"] > 0 and other["preemptions_swap"] == 0, other
     assert other["kv_swapped_out_blocks"] == 0, other
     assert swapped == recomputed
-    alone = [_complete(swap, p) for p in PROMPTS]  # one at a time: 4 of 12 blocks, never preempted
+    alone = [_complete(swap, p) for p in PROMPTS]  # one at a time: 4 of 10 blocks, never preempted
     assert _decode_row(swap)["preemptions_swap"] == row["preemptions_swap"]
     assert swapped == alone
 
