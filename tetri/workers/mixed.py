@@ -23,7 +23,9 @@ KV swap (`--swap-space`, issue 19 item 5), as on decode workers: a preempted run
 is swapped out to the host tier or recomputed, whichever `tetri.sched.swap` finds cheaper by
 the costs measured here (per-block swap copy seconds; per-token seconds of steps that prefill);
 a swapped one is uploaded back, most senior first, once its blocks fit beside the running
-sequences' next tokens, and re-joins the batch once the upload completed (`workers/kv_swap.py`).
+sequences' next tokens (meanwhile no junior prompt's prefill reserves blocks: it keeps its
+place, as a recompute keeps its place in the queue), and re-joins the batch once the upload
+completed (`workers/kv_swap.py`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class MixedCore:
         self.swap_copies = SwapTable(self._swap_landed)
         self.costs = CostMeter()
         self.swaps = self.recomputes = 0
+        self._swap_blocked: tuple | None = None  # rank of the most senior swapped seq waiting for blocks
 
     # ---- admission -------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
@@ -223,10 +226,12 @@ class MixedCore:
         self.swap_copies.land(wait_oldest=idle)
         bs, blocks = self.ex.block_size, self.ex.blocks
         growing = sum(1 for s in self.running if s.num_tokens > len(blocks.blocks_of(s.key)) * bs)
+        self._swap_blocked = None
         for seq in sorted(self.swapped.values(), key=self._rank):
             if seq.key in self.swap_copies:
                 continue  # its swap-out (or upload) is still in flight
             if blocks.swapped_blocks(seq.key) + growing > blocks.num_free:
+                self._swap_blocked = self._rank(seq)  # no junior prefill takes blocks before it
                 break
             self.swap_copies.add(seq, self.ex.start_swap_in(seq), to_host=False)
 
@@ -277,6 +282,8 @@ class MixedCore:
         """On a prefill's first piece: blocks for the whole prefill (and its forks), or False."""
         if self.ex.blocks.blocks_of(seq.key):
             return True
+        if self._swap_blocked is not None and self._rank(seq) > self._swap_blocked:
+            return False  # a more senior swapped sequence waits for blocks: it goes first
         holders = self._reservation_holders(seq)
         per = blocks_for_tokens(self._prefill_len(seq), self.ex.block_size)
         self.ex.attach_cached_prefix(seq, self._prefill_len(seq))  # its cached prefix, shared
