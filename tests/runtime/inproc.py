@@ -96,26 +96,22 @@ class Cluster:
     def pump_front(self) -> None:
         while self.to_front:
             msg = self.to_front.popleft()
-            if isinstance(msg, ChunkDone):  # as the engine client does: only what the owner sent counts
-                for res in msg.finished:
-                    if self.front.owns(res.req_id, msg.worker_id, decoding=False):
-                        self.tokens[res.req_id].append(res.first_tokens[0])
-                        self.front.record_output(res.req_id, 0, res.first_tokens[:1])
-                self.apply(self.front.on_chunk_done(msg, self.loads(), self.now))
+            if isinstance(msg, ChunkDone):  # as the engine client does: only the `current` results count
+                acts = self.front.on_chunk_done(msg, self.loads(), self.now)
+                for i in acts.current:
+                    self.tokens[msg.finished[i].req_id].append(msg.finished[i].first_tokens[0])
+                self.apply(acts)
             elif isinstance(msg, KVCopied):
                 self.apply(self.front.on_kv_copied(msg))
             elif isinstance(msg, Dropped):
                 self.apply(self.front.on_dropped(msg.req_id))
             elif isinstance(msg, TokenBatch):
-                self.front.decode_evicted(msg.worker_id, msg.evicted_hashes)
-                for r, c, t, f in zip(msg.req_ids, msg.choices, msg.token_ids, msg.finish_reasons):
-                    if not self.front.owns(r, msg.worker_id, decoding=True):
-                        continue
-                    self.tokens[r].append(t)
-                    self.front.record_output(r, c, [t])
-                    if f is not None:
-                        self.finished[r] = f
-                        self.front.on_choice_finished(r, c)
+                acts = self.front.on_token_batch(msg)
+                for i in acts.current:
+                    self.tokens[msg.req_ids[i]].append(msg.token_ids[i])
+                    if msg.finish_reasons[i] is not None:
+                        self.finished[msg.req_ids[i]] = msg.finish_reasons[i]
+                self.apply(acts)
 
     def run(self, max_rounds: int = 500) -> None:
         """Deliver and step everything until no node has work and no message is in flight."""

@@ -1,26 +1,16 @@
 """The front scheduler: the cluster level of the two-level scheduler, pure code.
 
-It owns every request's handoff state machine, packs each prefill worker's queue into
-fixed-size chunks (keeping one queued ahead of the one running), and makes both dispatch
-decisions from load-board snapshots. It performs no I/O: each method returns `Actions`
-(messages to send, requests to fail) that the engine client carries out.
+It packs each prefill worker's queue into fixed-size chunks (keeping one queued ahead of
+the one running), makes both dispatch decisions from load-board snapshots, and keeps the
+prefix indexes. Every request's handoff state lives in its `Lifecycle`
+(`tetri.sched.handoff`: the states, the transitions and their diagram), which the event
+methods below delegate to. It performs no I/O: each method returns `Actions` (messages to
+send, requests to fail, the output entries that are current) that the caller carries out.
 
-    QUEUED --first piece sent--> PREFILLING --ChunkDone(last piece)--> AWAIT_DECODE
-    AWAIT_DECODE --KVCopied--> DECODING (prefill side Released) --all choices done--> gone
-    abort:  QUEUED: unqueue | PREFILLING: unqueue + Abort(prefill) |
-            AWAIT_DECODE: Abort(decode), Release(prefill) once decode says Dropped |
-            DECODING: Abort(decode)
-    death of a worker: each request it held is migrated (n = 1: re-queued for prefill as
-    prompt + the tokens already emitted, under the same id, so the client's stream goes on
-    with nothing duplicated or missing) or, with migrate off or n > 1, failed; blocks other
-    workers held for it are Released / Aborted. The continuation keeps its sampling params
-    and tells the workers how many of its prompt's last tokens are outputs already
-    (`prior_output_tokens`), so max/min_tokens, penalties and seeded draws go on from the
-    position the stream had reached.
-    no live decode worker at the handoff: AWAIT_DECODE with no decode worker, the prefill
-    copy held (`parked_handoffs`) until `unpark` finds one.
-    AWAIT_DECODE past `handoff_timeout_s`, or any state past `request_timeout_s`: fails.
-Colocated mode sends each request whole to a `mixed` worker (state DECODING at once).
+The events (what the engine client, the in-process cluster and the simulator call):
+`add`, `on_chunk_done` (or its halves `chunk_done` + `prefilled`), `on_kv_copied`,
+`on_dropped`, `on_token_batch`, `abort`, `fail_request`, `on_worker_dead`, `unpark`,
+`expire`, `flip_tick`. Nothing else changes a request's state.
 
 Priority (vLLM's: lower first) orders each prefill worker's queue and rides to the workers
 for decode admission.
@@ -36,14 +26,14 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from tetri.protocol import (Abort, ChunkDone, ChunkPlan, Handoff, KVCopied, NewReq, PlanPiece, PrefillResult,
-                            Release, SetRole, SubmitMixed)
-from tetri.sched import front_failover, front_prefix
+from tetri.protocol import ChunkDone, ChunkPlan, KVCopied, PlanPiece, PrefillResult, SetRole, SubmitMixed, TokenBatch
+from tetri.sched import front_failover
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.decode_affinity import PrefixAffinityDecode
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import FlipPlan, FlipPolicy
 from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
+from tetri.sched.handoff import Lifecycle
 from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
@@ -68,11 +58,8 @@ class FrontScheduler:
         """Which decode worker caches which block hashes (the handoffs it took, what it decoded)."""
         level2 = make_decode_dispatch(cfg.dispatch_policy, rng, heavy_decode_tokens=cfg.heavy_decode_tokens)
         self.level2 = PrefixAffinityDecode(level2, self.decode_index) if cfg.prefix_caching else level2
-        self.reqs: dict[str, FrontReq] = {}
-        self.parked: list[str] = []
-        """Migrated requests waiting for a live worker of the role (a restart); deadline-bound."""
-        self.parked_handoffs: dict[str, tuple[FrontReq, int, PrefillResult, ReqInfo]] = {}
-        self.migrated_total = 0
+        self.life = Lifecycle(self)
+        """Every request's handoff state; changed only by its transitions."""
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
         self._chunk_ids = 0
@@ -93,21 +80,24 @@ class FrontScheduler:
         return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
 
-    def _owned(self, req: FrontReq, wid: int) -> None:
-        if self.flip_plan is not None and wid in self.flip_plan._workers:
-            self.flip_plan.on_dispatch(req.req_id, wid)
+    # ---- the lifecycle's state, read-only views -------------------------------------
+    @property
+    def reqs(self) -> dict[str, FrontReq]:
+        """The live requests by id (read it; `Lifecycle` changes it)."""
+        return self.life.reqs
 
-    def _released(self, req_id: str, wid: int | None) -> None:
-        if self.flip_plan is not None and wid is not None:
-            self.flip_plan.on_done(req_id, wid)
+    @property
+    def parked(self) -> list[str]:
+        """Migrated requests waiting for a live worker of the role (a restart); deadline-bound."""
+        return self.life.parked
 
-    def _drop(self, req_id: str) -> FrontReq | None:
-        req = self.reqs.pop(req_id, None)
-        self.parked_handoffs.pop(req_id, None)
-        if req is not None:
-            self._released(req_id, req.prefill_worker)
-            self._released(req_id, req.decode_worker)
-        return req
+    @property
+    def parked_handoffs(self) -> dict[str, tuple[FrontReq, int, PrefillResult, ReqInfo]]:
+        return self.life.parked_handoffs
+
+    @property
+    def migrated_total(self) -> int:
+        return self.life.migrated_total
 
     # ---- arrivals ----------------------------------------------------------------------
     def add(self, req: FrontReq, loads: list[WorkerLoad], now: float) -> Actions:
@@ -119,13 +109,9 @@ class FrontScheduler:
                        **self._prefix_fields(req, view))
         wid = self.level1.pick(view, info)
         role = next(w.role for w in view if w.worker_id == wid)
-        req.open_choices = set(range(req.params.n))
-        req.prefill_worker = wid
-        self.reqs[req.req_id] = req
-        self._owned(req, wid)
+        self.life.placed(req, wid, mixed=role == "mixed")
         acts = Actions()
         if role == "mixed":
-            req.state, req.decode_worker = ReqState.DECODING, wid
             acts.send(wid, SubmitMixed(req_id=req.req_id, prompt_token_ids=context, params=req.params,
                                        arrival_s=req.arrival_s, priority=req.priority,
                                        prior_output_tokens=req.resume_tokens))
@@ -171,11 +157,7 @@ class FrontScheduler:
             pieces = []
             for piece in packer.next_chunk():
                 req = self.reqs[piece.req_id]
-                new = None
-                if not req.first_sent:
-                    new = NewReq(prompt_token_ids=req.context_ids, params=req.params, arrival_s=req.arrival_s,
-                                 priority=req.priority, prior_output_tokens=req.resume_tokens)
-                    req.first_sent, req.state = True, ReqState.PREFILLING
+                new = None if req.first_sent else self.life.first_piece_sent(req)
                 pieces.append(PlanPiece(req_id=piece.req_id, start=piece.start, num_tokens=piece.num_tokens,
                                         is_last=piece.is_last, new=new))
             self._chunk_ids += 1
@@ -191,15 +173,18 @@ class FrontScheduler:
         return acts
 
     def chunk_done(self, msg: ChunkDone) -> Actions:
-        """The chunk-pipeline half of a ChunkDone: one chunk fewer outstanding (unless only a
-        part of it ran), and the next chunks packed. `prefilled` handles each result."""
+        """The first tokens and the chunk-pipeline half of a ChunkDone: `current` lists the
+        indices into `msg.finished` from the worker that holds the request (their first token
+        recorded: stream exactly these); one chunk fewer outstanding (unless only a part of it
+        ran), and the next chunks packed. `prefilled` then handles each result."""
         wid = msg.worker_id
+        acts = self.life.first_tokens(msg)
         self.prefix_index.evicted(wid, msg.evicted_hashes)
         if msg.partial:
-            return Actions()
+            return acts
         if wid in self.outstanding:
             self.outstanding[wid] = max(0, self.outstanding[wid] - 1)
-        return self._pump(wid, Actions())
+        return self._pump(wid, acts)
 
     def predict_inputs(self, req_id: str, res: PrefillResult) -> tuple[ReqInfo, dict] | None:
         """What the predictor reads for a prefilled request (callers that run the predictor
@@ -216,45 +201,18 @@ class FrontScheduler:
                   prediction=None, predicted: bool = False) -> Actions:
         """A prompt's prefill ended on `wid`: order its handoff (or release it). With
         `predicted`, `prediction` is the predictor's answer computed by the caller."""
-        acts = Actions()
-        self._prefilled(res, wid, loads, now, acts, prediction, predicted)
-        return acts
-
-    def _prefilled(self, res: PrefillResult, wid: int, loads, now: float, acts: Actions,
-                   prediction=None, predicted: bool = False) -> None:
-        req = self.reqs.get(res.req_id)
-        if req is None:  # aborted while its last chunk ran
-            acts.send(wid, Release(req_id=res.req_id))
-            return
-        req.holds_prefill_blocks = True
-        if self.cfg.prefix_caching and req.block_hashes is not None:
-            self.prefix_index.add(wid, req.block_hashes)  # its full blocks are cached there now
-        for choice, reason in enumerate(res.finish_reasons):
-            if reason is not None:
-                req.open_choices.discard(choice)
-        if not req.open_choices:  # done after one token: nothing to hand off
-            acts.send(wid, Release(req_id=req.req_id))
-            self._drop(req.req_id)
-            return
+        req, acts = self.life.prefilled(res, wid)
+        if req is None:
+            return acts
         view = self._view(loads)
         predicted_info = self._predict(req, res, prediction, predicted)
         try:
             did = self.level2.pick([w for w in view if w.role == "decode"],
                                    self._decode_prefix(req, predicted_info, wid, view))
         except NoWorker:  # no live decode worker: the prefilled KV waits for a restart, deadline-bound
-            front_failover.park_handoff(self, req, wid, res, predicted_info, now)
-            return
-        self._hand_off(req, wid, did, res, now, acts)
-
-    def _hand_off(self, req: FrontReq, wid: int, did: int, res: PrefillResult, now: float, acts: Actions) -> None:
-        req.state, req.decode_worker = ReqState.AWAIT_DECODE, did
-        self._owned(req, did)
-        req.deadline_s = now + self.cfg.handoff_timeout_s
-        acts.send(did, Handoff(req_id=req.req_id, src_worker=wid, block_ids=res.block_ids,
-                               prompt_token_ids=req.context_ids, params=req.params,
-                               first_tokens=res.first_tokens, open_choices=sorted(req.open_choices),
-                               predicted_output_tokens=req.predicted_low_tokens, arrival_s=req.arrival_s,
-                               priority=req.priority, prior_output_tokens=req.resume_tokens))
+            self.life.park_handoff(req, wid, res, predicted_info, now)
+            return acts
+        return acts.extend(self.life.hand_off(req, wid, did, res, now))
 
     def _predict(self, req: FrontReq, res: PrefillResult, prediction=None, predicted: bool = False) -> ReqInfo:
         info, features = self.predict_inputs(req.req_id, res)
@@ -268,89 +226,29 @@ class FrontScheduler:
                        pred.high_tokens, req.arrival_s, req.priority)
 
     def on_kv_copied(self, msg: KVCopied) -> Actions:
-        acts = Actions()
-        req = self.reqs.get(msg.req_id)
-        self.decode_evicted(msg.worker_id, msg.evicted_hashes)  # evicted before this copy's blocks were cached
-        if self.cfg.prefix_caching and req is not None and req.decode_worker == msg.worker_id and req.block_hashes:
-            self.decode_index.add(msg.worker_id, req.block_hashes)  # its prompt's full blocks are cached there now
-        if req is not None and req.state is ReqState.AWAIT_DECODE and not req.aborting:
-            req.state = ReqState.DECODING
-        if req is not None and req.holds_prefill_blocks:
-            acts.send(req.prefill_worker, Release(req_id=req.req_id))
-            req.holds_prefill_blocks = False
-            self._released(req.req_id, req.prefill_worker)
-        return acts
+        self._decode_evicted(msg.worker_id, msg.evicted_hashes)  # evicted before this copy's blocks were cached
+        return self.life.kv_copied(msg)
 
     def on_dropped(self, req_id: str) -> Actions:
         """The decode worker holds nothing of an aborted request: free the prefill copy."""
-        acts = Actions()
-        req = self.reqs.get(req_id)
-        if req is not None and req.aborting:
-            if req.holds_prefill_blocks:
-                acts.send(req.prefill_worker, Release(req_id=req_id))
-            self._drop(req_id)
-        return acts
+        return self.life.dropped(req_id)
 
-    def decode_evicted(self, wid: int, hashes: list[bytes]) -> None:
+    def on_token_batch(self, msg: TokenBatch) -> Actions:
+        """A decode or mixed worker's step: its eviction report first (before a finish indexes
+        new blocks), then `current` = the indices of the entries from the worker that holds
+        the request (stream exactly these), each recorded and a finished choice closed."""
+        self._decode_evicted(msg.worker_id, msg.evicted_hashes)
+        return self.life.token_batch(msg)
+
+    def _decode_evicted(self, wid: int, hashes: list[bytes]) -> None:
         """A decode or mixed worker's eviction report (on its KVCopied and TokenBatch messages)."""
         if hashes:
             self.decode_index.evicted(wid, hashes)
             self.prefix_index.evicted(wid, hashes)  # a mixed worker's entries
 
-    def on_choice_finished(self, req_id: str, choice: int) -> None:
-        req = self.reqs.get(req_id)
-        if req is None:
-            return
-        req.open_choices.discard(choice)
-        if not req.open_choices and not req.aborting:
-            front_prefix.index_decoded(self, req)
-            self._drop(req_id)
-
     # ---- aborts, deaths, deadlines -----------------------------------------------------
     def abort(self, req_id: str, choice: int | None = None) -> Actions:
-        acts = Actions()
-        req = self.reqs.get(req_id)
-        if req is None or req.aborting:
-            return acts
-        if choice is not None:
-            req.open_choices.discard(choice)
-            if req.open_choices:
-                if req.state is ReqState.DECODING:
-                    acts.send(req.decode_worker, Abort(req_id=req_id, choice=choice))
-                return acts
-        if req.prefill_worker is None:  # parked after a migration: nothing was sent anywhere
-            self.parked = [r for r in self.parked if r != req_id]
-            self._drop(req_id)
-        elif req.state in (ReqState.QUEUED, ReqState.PREFILLING) and req.prefill_worker in self.packers:
-            self.packers[req.prefill_worker].remove(req_id)
-            if req.state is ReqState.PREFILLING:
-                acts.send(req.prefill_worker, Abort(req_id=req_id))
-            self._drop(req_id)
-        elif req.state is ReqState.AWAIT_DECODE and req.decode_worker is None:  # parked: no decode worker has it
-            acts.send(req.prefill_worker, Release(req_id=req_id))
-            self._drop(req_id)
-        elif req.state is ReqState.AWAIT_DECODE:
-            req.aborting = True  # Release the prefill copy once the decode worker says Dropped
-            acts.send(req.decode_worker, Abort(req_id=req_id))
-        else:
-            acts.send(req.decode_worker, Abort(req_id=req_id))
-            self._drop(req_id)
-        return acts
-
-    def record_output(self, req_id: str, choice: int, token_ids: list[int]) -> None:
-        req = self.reqs.get(req_id)
-        if req is not None and choice == 0:
-            if not req.output_ids:
-                front_prefix.index_mixed_prefill(self, req)
-            req.output_ids.extend(token_ids)
-
-    def owns(self, req_id: str, worker_id: int, decoding: bool) -> bool:
-        """Whether `worker_id` currently holds the request for that phase: output from a
-        worker that lost it (died, or the request migrated) is stale and must be ignored."""
-        req = self.reqs.get(req_id)
-        if req is None:
-            return False
-        return req.decode_worker == worker_id if decoding else req.prefill_worker == worker_id
+        return self.life.abort(req_id, choice)
 
     def on_worker_dead(self, wid: int, loads: list[WorkerLoad] | None = None, migrate: bool = False) -> Actions:
         return front_failover.on_worker_dead(self, wid, loads, migrate)
@@ -362,13 +260,11 @@ class FrontScheduler:
     def expire(self, now: float) -> Actions:
         """Every state has a deadline: the handoff must be admitted within handoff_timeout_s,
         and no request outlives request_timeout_s."""
-        return front_failover.expire(self, now)
+        return self.life.expire(now)
 
     def fail_request(self, req_id: str, why: str) -> Actions:
         """A worker reported an error for this request: drop it everywhere."""
-        acts = self.abort(req_id)
-        acts.fails.append((req_id, why))
-        return acts
+        return self.life.fail_request(req_id, why)
 
     # ---- instance flip -----------------------------------------------------------------
     def flip_tick(self, loads: list[WorkerLoad], now: float) -> Actions:

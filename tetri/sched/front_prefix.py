@@ -1,9 +1,10 @@
 """What the front's prefix indexes learn from a request's life, as functions of a
 `FrontScheduler` (`sched`), pure code: a mixed worker's prefill (level 1's index, at the
 first token) and what a decode or mixed worker decoded (at the request's end). The prefill
-workers' entries are added when their prefill finishes (`FrontScheduler._prefilled`), the
+workers' entries are added when their prefill finishes (`Lifecycle.prefilled`), the
 decode workers' when a handoff's copy lands (`on_kv_copied`); every worker's eviction
-reports correct them (`decode_evicted`, `on_chunk_done`)."""
+reports correct them (`on_token_batch`, `on_kv_copied`, `chunk_done`); `tetri.sched.handoff`
+calls these at the events."""
 
 from __future__ import annotations
 

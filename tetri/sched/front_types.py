@@ -1,6 +1,7 @@
 """The front scheduler's types: a request's handoff state (`ReqState`), the scheduler's
 settings (`FrontConfig`), its record of one request (`FrontReq`) and what each of its methods
-returns (`Actions`: messages to send, requests to fail). Pure code; `tetri.sched.front`
+returns (`Actions`: messages to send, requests to fail, and for an output event the entries
+that are current). Pure code; `tetri.sched.front`
 re-exports them all."""
 
 from __future__ import annotations
@@ -80,9 +81,15 @@ class FrontReq:
 class Actions:
     sends: list[tuple[int, object]] = field(default_factory=list)
     fails: list[tuple[str, str]] = field(default_factory=list)
+    current: list[int] = field(default_factory=list)
+    """Of an output event (`FrontScheduler.on_token_batch`: indices into the TokenBatch's
+    entries; `chunk_done` / `on_chunk_done`: into the ChunkDone's `finished`), the entries from
+    the worker that holds the request: the caller streams exactly these, the rest are stale.
+    Belongs to the event that made it: `extend` leaves it as it is."""
 
-    def send(self, worker_id: int, msg) -> None:
+    def send(self, worker_id: int, msg) -> Actions:
         self.sends.append((worker_id, msg))
+        return self
 
     def extend(self, other: Actions) -> Actions:
         self.sends.extend(other.sends)

@@ -1,7 +1,11 @@
 """The front's handlers of the workers' step results, as functions of the `RuntimeClient`
 (`client`): a ChunkDone (first tokens straight to the client, then the handoff, after the
 learned predictor's answer when it runs off the event loop), a TokenBatch (demultiplexed into
-each request's stream) and a PeerPaths. `RuntimeClient._on_message` calls them."""
+each request's stream) and a PeerPaths. `RuntimeClient._on_message` calls them.
+
+They feed each event to the scheduler (`chunk_done` + `prefilled`, `on_token_batch`) and carry
+out the `Actions` it returns, streaming exactly the entries it lists as `current`; they change
+no scheduler state themselves (tests/server/test_engine_events.py checks the calls)."""
 
 from __future__ import annotations
 
@@ -16,10 +20,9 @@ log = logging.getLogger("tetri.engine")
 
 
 def on_chunk_done(client, msg: ChunkDone) -> None:
-    for res in msg.finished:  # first tokens go out before the handoff is even ordered
-        if not client.scheduler.owns(res.req_id, msg.worker_id, decoding=False):
-            continue
-        client.scheduler.record_output(res.req_id, 0, res.first_tokens[:1])
+    acts = client.scheduler.chunk_done(msg)  # `current`: the results from the worker holding the request
+    for i in acts.current:  # first tokens go out before the handoff is even ordered
+        res = msg.finished[i]
         if client.length_log is not None:
             client.length_log.on_prefilled(res.req_id, res.hidden, res.first_tokens, res.finish_reasons)
         stream = client.streams.get(res.req_id)
@@ -32,7 +35,7 @@ def on_chunk_done(client, msg: ChunkDone) -> None:
                                 prompt_logprobs=res.prompt_logprobs))
         if stream.done:
             client._ended(res.req_id)
-    client._apply(client.scheduler.chunk_done(msg))
+    client._apply(acts)
     for res in msg.finished:
         if client.predict_off_loop and res.req_id in client.scheduler.reqs:
             predict_then_hand_off(client, res, msg.worker_id)
@@ -69,21 +72,17 @@ def predict_then_hand_off(client, res, wid: int) -> None:
 
 
 def on_tokens(client, msg: TokenBatch) -> None:
-    client.scheduler.decode_evicted(msg.worker_id, msg.evicted_hashes)  # before a finish indexes new blocks
+    acts = client.scheduler.on_token_batch(msg)  # `current`: the entries from the worker holding the request
     per_req: dict[str, list[ChoiceDelta]] = {}
     scored = {r: p for r, p in zip(msg.req_ids, msg.prompt_logprobs) if p is not None}  # mixed workers
-    for i, req_id in enumerate(msg.req_ids):
-        if not client.scheduler.owns(req_id, msg.worker_id, decoding=True):
-            continue  # stale: the request was aborted or migrated away from this worker
-        client.scheduler.record_output(req_id, msg.choices[i], [msg.token_ids[i]])
+    for i in acts.current:
+        req_id = msg.req_ids[i]
         lp = msg.logprobs[i] if msg.logprobs else None
         per_req.setdefault(req_id, []).append(ChoiceDelta(
             index=msg.choices[i], token_ids=[msg.token_ids[i]], logprobs=[lp] if lp is not None else None,
             finish_reason=msg.finish_reasons[i]))
         if client.length_log is not None:
             client.length_log.on_token(req_id, msg.choices[i], msg.finish_reasons[i])
-        if msg.finish_reasons[i] is not None:
-            client.scheduler.on_choice_finished(req_id, msg.choices[i])
     for req_id, choices in per_req.items():
         stream = client.streams.get(req_id)
         if stream is None:
@@ -92,6 +91,7 @@ def on_tokens(client, msg: TokenBatch) -> None:
                                 queue_time_s=client._dispatched.pop(req_id, None), prompt_logprobs=scored.get(req_id)))
         if stream.done:
             client._ended(req_id)
+    client._apply(acts)  # none today (no sends or fails come of output); carried out all the same
 
 
 def on_peer_paths(client, msg: PeerPaths) -> None:

@@ -22,6 +22,8 @@ once; on CUDA they run on a copy stream while decode steps go on, and the reques
 batch (and `KVCopied` goes out) only once the host has seen the copy's event complete. A
 request is never read from a peer pool after an Abort was processed: an Abort waits for the
 request's copy in flight before its destination blocks are freed and `Dropped` is sent.
+The handoff's part of this (admission, the copy, the ack, the drop) is
+`workers/handoff_side.py::HandoffIntake`, which this core composes.
 
 Board fields (`load`): `predicted_decode_tokens` is the predicted tokens still to come
 (low end of the bucket less what each sequence has generated, summed over running, waiting,
@@ -33,25 +35,16 @@ a prediction). Policies see `priority` (lower first) in every view.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
-from tetri.protocol import Handoff, KVCopied, WorkerError
+from tetri.protocol import Handoff, KVCopied
 from tetri.sched.decode_policy import DecodeReqView
 from tetri.sched.kv_blocks import blocks_for_tokens
-from tetri.sched.prefix_hash import block_hashes
 from tetri.sched.swap import CostMeter
 from tetri.workers.executor import Executor, SampledToken
-from tetri.workers.kv_stage import block_stamps
+from tetri.workers.handoff_side import HandoffIntake
 from tetri.workers.kv_swap import SwapTable
-from tetri.workers.kv_transfer import Done, InflightCopies, InflightCopy, PeerSource, as_source
+from tetri.workers.kv_transfer import PeerSource
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
-
-
-@dataclass
-class _Waiting:
-    msg: Handoff
-    arrival_s: float
 
 
 class DecodeCore:
@@ -64,9 +57,8 @@ class DecodeCore:
         self.heavy_decode_tokens = heavy_decode_tokens
         self.progressed = False
         """Whether the last step did anything (admitted, copied, re-prefilled or decoded)."""
-        self.peers: dict[int, PeerSource] = {}
-        self.copies = InflightCopies()  # handoffs whose KV is being copied in (not acked yet)
-        self.waiting: dict[str, _Waiting] = {}
+        self.intake = HandoffIntake(executor, worker_id)
+        """The handoffs: waiting for admission, being copied in, and the peer pools (`handoff_side`)."""
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
         self.swapped: dict[str, Seq] = {}  # preempted, KV in the host tier, to upload before resuming
@@ -77,36 +69,42 @@ class DecodeCore:
         self.predicted: dict[str, int] = {}
         self._resumed: list[Seq] = []
         self._preempted = False
-        self.handoff_blocks_copied = 0
-        """Prompt blocks copied in from prefill workers (over every handoff and choice)."""
-        self.handoff_blocks_cached = 0
-        """Prompt blocks attached from this worker's prefix cache instead of copied."""
+
+    # ---- the handoff side (`workers/handoff_side.py`) ---------------------------------
+    @property
+    def peers(self) -> dict[int, PeerSource]:
+        return self.intake.peers
+
+    @property
+    def copies(self):
+        return self.intake.copies
+
+    @property
+    def waiting(self) -> dict:
+        return self.intake.waiting
+
+    @property
+    def handoff_blocks_copied(self) -> int:
+        return self.intake.handoff_blocks_copied
+
+    @property
+    def handoff_blocks_cached(self) -> int:
+        return self.intake.handoff_blocks_cached
 
     def add_peer(self, worker_id: int, source) -> None:
-        """A peer pool opened for copying (a `PeerSource`, or a pool of this process)."""
-        if worker_id in self.peers:
-            self.retire_peer(worker_id)
-        self.peers[worker_id] = as_source(source, self.ex.device)
+        self.intake.add_peer(worker_id, source)
 
     def retire_peer(self, worker_id: int) -> None:
-        """The peer is gone or has a new pool: drop the copies still reading the old one (their
-        destination blocks are freed once each copy completed), then close the mapping."""
-        for copy in self.copies.settle_from(worker_id):
-            for seq in copy.seqs:
-                self.ex.free(seq)
-        source = self.peers.pop(worker_id, None)
-        if source is not None:
-            source.close()
+        self.intake.retire_peer(worker_id)
 
     def handoff(self, msg: Handoff, now: float) -> None:
-        self.waiting[msg.req_id] = _Waiting(msg, now)
+        self.intake.handoff(msg, now)
         if msg.predicted_output_tokens is not None:
             self.predicted[msg.req_id] = msg.predicted_output_tokens
 
     def abort(self, req_id: str, choice: int | None = None) -> bool:
         """Drop the request (or one choice); True when this worker knew it."""
-        known = self._settle_copy(req_id, choice)
-        known = (self.waiting.pop(req_id, None) is not None if choice is None else False) or known
+        known = self.intake.drop(req_id, choice)
         for key, seq in list(self.swapped.items()):
             if seq.req_id == req_id and (choice is None or seq.choice == choice):
                 self.swap_copies.settle(key)  # a swap copy in flight: wait for it before freeing anything
@@ -120,17 +118,6 @@ class DecodeCore:
         if choice is None:
             self.predicted.pop(req_id, None)
         return known
-
-    def drop_source(self, src_worker: int) -> list[str]:
-        """A prefill worker died: forget the handoffs that would read its pool."""
-        gone = [r for r, w in self.waiting.items() if w.msg.src_worker == src_worker]
-        for r in gone:
-            del self.waiting[r]
-        for copy in self.copies.settle_from(src_worker):
-            for seq in copy.seqs:
-                self.ex.free(seq)
-            gone.append(copy.req_id)
-        return gone
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.recompute or self.swapped or self.copies)
@@ -159,8 +146,8 @@ class DecodeCore:
 
     # ---- one step ------------------------------------------------------------------
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
-        acks = self._admit(now)
-        acks += self._landed()
+        acks = self.intake.admit(self.policy, [self._view(s) for s in self.running.values()], now)
+        acks += self.intake.landed(self.running, idle=not self.running and not self.recompute)
         self.swap_copies.land(wait_oldest=not self.running and not self.recompute)
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
@@ -204,99 +191,6 @@ class DecodeCore:
         return DecodeReqView(seq.key, seq.num_tokens, seq.num_outputs, seq.params.max_tokens,
                              self.predicted.get(seq.req_id), seq.arrival_s,
                              len(self.ex.blocks.blocks_of(seq.key)), priority=seq.priority)
-
-    def _admit(self, now: float) -> list[KVCopied]:
-        bs = self.ex.block_size
-        views = []
-        for req_id, w in self.waiting.items():
-            m = w.msg
-            # its choices' blocks (prompt + 1 token each) as one context the policy adds 1 to:
-            # exactly the blocks `_copy_in` takes (a whole-block context + 1 used to ask for one more)
-            per_choice = blocks_for_tokens(len(m.prompt_token_ids) + 1, bs)
-            views.append(DecodeReqView(req_id, per_choice * bs * len(m.open_choices) - 1, m.prior_output_tokens + 1,
-                                       m.params.max_tokens, m.predicted_output_tokens, w.arrival_s, 0,
-                                       priority=m.priority))
-        running = [self._view(s) for s in self.running.values()]
-        admitted = self.policy.admit(views, running, self.ex.blocks.num_free, bs, now) if views else []
-        return [ack for ack in (self._copy_in(self.waiting.pop(r).msg) for r in admitted) if ack]
-
-    def _copy_in(self, msg: Handoff) -> WorkerError | None:
-        """Start copying a handoff's KV in (one copy per open choice, on the pair's transfer
-        path); `_landed` acks it once complete. The prompt's leading blocks this worker caches
-        are attached instead (every choice shares them) and only the rest is copied. A pair
-        with no path fails the request at once; one whose pool is short, or whose blocks the
-        owner has not staged yet, retries later."""
-        src = self.peers.get(msg.src_worker)
-        bs = self.ex.block_size
-        prompt_len = len(msg.prompt_token_ids)
-        src_ids = msg.block_ids[: blocks_for_tokens(prompt_len, bs)]
-        if src is not None and src.src is None:
-            return WorkerError(worker_id=self.worker_id, req_id=msg.req_id,
-                               message=f"no KV transfer path from worker {msg.src_worker} to worker "
-                                       f"{self.worker_id}: {src.error}")
-        hashes = block_hashes(msg.prompt_token_ids, bs, self.ex.hash_seed) if self.ex.blocks.caching else []
-        cached = self.ex.blocks.match(hashes)  # no side effects: attached below, before any allocation
-        k, n = len(cached), len(msg.open_choices)
-        # attaching an unheld cached block takes it off the free count, like allocating one
-        need = (blocks_for_tokens(prompt_len + 1, bs) - k) * n + k
-        stamps = block_stamps(msg.req_id, msg.prompt_token_ids, bs, self.ex.hash_seed,
-                              self.ex.blocks.caching)[k:] if src is not None and src.ready_fn is not None else []
-        if src is None or need > self.ex.blocks.num_free or not src.ready(src_ids[k:], stamps):
-            self.waiting[msg.req_id] = _Waiting(msg, time.monotonic())  # policy over-admitted, or not staged: retry
-            return None
-        start = time.perf_counter()
-        seqs, completions = [], []
-        for i, choice in enumerate(msg.open_choices):
-            seq = Seq(msg.req_id, choice, msg.prompt_token_ids, msg.params, arrival_s=msg.arrival_s,
-                      priority=msg.priority, prior_outputs=msg.prior_output_tokens)
-            seq.output_ids.append(msg.first_tokens[choice])
-            seq.num_computed = prompt_len
-            seq.block_hashes = list(hashes)
-            if i == 0:
-                self.ex.blocks.lookup(seq.key, hashes[:k], prompt_len)  # counted once per request
-            else:
-                self.ex.blocks.attach(seq.key, cached)
-            dst = self.ex.blocks.ensure_capacity(seq.key, prompt_len + 1)  # the blocks after the cached ones
-            completions.append(src.copy_into(self.ex.pool, src_ids[k:], dst[: len(src_ids) - k]) if k < len(src_ids)
-                               else Done())
-            seqs.append(seq)
-        self.handoff_blocks_copied += (len(src_ids) - k) * n
-        self.handoff_blocks_cached += k * n
-        self.copies.add(InflightCopy(msg.req_id, msg.src_worker, seqs, completions,
-                                     (len(src_ids) - k) * self.ex.pool.layout.block_bytes * n, src.path, start))
-        return None
-
-    def _landed(self) -> list[KVCopied]:
-        """Ack the copies the host has seen complete; their sequences join the batch. Decode steps
-        never wait for a copy; with nothing else to run, wait for the oldest copy instead of
-        spinning (it is already queued on the device: its own length bounds the wait)."""
-        if self.copies and not self.running and not self.recompute:
-            self.copies.wait_oldest()
-        acks = []
-        for copy in self.copies.landed():
-            for seq in copy.seqs:
-                self.ex.commit_computed(seq)  # the prompt's full blocks: their KV is here now
-                self.running[seq.key] = seq
-            acks.append(KVCopied(worker_id=self.worker_id, req_id=copy.req_id, num_bytes=copy.num_bytes,
-                                 seconds=time.perf_counter() - copy.start_s, path=copy.path))
-        return acks
-
-    def _settle_copy(self, req_id: str, choice: int | None) -> bool:
-        """An Abort of a request whose copy is in flight: wait for the copy, then free the blocks
-        it wrote (of one choice, or all); the other choices are acked at the next step."""
-        copy = self.copies.settle(req_id)
-        if copy is None:
-            return False
-        keep = []
-        for seq in copy.seqs:
-            if choice is None or seq.choice == choice:
-                self.ex.free(seq)
-            else:
-                keep.append(seq)
-        if keep:
-            copy.seqs = keep
-            self.copies.add(copy)
-        return True
 
     def _schedule(self, now: float) -> list[Seq]:
         views = [self._view(s) for s in self.running.values()]

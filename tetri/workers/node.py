@@ -16,8 +16,9 @@ import logging
 import os
 
 from tetri.config import EngineSchedConfig
-from tetri.protocol import (Abort, ChunkPlan, Dropped, Handoff, KVCopied, PeerPaths, PeerPools, PoolInfo, Release,
+from tetri.protocol import (Abort, ChunkPlan, Handoff, KVCopied, PeerPaths, PeerPools, PoolInfo, Release,
                             SetRole, Shutdown, SubmitMixed, TokenBatch, WorkerError)
+from tetri.workers import handoff_side
 from tetri.workers.executor import Executor
 from tetri.workers.kv_swap import swap_board_fields
 
@@ -123,9 +124,7 @@ class WorkerNode:
         if self.role == "prefill":
             self.core.abort(msg.req_id)
         elif self.role == "decode":
-            self.core.abort(msg.req_id, msg.choice)
-            if msg.choice is None:  # we hold nothing of it and read nothing of it any more
-                return [Dropped(worker_id=self.worker_id, req_id=msg.req_id)]
+            return handoff_side.decode_abort(self.core, self.worker_id, msg)  # Dropped: nothing held or read
         elif msg.choice is None:
             self.core.abort(msg.req_id)
         else:

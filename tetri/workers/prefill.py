@@ -1,7 +1,8 @@
 """The `prefill` role: runs the chunks the front scheduler sends, one per forward pass.
 
 A prompt's blocks stay here after its last piece ran, until the front sends `Release`
-(its KV was copied by a decode worker, or the request was abandoned) or `Abort`.
+(its KV was copied by a decode worker, or the request was abandoned) or `Abort`: the hold
+is `workers/handoff_side.py::HeldPrompts`.
 
 Prefix caching: when a prompt's first piece runs, its cached leading blocks are attached
 (`Executor.attach_cached_prefix`) and only the tokens after them are computed. The front
@@ -28,6 +29,7 @@ from collections import deque
 from tetri.protocol import ChunkDone, ChunkPlan, PrefillResult
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.workers.executor import Executor
+from tetri.workers.handoff_side import HeldPrompts
 from tetri.workers.model_runner import Segment
 from tetri.workers.prompt_logprobs import score_fields
 from tetri.workers.seq import Seq
@@ -40,7 +42,7 @@ class PrefillCore:
         self.collect_hidden = collect_hidden
         self.chunks: deque[ChunkPlan] = deque()
         self.seqs: dict[str, list[Seq]] = {}  # req_id -> its choices (choice 0 owns the blocks)
-        self.done: set[str] = set()  # prefilled, blocks held until Release
+        self.holds = HeldPrompts(executor)  # prefilled, blocks held until Release
         self.prompt_lps: dict[str, list] = {}  # req_id -> prompt logprobs so far (when asked)
         self.looked_up: set[str] = set()  # requests whose cached prefix was attached
         self.cached_tokens: dict[str, int] = {}  # req_id -> prompt tokens found in the cache
@@ -56,14 +58,16 @@ class PrefillCore:
                                        for c in range(p.new.params.n)]
         self.chunks.append(plan)
 
+    @property
+    def done(self) -> set[str]:
+        """The prompts prefilled here, their blocks held until Release."""
+        return self.holds.held
+
     def release(self, req_id: str) -> None:
-        seqs = self.seqs.pop(req_id, None)
-        self.done.discard(req_id)
         self.prompt_lps.pop(req_id, None)
         self.looked_up.discard(req_id)
         self.cached_tokens.pop(req_id, None)
-        if seqs:
-            self.ex.free(seqs[0])
+        self.holds.release(req_id, self.seqs.pop(req_id, None))
 
     def abort(self, req_id: str) -> None:
         self.release(req_id)
@@ -154,7 +158,7 @@ class PrefillCore:
         results = []
         for i, req_id in enumerate(last):
             seqs = self.seqs[req_id]
-            self.done.add(req_id)
+            self.holds.hold(req_id)
             results.append(PrefillResult(
                 req_id=req_id,
                 block_ids=list(self.ex.blocks.blocks_of(seqs[0].key)),
