@@ -1,9 +1,11 @@
 """`tetri-serve`: one command for a whole node.
 
     tetri-serve                                   # default model (SmolLM2-135M-Instruct), CPU, 1 prefill + 1 decode
-    tetri-serve --model DIR --gpus 0-7            # 8 GPUs: 2 prefill + 6 decode by default
+    tetri-serve --model DIR --gpus 0-7 --mode disagg   # 8 GPUs: 2 prefill + 6 decode
     tetri-serve --model DIR --gpus 0 --prefill-gpus 0 --decode-gpus 0   # both roles on one GPU
     tetri-serve --mode colocated --workers 2      # the baseline: every worker runs chunked prefill + decode
+    tetri-serve --model DIR --gpus 0-7            # --mode auto (the default for 2+ GPUs): tetri-plan's start, then
+                                                  # workers move between prefill, mixed and decode with the load
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling and random policies")
     g = ap.add_argument_group("placement")
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when --gpus is given, else cpu")
-    g.add_argument("--mode", default="disagg", choices=["disagg", "colocated"],
-                   help="disagg: prefill and decode workers; colocated: every worker mixed (the baseline)")
+    g.add_argument("--mode", default=None, choices=["disagg", "colocated", "auto"],
+                   help="disagg: prefill and decode workers; colocated: every worker mixed (the baseline); auto: "
+                        "start from tetri-plan's pick for --slo-ttft/--slo-tpot, then move workers between prefill, "
+                        "mixed and decode with the load (default: auto when --gpus names two or more GPUs, else "
+                        "disagg)")
     g.add_argument("--gpus", default=None, help="GPU ids, ranges and lists: 0-7, 0,2,4-5")
     g.add_argument("--prefill", type=int, default=None, help="number of prefill workers")
     g.add_argument("--decode", type=int, default=None, help="number of decode workers")
@@ -99,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-tokens", type=int, default=200, help="predictor bucket width in tokens")
     g.add_argument("--flip", action="store_true", help="flip idle prefill/decode workers to the saturated role")
     g.add_argument("--flip-window-s", type=float, default=5.0, help="how long an imbalance must hold before a flip")
+    g.add_argument("--slo-ttft", type=float, default=1.0, help="declared TTFT SLO in seconds (--mode auto's plan)")
+    g.add_argument("--slo-tpot", type=float, default=0.05,
+                   help="declared TPOT SLO in seconds (--mode auto: its plan, and the pace the role policy holds "
+                        "decode steps to)")
+    g.add_argument("--plan-flags", default=None, metavar="FLAGS",
+                   help="--mode auto: further tetri-plan flags for the start, e.g. \"--trace FILE --calibration F\" "
+                        "(default: the mixed workload; on CPU the uncalibrated cpu preset)")
+    g.add_argument("--role-tpot-s", type=float, default=None,
+                   help="--mode auto: the decode pace the role policy holds steps to (default: --slo-tpot)")
+    g.add_argument("--role-busy-tokens", type=int, default=2048,
+                   help="--mode auto: queued prompt tokens at which a prefilling worker counts fully loaded")
+    g.add_argument("--role-dwell-s", type=float, default=1.0,
+                   help="--mode auto: how long a side must stay starved before a role change")
+    g.add_argument("--role-worker-dwell-s", type=float, default=10.0,
+                   help="--mode auto: the least time between two role changes of one worker")
     g.add_argument("--log-lengths", default=None, metavar="DIR",
                    help="log (prompt, hidden state, output length) of served requests to retrain the predictor")
     g.add_argument("--max-queue", type=int, default=1024, help="admission bound: requests in flight before 429")
@@ -130,7 +150,52 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def resolve_mode(args) -> str:
+    """--mode as given; unset: auto when --gpus names two or more GPUs, else disagg (the CPU
+    default stays 1 prefill + 1 decode)."""
+    if args.mode is not None:
+        return args.mode
+    if args.gpus and not (args.prefill_gpus or args.decode_gpus) and len(parse_gpus(args.gpus)) >= 2:
+        return "auto"
+    return "disagg"
+
+
+def auto_roles(args, n: int) -> list[str]:
+    """--mode auto's initial roles: --prefill/--decode when given (the rest mixed), else
+    tetri-plan's pick for the declared SLOs (`tetri.sim.plan.plan_start`: a capped,
+    deterministic search; no torch). Records how in `args.auto_start` (shown in /workers)."""
+    if n < 2:
+        raise ValueError("--mode auto needs at least 2 workers (or GPUs)")
+    if args.prefill is not None or args.decode is not None:
+        prefill, decode = args.prefill or 0, args.decode or 0
+        if prefill + decode > n:
+            raise ValueError(f"--prefill {prefill} --decode {decode} does not fit {n} workers")
+        args.auto_start = dict(source="--prefill/--decode")
+        return ["prefill"] * prefill + ["mixed"] * (n - prefill - decode) + ["decode"] * decode
+    import shlex
+
+    from tetri.bench.records import Slo
+    from tetri.sim.plan import plan_start
+
+    device = args.device or ("cuda" if args.gpus else "cpu")
+    defaults = ["--hardware", "cpu", "--model-preset", "llama-100m"] if device == "cpu" else []
+    flags = shlex.split(args.plan_flags or "")
+    start = plan_start(n, Slo(args.slo_ttft, args.slo_tpot), [*defaults, *flags])
+    args.auto_start = dict(source="tetri-plan", pick=start.label, max_rate=start.max_rate,
+                           simulations=start.simulations, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
+    return start.roles
+
+
+def role_policy(args):
+    from tetri.sched.roles import RolePolicy
+
+    return RolePolicy(prefill_busy_tokens=args.role_busy_tokens, dwell_s=args.role_dwell_s,
+                      worker_dwell_s=args.role_worker_dwell_s,
+                      tpot_s=args.role_tpot_s if args.role_tpot_s is not None else args.slo_tpot, mixed_hands_off=False)
+
+
 def worker_specs(args) -> list[WorkerSpec]:
+    args.mode = resolve_mode(args)
     device = args.device or ("cuda" if args.gpus or args.prefill_gpus or args.decode_gpus else "cpu")
     if device == "cpu":
         return _cpu_specs(args)
@@ -141,6 +206,8 @@ def _cpu_specs(args) -> list[WorkerSpec]:
     if args.mode == "colocated":
         n = args.workers or ((args.prefill or 0) + (args.decode or 0)) or 2
         return [WorkerSpec("mixed")] * n
+    if args.mode == "auto":
+        return [WorkerSpec(role) for role in auto_roles(args, args.workers or 2)]
     prefill, decode = args.prefill, args.decode
     if prefill is None and decode is None:
         total = args.workers or 2
@@ -162,6 +229,8 @@ def _gpu_specs(args) -> list[WorkerSpec]:
     gpus = parse_gpus(args.gpus or "0")
     if args.mode == "colocated":
         return [WorkerSpec("mixed", f"cuda:{g}") for g in gpus]
+    if args.mode == "auto":
+        return [WorkerSpec(role, f"cuda:{g}") for role, g in zip(auto_roles(args, len(gpus)), gpus)]
     if len(gpus) == 1:  # one GPU: one prefill and one decode process share it
         return [WorkerSpec("prefill", f"cuda:{gpus[0]}", 0.5), WorkerSpec("decode", f"cuda:{gpus[0]}", 0.5)]
     prefill = args.prefill if args.prefill is not None else max(1, len(gpus) // 4)
@@ -214,8 +283,15 @@ def build_engine(args):
     predictor, probe = _predictor(args)
     launch = LaunchConfig(workers=tuple(specs), threads_per_worker=threads, omp_passive=passive,
                           collect_hidden=probe or bool(args.log_lengths), heartbeat_timeout_s=args.heartbeat_timeout_s)
-    flip = None
-    if args.flip:
+    flip, roles_report = None, None
+    if args.mode == "auto":
+        from tetri.server.roles_report import RolesReport
+
+        if args.flip:
+            raise ValueError("--flip is the disagg mode's instance flip; --mode auto flips by its role policy")
+
+        flip, roles_report = role_policy(args), RolesReport("auto", getattr(args, "auto_start", None))
+    elif args.flip:
         from tetri.sched.flip import FlipPolicy
 
         flip = FlipPolicy(window_s=args.flip_window_s)
@@ -226,7 +302,7 @@ def build_engine(args):
         length_log = LengthLog(args.log_lengths)
     return RuntimeClient(model, cache, sched, front, launch, max_queue=args.max_queue, seed=args.seed,
                          predictor=predictor, flip=flip, length_log=length_log, migrate=not args.no_migrate,
-                         max_restarts=args.max_restarts)
+                         max_restarts=args.max_restarts, roles_report=roles_report)
 
 
 def _predictor(args):

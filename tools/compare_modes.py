@@ -1,8 +1,10 @@
-"""Disaggregated vs colocated on the CPU, measured by tetri-bench on the same workload.
+"""Disaggregated vs colocated vs auto on the CPU, measured by tetri-bench on the same workload.
 
 Starts `tetri-serve` once per mode on the same model (2 workers each: 1 prefill + 1 decode,
-or 2 mixed), replays one scaled TetriInfer workload from the real traces against each with
-tetri-bench, and prints TTFT, TPOT p99, JCT and goodput side by side with the ratios.
+2 mixed, or `--mode auto`: tetri-plan's start for the SLO, then the role policy), replays one
+scaled TetriInfer workload from the real traces against each with tetri-bench, and prints
+TTFT, TPOT p99, JCT and goodput side by side with the ratios. With --repeats N the modes run
+interleaved (d, c, a, d, c, a, ...) and each figure is the median over the N runs.
 
     python tools/compare_modes.py --workload mixed --rate 1.5 --num-requests 60 [--model DIR]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -46,10 +49,16 @@ def run_mode(mode_args: list[str], bench_args: list[str], model: str | None) -> 
     flags = ["--device", "cpu", *mode_args] + (["--model", model] if model else [])
     srv = ServerProc(*flags).start()
     try:
+        start = [w["role"] for w in srv.workers()]
         out = tempfile.mktemp(suffix=".json")
         bench_main(["--base-url", srv.base_url, *bench_args, "--json", out, "--no-progress"])
         with open(out) as f:
-            return json.load(f)
+            report = json.load(f)
+        body = srv.get("/workers")[1]
+        roles = body.get("roles") or {}
+        report |= dict(roles_start=start, roles_end=[w["role"] for w in body["workers"]],
+                       role_decisions=roles.get("recent_decisions", []))
+        return report
     finally:
         srv.stop()
 
@@ -66,6 +75,8 @@ def main() -> None:
     ap.add_argument("--slo", default="ttft=2,tpot=0.1")
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved runs per mode (medians reported)")
+    ap.add_argument("--auto-flags", default="", help="extra tetri-serve flags for --mode auto (e.g. role dwell)")
     args = ap.parse_args()
     model = args.model
     if model is None:
@@ -76,20 +87,32 @@ def main() -> None:
              "--max-output-tokens", str(args.max_output_tokens), "--slo", args.slo, "--seed", str(args.seed),
              "--vocab-size", "500"]
     chunk = ["--chunk-size", str(args.chunk_size)]
-    modes = {"disagg (1P+1D)": ["--prefill", "1", "--decode", "1", *chunk],
-             "colocated (2 mixed)": ["--mode", "colocated", "--workers", "2", *chunk]}
-    reports = {name: run_mode(flags, bench, model) for name, flags in modes.items()}
+    slo = dict(kv.split("=") for kv in args.slo.split(","))
+    modes = {"disagg (1P+1D)": ["--mode", "disagg", "--prefill", "1", "--decode", "1", *chunk],
+             "colocated (2 mixed)": ["--mode", "colocated", "--workers", "2", *chunk],
+             "auto": ["--mode", "auto", "--workers", "2", "--slo-ttft", slo.get("ttft", "1"),
+                      "--slo-tpot", slo.get("tpot", "0.05"), *chunk, *args.auto_flags.split()]}
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+    for _ in range(args.repeats):  # interleaved: one run of each mode per round
+        for name, flags in modes.items():
+            runs[name].append(run_mode(flags, bench, model))
     rows = [("mean TTFT s", lambda r: r["ttft_s"]["mean"]), ("p99 TTFT s", lambda r: r["ttft_s"]["p99"]),
             ("mean TPOT s", lambda r: r["tpot_s"]["mean"]), ("p99 TPOT s", lambda r: r["tpot_s"]["p99"]),
-            ("mean JCT s", lambda r: r["e2e_s"]["mean"]), ("SLO attainment", lambda r: r["slo_attainment"]),
+            ("mean JCT s", lambda r: r["e2e_s"]["mean"]), ("p99 JCT s", lambda r: r["e2e_s"]["p99"]),
+            ("SLO attainment", lambda r: r["slo_attainment"]),
             ("goodput req/s", lambda r: r["goodput"]), ("completed", lambda r: r["completed"])]
-    names = list(reports)
-    print(f"workload={args.workload} rate={args.rate} n={args.num_requests} length_scale={args.length_scale} slo={args.slo}")
-    print(f"{'metric':<16}" + "".join(f"{n:>22}" for n in names) + f"{'disagg/colocated':>18}")
+    names = list(modes)
+    print(f"workload={args.workload} rate={args.rate} n={args.num_requests} length_scale={args.length_scale} "
+          f"slo={args.slo} repeats={args.repeats} (medians)")
+    print(f"{'metric':<16}" + "".join(f"{n:>22}" for n in names) + f"{'auto/colocated':>16}{'auto/disagg':>13}")
     for label, get in rows:
-        vals = [get(reports[n]) for n in names]
-        ratio = f"{vals[0] / vals[1]:.2f}x" if vals[1] else "-"
-        print(f"{label:<16}" + "".join(f"{v:>22.4f}" for v in vals) + f"{ratio:>18}")
+        vals = [statistics.median(get(r) for r in runs[n]) for n in names]
+        ratios = [f"{vals[2] / v:.2f}x" if v else "-" for v in (vals[1], vals[0])]
+        print(f"{label:<16}" + "".join(f"{v:>22.4f}" for v in vals) + f"{ratios[0]:>16}{ratios[1]:>13}")
+    for i, report in enumerate(runs["auto"]):
+        print(f"auto run {i}: roles {report.get('roles_start')} -> {report.get('roles_end')}; "
+              f"{len(report.get('role_decisions', []))} role changes: "
+              + "; ".join(d["reason"] for d in report.get("role_decisions", [])))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ class Cluster:
                  decode_policy="greedy", request_timeout_s: float = 600.0, decode_blocks: int | None = None,
                  heavy_decode_tokens: int = 128, predictor=None, prefix_caching: bool = True, loaded=None,
                  kv_offloading_size: float = 0.0, dispatch_policy: str = "least-loaded",
-                 global_policy: str = "least-loaded", swap_space: float = 0.0, preemption_mode: str = "auto") -> None:
+                 global_policy: str = "least-loaded", swap_space: float = 0.0, preemption_mode: str = "auto",
+                 flip=None) -> None:
         loaded = loaded or load_model(model_dir)
         extra = {} if heavy_decode_tokens == 128 else {"heavy_decode_tokens": heavy_decode_tokens}
         extra.update({} if preemption_mode == "auto" else {"preemption_mode": preemption_mode})
@@ -44,9 +45,11 @@ class Cluster:
         self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
                                                 prefix_caching=prefix_caching, prefix_hash_seed=seed,
                                                 dispatch_policy=dispatch_policy, global_policy=global_policy),
-                                    random.Random(0), predictor=predictor)
+                                    random.Random(0), predictor=predictor, flip=flip)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()
+        self.sent: list[tuple[int, str, str]] = []
+        """(worker, its role then, message type) of every message sent to a worker."""
         self.tokens: dict[str, list[int]] = defaultdict(list)
         self.finished: dict[str, str] = {}
         self.failed: dict[str, str] = {}
@@ -61,6 +64,7 @@ class Cluster:
         for wid, msg in acts.sends:
             if wid not in self.dead:
                 self.to_workers[wid].append(msg)
+                self.sent.append((wid, self.nodes[wid].role, type(msg).__name__))
         for req_id, why in acts.fails:
             self.failed[req_id] = why
 
@@ -83,6 +87,10 @@ class Cluster:
 
     def abort(self, req_id: str) -> None:
         self.apply(self.front.abort(req_id))
+
+    def flip_tick(self) -> None:
+        """The supervisor's flip tick (role policy, drain, SetRole, resume)."""
+        self.apply(self.front.flip_tick(self.loads(), self.now))
 
     def deliver(self, wid: int) -> None:
         while self.to_workers[wid]:

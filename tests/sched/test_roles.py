@@ -154,3 +154,26 @@ def test_flip_plan_counts_mixed_workers_as_able_to_do_both():
     assert plan.begin(FlipDecision(1, "decode", "prefill"))  # worker 0 still decodes
     plan = FlipPlan({0: "prefill", 1: "mixed"})
     assert plan.begin(FlipDecision(0, "prefill", "decode"))
+
+
+def test_without_mixed_handoffs_no_decode_worker_is_left_unfed():
+    """tetri-serve's mixed workers keep what they prefill: from all-mixed, a decode-starved
+    load may not turn a worker into a decode worker no prefill worker would feed (the sim's,
+    which hand off, may); a prefill-starved one may still make a prefill worker."""
+    decode_starved = [row(0, "mixed", running=90), row(1, "mixed", running=90)]
+    moves = {}
+    for hands_off in (True, False):
+        policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=0.0, mixed_hands_off=hands_off)
+        moves[hands_off] = [policy.decide(decode_starved, t * 0.5) for t in range(4)]
+    assert any(d is not None and d.to_role == "decode" for d in moves[True])
+    assert all(d is None for d in moves[False])
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=0.0, mixed_hands_off=False)
+    prefill_starved = [row(0, "mixed", queued=950), row(1, "mixed", queued=950)]
+    decisions = [policy.decide(prefill_starved, t * 0.5) for t in range(4)]
+    assert [(d.from_role, d.to_role) for d in decisions if d] == [("mixed", "prefill")]
+    # and from prefill + decode + mixed, decode-starved: the prefill worker may not go mixed
+    # while a decode worker would be left with no prefill worker
+    rows = [row(0, "prefill"), row(1, "mixed", running=95), row(2, "decode", running=95)]
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=0.0, mixed_hands_off=False)
+    decisions = [policy.decide(rows, t * 0.5) for t in range(4)]
+    assert all(d is None or d.worker_id != 0 for d in decisions)

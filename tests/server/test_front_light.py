@@ -43,3 +43,9 @@ def run_front(model: str = "", *args: str) -> str:
 
 def test_front_with_the_default_model_imports_no_torch(default_model_dir):
     assert run_front() == "False False"
+
+
+def test_front_in_auto_mode_plans_its_start_without_torch(default_model_dir):
+    """--mode auto runs tetri-plan (the simulator) in the front process at start: still no torch."""
+    assert run_front("", "--mode", "auto", "--workers", "2", "--plan-flags",
+                     "--num-requests 30 --max-requests 90 --window-s 2 --max-sims 4") == "False False"

@@ -31,12 +31,13 @@ from tetri.sched import front_failover
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.decode_affinity import PrefixAffinityDecode
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
-from tetri.sched.flip import FlipPlan, FlipPolicy
+from tetri.sched.flip import CAN_DECODE, FlipDecision, FlipPlan, FlipPolicy
 from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
 from tetri.sched.handoff import Lifecycle
 from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
+from tetri.sched.roles import RolePolicy
 
 __all__ = ["Actions", "FrontConfig", "FrontReq", "FrontScheduler", "ReqState"]
 
@@ -52,6 +53,10 @@ class FrontScheduler:
         self.predictor = predictor
         self.flip_policy = flip
         self.flip_plan: FlipPlan | None = None
+        self.adaptive = isinstance(flip, RolePolicy)
+        """--mode auto: flips to mixed happen in place, and mixed workers take handoffs."""
+        self.role_decisions: list[tuple[float, FlipDecision]] = []
+        """(when, decision) of every flip begun; the engine client reports and clears them."""
         self.prefix_index = PrefixIndex()
         self.level1 = make_prefill_dispatch(cfg.global_policy, rng, self.prefix_index)
         self.decode_index = PrefixIndex()
@@ -74,8 +79,10 @@ class FrontScheduler:
         """Board rows plus the tokens still waiting in our own packers; draining workers
         shown as such while a flip is under way."""
         if self.flip_policy is not None:
-            if self.flip_plan is None:
-                self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in ("prefill", "decode")})
+            if self.flip_plan is None:  # adaptive: mixed workers flip too
+                roles = ("prefill", "decode", "mixed") if self.adaptive else ("prefill", "decode")
+                self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in roles},
+                                          in_place_to_mixed=self.adaptive)
             loads = self.flip_plan.view(loads)
         return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
@@ -207,7 +214,7 @@ class FrontScheduler:
         view = self._view(loads)
         predicted_info = self._predict(req, res, prediction, predicted)
         try:
-            did = self.level2.pick([w for w in view if w.role == "decode"],
+            did = self.level2.pick(self._handoff_targets(view, wid),  # flip section: mixed too in auto
                                    self._decode_prefix(req, predicted_info, wid, view))
         except NoWorker:  # no live decode worker: the prefilled KV waits for a restart, deadline-bound
             self.life.park_handoff(req, wid, res, predicted_info, now)
@@ -279,12 +286,21 @@ class FrontScheduler:
             if plan.state_of(w.worker_id) == "flipped" and w.role == plan._workers[w.worker_id].to_role:
                 plan.on_flipped(w.worker_id)
         decision = self.flip_policy.decide(view, now)
-        if decision is not None:
-            plan.begin(decision)
-        for order in plan.poll(loads):  # every request it held is done, so our packer for it is empty
-            self.packers.pop(order.worker_id, None)
-            self.outstanding.pop(order.worker_id, None)
+        if decision is not None and plan.begin(decision):
+            self.role_decisions.append((now, decision))
+        for order in plan.poll(loads):
+            if not (plan.in_place_to_mixed and order.to_role == "mixed"):
+                # drained: every request it held is done, so our packer for it is empty
+                self.packers.pop(order.worker_id, None)
+                self.outstanding.pop(order.worker_id, None)
+            # (in place: the packer keeps feeding the worker's old prefill core until empty)
             self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role
             self.decode_index.forget(order.worker_id)
             acts.send(order.worker_id, SetRole(role=order.to_role))
         return acts
+
+    def _handoff_targets(self, view: list[WorkerLoad], wid: int) -> list[WorkerLoad]:
+        """Level 2's candidates: decode workers; in auto mode mixed ones too (a mixed worker
+        runs a decode core for handoffs, `workers/side_cores.py`), never the prefilling worker."""
+        roles = CAN_DECODE if self.adaptive else ("decode",)
+        return [w for w in view if w.role in roles and w.worker_id != wid]

@@ -52,7 +52,7 @@ def _unpark_handoffs(sched, loads: list[WorkerLoad], now: float, acts: Actions) 
             continue
         req, wid, res, info = entry
         try:
-            did = sched.level2.pick([w for w in view if w.role == "decode"],
+            did = sched.level2.pick(sched._handoff_targets(view, wid),
                                     sched._decode_prefix(req, info, wid, view))
         except NoWorker:
             return  # still none: they all wait

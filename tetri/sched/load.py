@@ -54,7 +54,8 @@ class WorkerLoad:
     """Decode workers: prompt blocks of handoffs attached from its own prefix cache instead."""
     step_s: float = 0.0
     """Recent mean duration of the worker's steps (what one of its decodes waits per token);
-    0: not published. The simulator publishes it; the load board does not yet."""
+    0: not published. The simulator and the load board publish it (a worker: an EWMA of its
+    steps that did something)."""
     kv_swapped_out_blocks: int = 0
     """KV swap (`--swap-space`): blocks of preempted requests copied to the host, since it started."""
     kv_swapped_in_blocks: int = 0

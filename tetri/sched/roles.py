@@ -31,7 +31,9 @@ A move out of mixed (a drain) is also refused when the side losing the worker wo
 at a pressure >= `room` over its remaining workers (pressure x n / (n - 1)). A move to mixed
 drains nothing and needs only `in_place_dwell_s` (default dwell_s / 2) of hold. A worker
 that flipped is not moved again for `worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready worker able to prefill or to decode
-(`FlipPlan.begin` checks the same).
+(`FlipPlan.begin` checks the same). With `mixed_hands_off=False` (tetri-serve: its mixed
+workers keep every request they prefill), never a decision that leaves a decode worker with
+no prefill worker to feed it (it would sit idle while the others work).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class RolePolicy:
 
     def __init__(self, prefill_busy_tokens: int = 2048, high: float = 0.8, room: float = 0.5,
                  dwell_s: float = 1.0, worker_dwell_s: float = 10.0, tpot_s: float | None = None,
-                 in_place_dwell_s: float | None = None) -> None:
+                 in_place_dwell_s: float | None = None, mixed_hands_off: bool = True) -> None:
         """`in_place_dwell_s` (default dwell_s / 2): the hold before a move TO mixed, which
         drains nothing; a move out of mixed (a drain) needs `dwell_s`."""
         if not 0.0 < room < high <= 1.0:
@@ -105,6 +107,7 @@ class RolePolicy:
         self.worker_dwell_s = worker_dwell_s
         self.tpot_s = tpot_s
         self.in_place_dwell_s = dwell_s / 2 if in_place_dwell_s is None else min(in_place_dwell_s, dwell_s)
+        self.mixed_hands_off = mixed_hands_off
         self._since: tuple[str, float] | None = None
         """(the starved side, since when) while one side has been starved continuously."""
         self._last_flip_s: dict[int, float] = {}
@@ -138,7 +141,8 @@ class RolePolicy:
         # worker takes prompts too), never a drain
         order = {"prefill": ("decode", "mixed"), "decode": ("prefill", "mixed"), "both": ("prefill", "decode")}[side]
         for role in order:
-            cands = [w for w in ready if w.role == role and self._settled(w, now) and not self._starves(ready, w)]
+            cands = [w for w in ready if w.role == role and self._settled(w, now) and not self._starves(ready, w)
+                     and self._feeds_decode(ready, w, self._to_role(side, w))]
             if not cands:
                 continue
             if role == "mixed":  # it will drain: least to drain
@@ -150,6 +154,18 @@ class RolePolicy:
                 key = lambda w: (w.queued_prefill_tokens, w.worker_id)  # noqa: E731
             return min(cands, key=key)
         return None
+
+    @staticmethod
+    def _to_role(side: str, worker: WorkerLoad) -> str:
+        return "mixed" if side == "both" else (TOWARD_PREFILL if side == "prefill" else TOWARD_DECODE)[worker.role]
+
+    def _feeds_decode(self, ready: list[WorkerLoad], worker: WorkerLoad, to_role: str) -> bool:
+        """Without mixed workers handing off, a decode worker is fed only by prefill workers:
+        after the move, decode workers need a prefill worker."""
+        if self.mixed_hands_off:
+            return True
+        after = [to_role if w.worker_id == worker.worker_id else w.role for w in ready]
+        return "decode" not in after or "prefill" in after
 
     @staticmethod
     def _starves(ready: list[WorkerLoad], worker: WorkerLoad) -> bool:
@@ -176,7 +192,7 @@ class RolePolicy:
         worker = self._pick(ready, side, now)
         if worker is None or (worker.role == "mixed" and held_s < self.dwell_s):
             return None
-        to_role = "mixed" if side == "both" else (TOWARD_PREFILL if side == "prefill" else TOWARD_DECODE)[worker.role]
+        to_role = self._to_role(side, worker)
         if not self._leaves_room(ready, worker, to_role, p):
             return None
         self._since = None

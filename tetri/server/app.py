@@ -98,7 +98,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def workers(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    return _json({"workers": engine.workers(), "num_running": engine.num_running()})
+    body = {"workers": engine.workers(), "num_running": engine.num_running()}
+    if hasattr(engine, "roles"):  # the role policy's last decision and its reason (--mode auto, --flip)
+        body["roles"] = engine.roles()
+    return _json(body)
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -55,7 +55,8 @@ log = logging.getLogger("tetri.engine")
 class RuntimeClient:
     def __init__(self, model: ModelConfig, cache: CacheConfig, sched: EngineSchedConfig, front: FrontConfig,
                  launch: LaunchConfig, max_queue: int = 1024, seed: int = 0, predictor=None,
-                 flip=None, length_log=None, migrate: bool = True, max_restarts: int = 5) -> None:
+                 flip=None, length_log=None, migrate: bool = True, max_restarts: int = 5,
+                 roles_report=None) -> None:
         from tetri.workers.models.source import resolve_model_dir  # no torch in the front process
 
         self.model_dir = resolve_model_dir(model.model, model.dtype, model.device)
@@ -69,6 +70,11 @@ class RuntimeClient:
                                     prefix_hash_seed=hash_seed(str(pathlib.Path(self.model_dir))))  # as the workers
         self.scheduler = FrontScheduler(front, random.Random(seed), predictor=predictor, flip=flip)
         self.length_log = length_log  # tetri.server.length_log.LengthLog or None
+        from tetri.sched.roles import RolePolicy
+        from tetri.server.roles_report import RolesReport
+
+        self.adaptive = isinstance(flip, RolePolicy)  # --mode auto (the scheduler runs it the same way)
+        self.roles_report = roles_report or RolesReport("auto" if self.adaptive else "static")
         self.wants_prompt_text = length_log is not None or getattr(predictor, "kind", None) == "text"
         self.predict_off_loop = getattr(predictor, "kind", None) is not None  # a learned (torch) model
         self._tok = None
@@ -226,16 +232,28 @@ class RuntimeClient:
     def healthy(self) -> bool:
         if self._closed or not self.ready:
             return False
-        roles = {spec.role for spec in self.launch_cfg.workers}
-        live = {w.role for w in self._loads() if w.alive}
+        roles, live = self._required_roles()
         return roles <= live
+
+    def _required_roles(self) -> tuple[set[str], set[str]]:
+        """(roles that need a live worker, roles live now); --mode auto moves workers between
+        roles, so there it is the phases: a live worker able to prefill and one able to decode."""
+        live = {w.role for w in self._loads() if w.alive}
+        if not self.adaptive:
+            return {spec.role for spec in self.launch_cfg.workers}, live
+        from tetri.server.roles_report import phases
+
+        return {"prefill", "decode"}, phases(live)
 
     def unhealthy_reason(self) -> str | None:
         """Why /health is 503: the roles without a live worker, and the workers given up on."""
         if self._closed or not self.ready:
             return "server shutting down" if self._closed else "workers are starting"
-        return missing_roles_reason({s.role for s in self.launch_cfg.workers},
-                                    {w.role for w in self._loads() if w.alive}, self.failed)
+        return missing_roles_reason(*self._required_roles(), self.failed)
+
+    def roles(self) -> dict:
+        """The role policy's report for /workers: mode, start, last decision with its reason."""
+        return self.roles_report.view()
 
     def num_running(self) -> int:
         return len(self.scheduler.reqs)
@@ -257,7 +275,8 @@ class RuntimeClient:
                              handoff_blocks_copied=w.handoff_blocks_copied,
                              handoff_blocks_cached=w.handoff_blocks_cached,
                              **{k: getattr(w, k) for k in SWAP_FIELDS},  # the KV swap's (issue 19 item 5)
-                             restarts=self.procs.restarts.get(w.worker_id, 0)))
+                             restarts=self.procs.restarts.get(w.worker_id, 0), step_s=w.step_s,
+                             flip_state=self.roles_report.flip_state(self.scheduler, w.worker_id)))
             rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)
         return rows
 

@@ -48,6 +48,9 @@ class Metrics:
         self.kv_path = Gauge("tetri:kv_transfer_path_info", "1 for the KV transfer path each (source, destination) worker pair uses.", ["src_worker", "dst_worker", "path"], registry=r)
         self.migrated = Counter("tetri:requests_migrated", "Requests resumed on another worker after a worker died.", registry=r)
         self.restarts = Counter("tetri:worker_restarts", "Worker processes restarted by the supervisor.", registry=r)
+        self.role_changes = Counter("tetri:role_changes", "Worker role changes begun by the role policy "
+                                    "(--mode auto) or the instance flip (--flip), by reason.",
+                                    ["from_role", "to_role", "reason"], registry=r)
         self.grammar_compile = Histogram("tetri:grammar_compile_seconds", "Time to compile a request's grammar (the front's check, xgrammar).", buckets=_COMPILE_BUCKETS, registry=r)
         self.grammar_cache = Counter("tetri:grammar_cache_requests", "Structured-output requests by whether their grammar was already compiled.", ["result"], registry=r)
         self.send_failures = Counter("tetri:worker_send_failures", "Control messages to workers not sent at once, by reason "
@@ -121,6 +124,9 @@ class Metrics:
     def observe_migrations(self, count: int) -> None:
         self.migrated.inc(count)
 
+    def observe_role_change(self, from_role: str, to_role: str, reason: str) -> None:
+        self.role_changes.labels(from_role=from_role, to_role=to_role, reason=reason).inc()
+
     def observe_restart(self) -> None:
         self.restarts.inc()
 
@@ -172,7 +178,7 @@ class _PrefixCacheCounters:
             hits.add_metric(labels, row.get("prefix_cache_hits") or 0)
             for name, family in host.items():
                 family.add_metric(labels, row.get(name) or 0)
-            if row.get("role") == "decode":
+            if row.get("role") in ("decode", "mixed"):  # mixed: its handoffs in --mode auto
                 copied.add_metric(labels, row.get("handoff_blocks_copied") or 0)
                 cached.add_metric(labels, row.get("handoff_blocks_cached") or 0)
         yield from (queries, hits, *host.values(), copied, cached)

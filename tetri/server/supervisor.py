@@ -37,6 +37,7 @@ async def supervise_loop(client) -> None:
             client._apply(client.scheduler.unpark(client._loads(), now))
         if client.scheduler.flip_policy is not None:
             client._apply(client.scheduler.flip_tick(client._loads(), now))
+            client.roles_report.take(client.scheduler, client.metrics)  # log, metrics, /workers
 
 
 def on_dead(client, wid: int, how: str) -> None:

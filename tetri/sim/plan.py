@@ -4,7 +4,9 @@ For each candidate (colocated-chunked with a chunk size; tetri with a prefill:de
 a chunk size and a decode policy) it finds the highest Poisson rate whose SLO attainment is
 at least 90% (DistServe's goodput): bracket by doubling/halving from a cost-model estimate,
 then bisect to 15%. Or, with --rates, it evaluates exactly those rates. Goodput per GPU =
-that rate / GPUs. The search is staged to stay within --budget-s:
+that rate / GPUs. The search is staged to stay within --max-sims simulated runs (a count,
+not seconds, so the pick does not depend on how loaded the machine is: the same flags give
+the same pick):
   1. colocated-chunked at chunk 512, then tetri at every split 1..gpus-1 (chunk 512,
      reserve-dynamic), nearest first to the split that balances the cost model's prefill
      and decode GPU-seconds;
@@ -43,6 +45,8 @@ from tetri.sim.simulator import sim_report, simulate
 ATTAINMENT_TARGET = 0.9
 BISECT_RATIO = 1.15
 MAX_BRACKET_STEPS = 8
+DEFAULT_MAX_SIMS = 300
+"""Simulated runs per search (per SLO): the deterministic cap that replaced a wall-clock budget."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class Candidate:
         if self.mode == "tetri":
             return f"tetri {self.num_prefill}P:{self.num_decode}D chunk {self.chunk_size_tokens} {self.decode_policy}"
         return f"{self.mode} chunk {self.chunk_size_tokens}"
+
+    def roles(self, gpus: int) -> list[str]:
+        """The workers' roles this placement starts with (`tetri-serve --mode auto`)."""
+        if self.mode == "tetri":
+            return ["prefill"] * self.num_prefill + ["decode"] * self.num_decode
+        return ["mixed"] * gpus
 
     def serve_command(self, gpus: int) -> str:
         """The tetri-serve command line that runs this placement."""
@@ -81,11 +91,13 @@ class Evaluation:
 
 
 class Search:
-    def __init__(self, base_reqs: list[Request], cost: CostModel, slo: Slo, gpus: int, budget_s: float,
+    def __init__(self, base_reqs: list[Request], cost: CostModel, slo: Slo, gpus: int, budget_s: float | None = None,
                  target: float = ATTAINMENT_TARGET, window_s: float = 8.0, min_requests: int = 200,
-                 **sim_fields) -> None:
+                 max_sims: int = DEFAULT_MAX_SIMS, **sim_fields) -> None:
         """`base_reqs`: Poisson arrivals at rate 1 (the most any run uses); `sim_fields`:
-        further SimConfig fields every candidate shares (seed, num_blocks, ...)."""
+        further SimConfig fields every candidate shares (seed, num_blocks, ...). The search
+        stops after `max_sims` simulated runs (deterministic). `budget_s` (default None: off)
+        adds a wall-clock stop as well; with it the pick can depend on the machine's load."""
         self.base_reqs = base_reqs
         self.window_s = window_s
         self.min_requests = min_requests
@@ -95,13 +107,17 @@ class Search:
         self.gpus = gpus
         self.target = target
         self.sim_fields = sim_fields
-        self.deadline = time.monotonic() + budget_s
+        if max_sims < 1:
+            raise ValueError("max_sims must be >= 1")
+        self.max_sims = max_sims
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
         self.sims = 0
         self.results: list[Evaluation] = []
 
     @property
     def out_of_time(self) -> bool:
-        return time.monotonic() > self.deadline
+        """The search must stop: `max_sims` runs done (or the optional wall-clock budget spent)."""
+        return self.sims >= self.max_sims or (self.deadline is not None and time.monotonic() > self.deadline)
 
     def config(self, cand: Candidate) -> SimConfig:
         return SimConfig(mode=cand.mode, num_gpus=self.gpus, num_prefill=cand.num_prefill,
@@ -234,9 +250,44 @@ def plan_search(args: argparse.Namespace, parser: argparse.ArgumentParser, slo: 
     base_reqs = build_requests(argparse.Namespace(**{**vars(args), "num_requests": max(min_requests, args.max_requests)}),
                                rate=1.0)
     search = Search(base_reqs, cost, slo, args.gpus, args.budget_s, args.attainment, args.window_s, min_requests,
-                    seed=args.seed, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                    max_sims=args.max_sims, seed=args.seed, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                     block_size=args.block_size, max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
     return run_search(search, sorted(set(chunk_sizes)), decode_policies, args.rates)
+
+
+START_FLAGS = ("--workload", "mixed", "--num-requests", "100", "--max-requests", "400", "--window-s", "4",
+               "--max-sims", "24", "--chunk-sizes", "512", "--decode-policies", "greedy")
+"""tetri-serve --mode auto's default search (extra `--plan-flags` come after and win): small
+and deterministic (a capped number of simulated runs)."""
+
+
+@dataclass(frozen=True)
+class PlanStart:
+    roles: list[str]
+    label: str
+    """The placement picked (Candidate.label), or why none was."""
+    max_rate: float | None
+    simulations: int
+
+
+def plan_start(workers: int, slo: Slo, flags: Sequence[str] = ()) -> PlanStart:
+    """Initial roles for `workers` from tetri-plan's pick for `slo` (tetri-serve --mode auto).
+    `flags`: further tetri-plan flags (workload or trace, --model-preset, --hardware,
+    --calibration, --max-sims ...). When no candidate meets the SLO at any rate tried, the one
+    with the best attainment is used. Deterministic: the same arguments, the same roles."""
+    if workers < 2:
+        raise ValueError("tetri-plan needs at least 2 workers")
+    flags = list(flags)
+    base = list(START_FLAGS)
+    if "--trace" in flags:  # a trace instead of the default workload (argparse: one or the other)
+        del base[0:2]
+    parser = build_parser()
+    args = parser.parse_args(["--gpus", str(workers), "--slo", _slo_text(slo) or "ttft=1e9", *base, *flags])
+    search = plan_search(args, parser, slo, args.chunk_sizes, args.decode_policies)
+    best = search.best() or max(search.results, key=_rank_key, default=None)
+    if best is None:
+        return PlanStart(["mixed"] * workers, "no candidate simulated: colocated", None, search.sims)
+    return PlanStart(best.candidate.roles(workers), best.candidate.label(), best.max_rate, search.sims)
 
 
 def render(search: Search) -> str:
@@ -256,7 +307,8 @@ def render(search: Search) -> str:
         lines.append(f"best: {best.candidate.label()}: {best.max_rate:.3g} req/s "
                      f"({best.goodput_per_gpu(gpus):.3g} req/s per GPU)")
         lines.append(best.candidate.serve_command(gpus))
-    lines.append(f"{search.sims} simulations" + ("; stopped at the time budget" if search.out_of_time else ""))
+    lines.append(f"{search.sims} simulations" + ("; stopped at the cap (--max-sims/--budget-s)" if search.out_of_time
+                                                  else ""))
     if search.capped_rates:
         lines.append(f"note: runs at >= {min(search.capped_rates):.3g} req/s used every one of the "
                      f"{len(search.base_reqs)} requests (--max-requests), i.e. under {search.window_s:g} s of arrivals")
@@ -291,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-policies", nargs="+", choices=DECODE_POLICIES,
                    default=["reserve-dynamic", "reserve-static", "greedy"])
     p.add_argument("--attainment", type=float, default=ATTAINMENT_TARGET)
-    p.add_argument("--budget-s", type=_positive_float, default=300.0, help="wall-clock budget for the search")
+    p.add_argument("--max-sims", type=int, default=DEFAULT_MAX_SIMS,
+                   help="simulated runs per search (per --slo): a deterministic cap, the same pick on any machine")
+    p.add_argument("--budget-s", type=_positive_float, default=None,
+                   help="optional wall-clock cap as well (off by default: with it the pick depends on machine load)")
     p.add_argument("--json", dest="json_path")
     return p
 
@@ -301,8 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpus < 2:
         parser.error("tetri-plan needs --gpus >= 2 (a split needs a prefill and a decode worker)")
-    if min(args.chunk_sizes) < 1 or not 0 < args.attainment <= 1:
-        parser.error("chunk sizes must be >= 1 and --attainment in (0, 1]")
+    if min(args.chunk_sizes) < 1 or not 0 < args.attainment <= 1 or args.max_sims < 1:
+        parser.error("chunk sizes and --max-sims must be >= 1 and --attainment in (0, 1]")
     min_requests = args.num_requests
     try:
         cost = cost_model_from_args(args, parser)
@@ -314,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     searches = []
     for slo in args.slo:  # one search per declared SLO (e.g. TPOT 50 ms and 25 ms), each its own budget
         search = Search(base_reqs, cost, slo, args.gpus, args.budget_s, args.attainment, args.window_s,
-                        min_requests, seed=args.seed,
+                        min_requests, max_sims=args.max_sims, seed=args.seed,
                         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                         max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
         run_search(search, sorted(set(args.chunk_sizes)), args.decode_policies, args.rates)

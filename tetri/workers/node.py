@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from tetri.config import EngineSchedConfig
 from tetri.protocol import (Abort, ChunkPlan, Handoff, KVCopied, PeerPaths, PeerPools, PoolInfo, Release,
                             SetRole, Shutdown, SubmitMixed, TokenBatch, WorkerError)
-from tetri.workers import handoff_side
+from tetri.workers import handoff_side, side_cores
 from tetri.workers.executor import Executor
 from tetri.workers.kv_swap import swap_board_fields
 
 log = logging.getLogger("tetri.worker")
+STEP_EWMA = 0.2
+"""Weight of the latest step in `step_s`."""
 
 
 def pool_info(pool) -> PoolInfo:
@@ -64,6 +67,10 @@ class WorkerNode:
         self.stalled = False
         """The last step did nothing; cleared by a message (or the shell's periodic retry)."""
         self.core = self._make_core(role)
+        self.side: dict = {}
+        """Adaptive roles: cores besides the role's one, by role (`workers/side_cores.py`)."""
+        self.step_s = 0.0
+        """EWMA of the duration of steps that did something (the board's `step_s`)."""
 
     def _make_core(self, role: str):
         if role == "prefill":
@@ -86,15 +93,20 @@ class WorkerNode:
         return MixedCore(self.ex, self.sched)
 
     def has_work(self) -> bool:
-        return self.core.has_work()
+        return self.core.has_work() or side_cores.has_work(self)
 
     def can_step(self) -> bool:
-        return not self.stalled and self.core.has_work()
+        return not self.stalled and self.has_work()
 
     # ---- messages ----------------------------------------------------------------------
     def handle(self, msg, now: float) -> list:
         self.stalled = False
         core, out = self.core, []
+        routed = side_cores.route(self, msg, now)  # adaptive roles: a side core's message
+        if routed is not None:
+            return routed
+        if isinstance(msg, Abort) and self.side:
+            out.extend(side_cores.abort(self, msg))
         match msg:
             case ChunkPlan() if self.role == "prefill":
                 core.submit(msg)
@@ -111,6 +123,7 @@ class WorkerNode:
                 except ValueError as e:
                     out.append(WorkerError(worker_id=self.worker_id, message=str(e), req_id=msg.req_id))
             case PeerPools():
+                side_cores.peers(self, msg)  # before _peers replaces peer_infos
                 out.extend(self._peers(msg))
             case SetRole():
                 self._set_role(msg.role)
@@ -166,24 +179,50 @@ class WorkerNode:
 
     def close_peers(self) -> None:
         """Shutdown: close every peer mapping (after the copies reading it)."""
-        if self.role == "decode":
-            for wid in list(self.core.peers):
-                self.core.retire_peer(wid)
+        for core in [self.core] * (self.role == "decode") + [c for r, c in self.side.items() if r == "decode"]:
+            for wid in list(core.peers):
+                core.retire_peer(wid)
 
     def _set_role(self, role: str) -> None:
         """Instance flip: same process, weights and pool; only the role core changes. The
-        front drains the worker first, so the old core holds nothing."""
+        front drains the worker first, so the old core holds nothing; except a flip from
+        prefill or decode to mixed, which happens in place: the old core runs on as a side
+        core until it holds nothing (`side_cores`), the new one takes the new requests."""
         if role == self.role:
             return
-        if self.core.has_work() or self.ex.blocks.num_used:
+        busy = self.core.has_work() or self.ex.blocks.num_used or side_cores.has_work(self)
+        if busy and not (role == "mixed" and self.role in ("prefill", "decode") and not self.side):
             log.warning("worker %d asked to flip while busy; ignored", self.worker_id)
             return
+        old_role, old_core = self.role, self.core
         self.role = role
-        self.ex.blocks.clear_cache()  # the front forgets what this worker cached
+        if busy:
+            side_cores.adopt(self, old_role, old_core)  # in place: its cache stays (the front forgets it)
+        else:
+            side_cores.close(self)  # an idle side core (a mixed worker's handoff core) goes too
+            self.ex.blocks.clear_cache()  # the front forgets what this worker cached
         self.core = self._make_core(role)
+        log.info("worker %d: role %s -> %s%s", self.worker_id, old_role, role, " (in place)" if busy else "")
 
     # ---- steps -------------------------------------------------------------------------
     def step(self, now: float) -> list:
+        start_s = time.perf_counter()
+        out = self._step_role(now) if self.core.has_work() else []
+        stalled = self.stalled or not self.core.has_work()
+        if self.side:  # adaptive roles: one step of each side core too
+            carried = any(isinstance(m, (KVCopied, TokenBatch)) for m in out)
+            side_out, side_progressed = side_cores.step(self, now, token_batch)
+            out.extend(side_out)
+            stalled = stalled and not side_progressed
+            if not carried:  # the evictions ride on the side cores' first carrier instead
+                self._report_evictions(out)
+        self.stalled = stalled
+        if not stalled:  # the board's step_s: what a decode here waits per token, lately
+            took_s = time.perf_counter() - start_s
+            self.step_s = took_s if not self.step_s else STEP_EWMA * took_s + (1 - STEP_EWMA) * self.step_s
+        return out
+
+    def _step_role(self, now: float) -> list:
         if self.role == "prefill":
             done = self.core.step()
             if done is not None:
@@ -223,12 +262,13 @@ class WorkerNode:
         else:
             extra = dict(queued_prefill_tokens=core.packer.queued_tokens, running_reqs=len(core.running),
                          waiting_reqs=core.num_waiting)
-        return dict(role=self.role, free_blocks=blocks.num_free, total_blocks=blocks.num_blocks,
-                    block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
-                    prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits,
-                    host_prefix_cache_hits=blocks.host_hits, kv_offloaded_blocks=blocks.offloaded_blocks,
-                    kv_uploaded_blocks=blocks.uploaded_blocks, **extra,
-                    **swap_board_fields(core, blocks))  # the KV swap's counters (issue 19 item 5)
+        fields = dict(role=self.role, free_blocks=blocks.num_free, total_blocks=blocks.num_blocks,
+                      block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
+                      prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits,
+                      host_prefix_cache_hits=blocks.host_hits, kv_offloaded_blocks=blocks.offloaded_blocks,
+                      kv_uploaded_blocks=blocks.uploaded_blocks, step_s=round(self.step_s, 6), **extra,
+                      **swap_board_fields(core, blocks))  # the KV swap's counters (issue 19 item 5)
+        return side_cores.board_fields(self, fields) if self.side else fields
 
 
 def token_batch(worker_id: int, sampled) -> TokenBatch:
