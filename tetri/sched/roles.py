@@ -40,7 +40,8 @@ step, and more mixed workers would add to it. So instead of the line's moves: wi
 worker, mixed -> decode (the shortest prompt queue); without one (all-mixed, where a decode
 worker would go unfed), mixed -> prefill (the fewest requests), which takes the prompts off
 the others, so that a later hold can make one of them a decode worker. All-mixed thus reaches
-prefill + decode in two drains (issue 19: on the CPU, disaggregation beat colocated on TPOT
+prefill + decode + mixed in two drains; not with two workers, whose last mixed worker could
+never drain (nothing else would decode meanwhile), so there the start decides (issue 19: on the CPU, disaggregation beat colocated on TPOT
 p99 and JCT, and auto had no move toward it).
 """
 
@@ -240,9 +241,11 @@ class RolePolicy:
             worker, to_role = min(cands, key=lambda w: (w.queued_prefill_tokens, w.worker_id)), "decode"
             if not self._leaves_room(ready, worker, to_role, p):
                 return None
-        else:
+        elif sum(1 for w in ready if w.role == "mixed") >= 3:  # two: the last mixed one could never drain
             worker = min(cands, key=lambda w: (w.running_reqs + w.waiting_reqs, w.queued_prefill_tokens, w.worker_id))
             to_role = "prefill"
+        else:
+            return None
         self._since = None
         self._last_flip_s[worker.worker_id] = now
         return FlipDecision(worker.worker_id, "mixed", to_role,
