@@ -30,10 +30,10 @@ class Cluster:
         self.nodes: dict[int, WorkerNode] = {}
         pools = {}
         for wid, role in enumerate(roles):
-            blocks = decode_blocks if role == "decode" and decode_blocks is not None else num_blocks
+            blocks = decode_blocks if role != "prefill" and decode_blocks is not None else num_blocks
             ex = Executor(ModelConfig(model=model_dir), CacheConfig(num_blocks=blocks, enable_prefix_caching=prefix_caching,
                                                                     kv_offloading_size=kv_offloading_size,
-                                                                    swap_space=swap_space if role == "decode" else 0.0),
+                                                                    swap_space=0.0 if role == "prefill" else swap_space),
                           loaded=loaded)
             pools[wid] = ex.pool
             self.nodes[wid] = WorkerNode(wid, role, ex, sched)

@@ -57,6 +57,25 @@ def test_swap_out_frees_the_gpu_blocks_and_swap_in_brings_identical_contents_bac
     assert a.swapped_out_blocks == a.swapped_in_blocks == 3
 
 
+def test_begin_and_end_bracket_an_asynchronous_copy():
+    """Between begin and end (the copy in flight) the owner holds both its pool blocks and its
+    host blocks; only end frees the side the copy read."""
+    a, mem = _alloc()
+    a.ensure_capacity("r", 10)
+    vals = _write(a, mem, "r")
+    gpu_ids, host_ids = a.begin_swap_out("r")
+    a.check_invariants()
+    assert gpu_ids == a.blocks_of("r") and len(host_ids) == 3 and a.num_free == 5 and a.host.num_held == 3
+    mem.copy(gpu_ids, host_ids, True)  # the caller's copy
+    assert a.end_swap_out("r") == 3 and a.num_free == 8 and a.swapped_blocks("r") == 3
+    back, new_ids = a.begin_swap_in("r")
+    assert back == host_ids and a.blocks_of("r") == new_ids and a.host.num_held == 3  # the upload reads them
+    mem.copy(back, new_ids, False)
+    assert a.end_swap_in("r") == 3 and a.host.num_held == 0 and [mem.gpu[b] for b in new_ids] == vals
+    a.check_invariants()
+    assert mem.copies == [(True, 3), (False, 3)]  # the allocator itself asked for no copy
+
+
 def test_swap_out_refuses_when_the_host_cannot_hold_the_job_and_changes_nothing():
     a, mem = _alloc(host_blocks=2)
     a.ensure_capacity("r", 12)

@@ -27,7 +27,9 @@ KV swap (issue 19 item 5; the host tier then exists with caching off too): `swap
 holds host blocks for every block of `owner` (its unhashed last partial block included),
 asks for the offload `on_copy(gpu_ids, host_ids, True)` and frees the GPU blocks;
 `swap_in(owner)` allocates GPU blocks, asks for the upload and frees the host ones;
-`drop_swapped(owner)` frees them unread (the job ended while swapped out). With
+`drop_swapped(owner)` frees them unread (the job ended while swapped out). `begin_*`/`end_*`
+split each into accounting before and after an asynchronous copy (the caller copies):
+between them the owner holds both its pool blocks and its host blocks. With
 `offload_evicted=False` the host tier is the swap space only (evicted cached blocks drop). The copy is asked
 for before anything can rewrite the GPU blocks freed, so on one stream the order holds.
 
@@ -184,30 +186,51 @@ class BlockAllocator:
         return len(self.host.held_by(owner)) if self.host is not None else 0
 
     def swap_out(self, owner: Hashable) -> int:
-        """Offload every block of `owner` to held host blocks and free them here; return how
-        many (0, nothing done, when the host tier cannot hold them: recompute instead)."""
-        if not self.can_swap_out(owner):
+        """`begin_swap_out`, `on_copy`, `end_swap_out`: blocks moved (0: the host cannot hold them)."""
+        ids = self.begin_swap_out(owner)
+        if ids is None:
             return 0
-        ids = self._owned[owner]
+        self._copy(*ids, True)
+        return self.end_swap_out(owner)
+
+    def begin_swap_out(self, owner: Hashable) -> tuple[list[int], list[int]] | None:
+        """Hold host blocks for every block of `owner`; return (its block ids, the host ids) for
+        the caller's copy, or None (nothing done) when the host tier cannot hold them. `owner`
+        keeps its blocks until `end_swap_out` (an asynchronous copy still reads them)."""
+        if not self.can_swap_out(owner):
+            return None
+        ids = list(self._owned[owner])
         host_ids, dropped = self.host.hold(owner, len(ids))
         self._evicted.extend(dropped)
-        self._copy(list(ids), host_ids, True)
         self.swapped_out_blocks += len(ids)
+        return ids, host_ids
+
+    def end_swap_out(self, owner: Hashable) -> int:
+        """The swap-out copy completed: free `owner`'s blocks here (its host blocks stay held)."""
         return self.free(owner)
 
     def swap_in(self, owner: Hashable) -> list[int]:
-        """Allocate GPU blocks for swapped-out `owner` (holding none here), upload its KV into
-        them and free the host blocks; returns the new block ids (raises OutOfBlocks)."""
+        """`begin_swap_in`, `on_copy`, `end_swap_in`: the new block ids (raises OutOfBlocks)."""
+        host_ids, gpu_ids = self.begin_swap_in(owner)
+        self._copy(host_ids, gpu_ids, False)
+        self.end_swap_in(owner)
+        return gpu_ids
+
+    def begin_swap_in(self, owner: Hashable) -> tuple[list[int], list[int]]:
+        """Allocate GPU blocks for swapped-out `owner` (holding none here); return (its host ids,
+        the new block ids) for the caller's copy. The host blocks stay held until `end_swap_in`."""
         host_ids = self.host.held_by(owner) if self.host is not None else []
         if not host_ids:
             raise ValueError(f"{owner!r} is not swapped out")
         if self._owned.get(owner):
             raise ValueError(f"{owner!r} already holds blocks")
         gpu_ids = self.allocate(owner, len(host_ids))
-        self._copy(list(host_ids), gpu_ids, False)
-        self.host.unhold(owner)
         self.swapped_in_blocks += len(gpu_ids)
-        return gpu_ids
+        return list(host_ids), gpu_ids
+
+    def end_swap_in(self, owner: Hashable) -> int:
+        """The upload completed: free `owner`'s host blocks."""
+        return self.host.unhold(owner)
 
     def drop_swapped(self, owner: Hashable) -> int:
         """Free a swapped-out owner's host blocks unread (aborted or finished)."""

@@ -56,6 +56,18 @@ class WorkerLoad:
     """Recent mean duration of the worker's steps (what one of its decodes waits per token);
     0: not published. The simulator and the load board publish it (a worker: an EWMA of its
     steps that did something)."""
+    kv_swapped_out_blocks: int = 0
+    """KV swap (`--swap-space`): blocks of preempted requests copied to the host, since it started."""
+    kv_swapped_in_blocks: int = 0
+    """Of those, blocks copied back into the pool (the request resumed)."""
+    preemptions_swap: int = 0
+    """Preemptions whose KV was swapped out (vLLM counts all in `num_preemptions_total`)."""
+    preemptions_recompute: int = 0
+    """Preemptions whose KV was freed, to be re-prefilled from prompt + output."""
+    swapped_reqs: int = 0
+    """Sequences swapped out now (vLLM's `num_requests_swapped`; copies in flight included)."""
+    swap_held_blocks: int = 0
+    """Host blocks swapped-out sequences hold now (0 once every one resumed or ended)."""
 
     @property
     def alive(self) -> bool:

@@ -36,7 +36,7 @@ import zmq
 import zmq.asyncio
 
 from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
-from tetri.control.load_board import LoadBoard
+from tetri.control.load_board import SWAP_FIELDS, LoadBoard
 from tetri.launch import LaunchConfig, WorkerProcs
 from tetri.protocol import (ChunkDone, ChunkPlan, Dropped, KVCopied, PeerPaths, PeerPools, Ready, Shutdown,
                             TokenBatch, WorkerError, decode_or_none, encode, from_worker_decoder)
@@ -274,6 +274,7 @@ class RuntimeClient:
                              kv_offloaded_blocks=w.kv_offloaded_blocks, kv_uploaded_blocks=w.kv_uploaded_blocks,
                              handoff_blocks_copied=w.handoff_blocks_copied,
                              handoff_blocks_cached=w.handoff_blocks_cached,
+                             **{k: getattr(w, k) for k in SWAP_FIELDS},  # the KV swap's (issue 19 item 5)
                              restarts=self.procs.restarts.get(w.worker_id, 0), step_s=w.step_s,
                              flip_state=self.roles_report.flip_state(self.scheduler, w.worker_id)))
             rows[-1] |= worker_fields(w.worker_id, self.failed, self.kv_paths, self.dead)

@@ -6,7 +6,9 @@ apps. Request-level series are fed by `Generation`; KV-transfer series by the en
 scrape time (`render`), and so are the per-worker prefix-cache counters (vLLM's
 `prefix_cache_queries` / `prefix_cache_hits`, in tokens; of the hits, `host_prefix_cache_hits`
 from the host tier, with its `kv_offloaded_blocks` / `kv_uploaded_blocks`), which the workers
-count themselves.
+count themselves. The KV swap's (`--swap-space`) per worker: `tetri:num_preemptions_total`
+(vLLM's name) with a `mode` label (swap | recompute), `tetri:num_requests_swapped` (vLLM's gauge),
+`tetri:kv_swapped_out_blocks` / `tetri:kv_swapped_in_blocks` and `tetri:kv_swap_held_blocks`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -59,6 +61,7 @@ class Metrics:
         self.waiting = Gauge("tetri:num_requests_waiting", "Requests waiting per worker.", _WORKER_LABELS, registry=r)
         self._cache_rows: list[dict] = []
         r.register(_PrefixCacheCounters(self))
+        r.register(_SwapCounters(self))
 
     # -- fed by Generation ---------------------------------------------------------------
 
@@ -184,3 +187,32 @@ class _PrefixCacheCounters:
 _HOST_TIER = (("host_prefix_cache_hits", "Of the prefix cache hits, prompt tokens found in the host tier."),
               ("kv_offloaded_blocks", "Cached KV blocks copied to the host tier on eviction."),
               ("kv_uploaded_blocks", "Host-tier KV blocks copied back to the GPU pool for a hit."))
+
+
+class _SwapCounters:
+    """The KV swap's per-worker series (issue 19 item 5), from the last scrape's worker rows."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        preempt = CounterMetricFamily("tetri:num_preemptions", "Preempted requests, by what happened to their KV "
+                                      "(swap: to the host; recompute: freed, re-prefilled).",
+                                      labels=(*_WORKER_LABELS, "mode"))
+        out = CounterMetricFamily("tetri:kv_swapped_out_blocks", "KV blocks of preempted requests copied to the host.",
+                                  labels=_WORKER_LABELS)
+        back = CounterMetricFamily("tetri:kv_swapped_in_blocks", "Swapped-out KV blocks copied back into the pool.",
+                                   labels=_WORKER_LABELS)
+        swapped = GaugeMetricFamily("tetri:num_requests_swapped", "Sequences swapped out to the host now.",
+                                    labels=_WORKER_LABELS)
+        held = GaugeMetricFamily("tetri:kv_swap_held_blocks", "Host blocks swapped-out sequences hold now.",
+                                 labels=_WORKER_LABELS)
+        for row in self.metrics._cache_rows:
+            labels = [str(row.get("worker_id", "?")), str(row.get("role", "?"))]
+            preempt.add_metric([*labels, "swap"], row.get("preemptions_swap") or 0)
+            preempt.add_metric([*labels, "recompute"], row.get("preemptions_recompute") or 0)
+            out.add_metric(labels, row.get("kv_swapped_out_blocks") or 0)
+            back.add_metric(labels, row.get("kv_swapped_in_blocks") or 0)
+            swapped.add_metric(labels, row.get("swapped_reqs") or 0)
+            held.add_metric(labels, row.get("swap_held_blocks") or 0)
+        yield from (preempt, out, back, swapped, held)

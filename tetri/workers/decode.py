@@ -41,6 +41,7 @@ from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.swap import CostMeter
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.handoff_side import HandoffIntake
+from tetri.workers.kv_swap import SwapTable
 from tetri.workers.kv_transfer import PeerSource
 from tetri.workers.model_runner import Segment
 from tetri.workers.seq import Seq
@@ -61,6 +62,7 @@ class DecodeCore:
         self.running: dict[str, Seq] = {}  # seq key -> seq, in admission order
         self.recompute: dict[str, Seq] = {}  # preempted, to re-prefill before resuming
         self.swapped: dict[str, Seq] = {}  # preempted, KV in the host tier, to upload before resuming
+        self.swap_copies = SwapTable(self._swap_landed)  # swaps of `swapped` seqs with copies in flight
         self.preemption_mode = preemption_mode
         self.costs = CostMeter()
         self.swaps = self.recomputes = 0
@@ -103,6 +105,9 @@ class DecodeCore:
     def abort(self, req_id: str, choice: int | None = None) -> bool:
         """Drop the request (or one choice); True when this worker knew it."""
         known = self.intake.drop(req_id, choice)
+        for key, seq in list(self.swapped.items()):
+            if seq.req_id == req_id and (choice is None or seq.choice == choice):
+                self.swap_copies.settle(key)  # a swap copy in flight: wait for it before freeing anything
         for table in (self.running, self.recompute, self.swapped):
             for key in [k for k, s in table.items() if s.req_id == req_id and (choice is None or s.choice == choice)]:
                 seq = table.pop(key)
@@ -143,6 +148,7 @@ class DecodeCore:
     def step(self, now: float) -> tuple[list[SampledToken], list[KVCopied]]:
         acks = self.intake.admit(self.policy, [self._view(s) for s in self.running.values()], now)
         acks += self.intake.landed(self.running, idle=not self.running and not self.recompute)
+        self.swap_copies.land(wait_oldest=not self.running and not self.recompute)
         segments, samplers = self._resume_preempted()
         resumed = {seg_seq.key for seg_seq in self._resumed}
         decodes = [s for s in self._schedule(now) if s.key not in resumed]
@@ -156,7 +162,8 @@ class DecodeCore:
             segments.append(self.ex.decode_segment(s))
             samplers.append([s])
             s.num_computed += 1
-        self.progressed = bool(segments or acks or self._preempted or self.copies)  # a copy: wait on it
+        # a copy in flight (handoff or swap): wait on it
+        self.progressed = bool(segments or acks or self._preempted or self.copies or self.swap_copies)
         if not segments:
             return [], acks
         start = time.perf_counter()
@@ -202,40 +209,52 @@ class DecodeCore:
         return out
 
     def _preempt(self, seq: Seq) -> None:
-        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`)."""
+        """Swap `seq` out or free it for a recompute, by the measured costs (`tetri.sched.swap`);
+        a swap-out's blocks are free at once, ordered after its copy on the device (`kv_swap`)."""
         blocks = self.ex.blocks
         n = len(blocks.blocks_of(seq.key))
         computed = all(s is not seq for s in self._resumed)  # a re-prefill not run yet has no KV to swap
         fits = blocks.can_swap_out(seq.key)
         pending = bool(self.recompute)  # a re-prefill to come measures the prefill cost
         if computed and self.costs.choose(n, seq.num_computed, fits, self.preemption_mode, pending) == "swap":
-            moved, seconds = self.ex.swap_out(seq)
-            if moved:
-                self.costs.add_copy(moved, seconds)
+            copy = self.ex.start_swap_out(seq)
+            if copy is not None:
+                copy.order_compute()  # later device work waits for the copy: its blocks are freed now
+                self.ex.finish_swap_out(seq)
                 self.swapped[seq.key] = seq
                 self.swaps += 1
+                self.swap_copies.add(seq, copy, to_host=True)
                 return
         self.ex.free(seq)
         seq.num_computed = 0
         self.recompute[seq.key] = seq
         self.recomputes += 1
 
+    def _swap_landed(self, seq: Seq, to_host: bool, copy) -> None:
+        """The host saw a swap copy complete: a swapped-out seq may be swapped back in; a
+        swapped-in one's host blocks are freed and it re-joins the batch."""
+        self.costs.add_copy(copy.num_blocks, copy.seconds())
+        if to_host:
+            return
+        self.ex.finish_swap_in(seq)
+        del self.swapped[seq.key]
+        self.running[seq.key] = seq
+
     def _resume_preempted(self) -> tuple[list[Segment], list[list[Seq]]]:
         """Bring preempted sequences back in priority order (stable: preemption order within
-        one) when their blocks fit: upload a swapped one (it decodes this step), re-prefill a
-        recomputed one (all tokens but the last)."""
+        one) when their blocks fit: start uploading a swapped one (it decodes once the upload
+        completed: this step on CPU), re-prefill a recomputed one (all tokens but the last)."""
         segments, samplers = [], []
         self._resumed = []
         order = sorted([*self.swapped.values(), *self.recompute.values()], key=lambda s: s.priority)
         for seq in order:
             key = seq.key
             if key in self.swapped:
+                if key in self.swap_copies:
+                    continue  # its swap-out (or upload) is still in flight
                 if self.ex.blocks.swapped_blocks(key) > self.ex.blocks.num_free:
                     break
-                del self.swapped[key]
-                moved, seconds = self.ex.swap_in(seq)
-                self.costs.add_copy(moved, seconds)
-                self.running[key] = seq
+                self.swap_copies.add(seq, self.ex.start_swap_in(seq), to_host=False)
                 continue
             if blocks_for_tokens(seq.num_tokens, self.ex.block_size) > self.ex.blocks.num_free:
                 break

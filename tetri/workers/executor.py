@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from tetri.config import CacheConfig, EngineSchedConfig, ModelConfig
 from tetri.sched.kv_blocks import BlockAllocator
 from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes, hash_seed
 from tetri.workers.kv_pool import HostPool, KVPool, PoolLayout, blocks_for_budget
+from tetri.workers.kv_swap import SwapCopier
 from tetri.workers.memory import SAMPLER_WORKSPACE, CudaUsage, bind_device, measure_cuda_usage, plan_pool
 from tetri.workers.model_runner import ModelRunner, Segment
 from tetri.workers.models.loader import LoadedModel, load_model
@@ -64,10 +64,10 @@ def cache_for_role(cache: CacheConfig, role: str) -> CacheConfig:
     """A worker's cache config: the prefix cache's host tier (`--kv-offloading-size`) only on
     workers that start in a prefilling role, where cached prompt blocks live (a decode worker
     would pin host memory it never fills), and the KV swap's space (`--swap-space`) only on decode
-    workers, whose core swaps preempted requests out."""
+    and mixed workers, whose cores swap preempted requests out."""
     if role == "decode" and cache.kv_offloading_size:
         return dataclasses.replace(cache, kv_offloading_size=0.0)
-    if role != "decode" and cache.swap_space:  # only a decode core swaps preempted requests out
+    if role not in ("decode", "mixed") and cache.swap_space:  # a prefill core never preempts
         return dataclasses.replace(cache, swap_space=0.0)
     return cache
 
@@ -120,6 +120,7 @@ class Executor:
         if host_blocks:
             log.info("host tier (prefix cache + swap): %d blocks (%.2f GiB%s)", host_blocks,
                      host_blocks * self.pool.layout.block_bytes / 2**30, ", pinned" if self.host_pool.pinned else "")
+        self.swapper = SwapCopier(self.host_pool, device) if self.host_pool else None  # the KV swap's copies
         self.block_size = cache_cfg.block_size
         self.hash_seed = hash_seed(self.loaded.model_dir)
         self.sampler = Sampler(self.eos_token_ids, model_cfg.seed)
@@ -206,27 +207,26 @@ class Executor:
         seq.uid = new_uid()  # its KV is gone: whatever was staged for it is stale
         return self.blocks.free(seq.key)
 
-    def swap_out(self, seq: Seq) -> tuple[int, float]:
-        """Offload `seq`'s KV to the host tier and free its GPU blocks (`BlockAllocator.swap_out`);
-        returns (blocks, seconds the copy took), (0, 0.0) when the host cannot hold them."""
-        start = time.perf_counter()
-        moved = self.blocks.swap_out(seq.key)
-        if moved:
-            seq.uid = new_uid()  # its slots moved: whatever was staged for it is stale
-        return moved, self._copy_seconds(start) if moved else 0.0
+    def start_swap_out(self, seq: Seq):
+        """Start offloading `seq`'s KV to the host tier (`kv_swap`): a `SwapCopy`, after which
+        `finish_swap_out` frees its pool blocks; None (nothing done) when the host cannot hold them."""
+        ids = self.blocks.begin_swap_out(seq.key)
+        if ids is None:
+            return None
+        seq.uid = new_uid()  # its slots move: whatever was staged for it is stale
+        return self.swapper.copy(*ids, to_host=True)
 
-    def swap_in(self, seq: Seq) -> tuple[int, float]:
-        """Upload swapped-out `seq`'s KV into fresh GPU blocks; returns (blocks, seconds)."""
-        start = time.perf_counter()
-        moved = len(self.blocks.swap_in(seq.key))
-        return moved, self._copy_seconds(start)
+    def finish_swap_out(self, seq: Seq) -> None:
+        self.blocks.end_swap_out(seq.key)
 
-    def _copy_seconds(self, start: float) -> float:
-        """Seconds since `start`, the copies queued since then included: on CUDA the stream is
-        synchronized first (the swap copies run on the current stream; never run on a GPU)."""
-        if self.pool.data.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        return time.perf_counter() - start
+    def start_swap_in(self, seq: Seq):
+        """Start uploading swapped-out `seq`'s KV into fresh pool blocks: a `SwapCopy`, after
+        which `finish_swap_in` frees its host blocks (raises OutOfBlocks)."""
+        host_ids, gpu_ids = self.blocks.begin_swap_in(seq.key)
+        return self.swapper.copy(host_ids, gpu_ids, to_host=False)
+
+    def finish_swap_in(self, seq: Seq) -> None:
+        self.blocks.end_swap_in(seq.key)
 
     # ---- prefix caching -------------------------------------------------------------------
     def attach_cached_prefix(self, seq: Seq, num_tokens: int, keep_free_blocks: int = 0) -> int:

@@ -18,19 +18,30 @@ progresses; a sequence that cannot grow although it holds every block in use (it
 than the whole pool) ends its request with an error (`errors`) instead of cycling through
 preemption. The executor caps `max_model_len` by the pool, so that only happens when a
 caller lifts the cap.
+
+KV swap (`--swap-space`, issue 19 item 5), as on decode workers: a preempted running sequence
+is swapped out to the host tier or recomputed, whichever `tetri.sched.swap` finds cheaper by
+the costs measured here (per-block swap copy seconds; per-token seconds of steps that prefill);
+a swapped one is uploaded back, most senior first, once its blocks fit beside the running
+sequences' next tokens (meanwhile no junior prompt's prefill reserves blocks: it keeps its
+place, as a recompute keeps its place in the queue), and re-joins the batch once the upload
+completed (`workers/kv_swap.py`).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from tetri.config import EngineSchedConfig
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes
+from tetri.sched.swap import CostMeter
 from tetri.types import FinishReason, SamplingParams
 from tetri.workers.executor import Executor, SampledToken
+from tetri.workers.kv_swap import SwapTable
 from tetri.workers.model_runner import Segment
 from tetri.workers.prompt_logprobs import score_fields
 from tetri.workers.seq import Seq
@@ -58,6 +69,11 @@ class MixedCore:
         """(req_id, why) of requests this core ended because they cannot fit; the caller drains it."""
         self.progressed = False
         self._orders = itertools.count()
+        self.swapped: dict[str, Seq] = {}  # preempted, KV in the host tier (copies in flight included)
+        self.swap_copies = SwapTable(self._swap_landed)
+        self.costs = CostMeter()
+        self.swaps = self.recomputes = 0
+        self._swap_blocked: tuple | None = None  # rank of the most senior swapped seq waiting for blocks
 
     # ---- admission -------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
@@ -86,6 +102,7 @@ class MixedCore:
         for seq in req.seqs:
             self.packer.remove(seq.key)
             self.prefilling.pop(seq.key, None)
+            self._drop_swapped(seq)
             self.ex.free(seq)
         self.running = [s for s in self.running if s.req_id != req_id]
         return req.seqs
@@ -98,13 +115,14 @@ class MixedCore:
         seq.finish_reason = FinishReason.ABORT
         if seq in self.running:
             self.running.remove(seq)
+        self._drop_swapped(seq)
         if choice == 0 and seq.key in self.prefilling:
             return  # its prefill still feeds the other choices; it samples nothing itself
         self.ex.free(seq)
         self._finish(req, seq)
 
     def has_work(self) -> bool:
-        return bool(self.running or len(self.packer))
+        return bool(self.running or len(self.packer) or self.swapped)
 
     @property
     def num_waiting(self) -> int:
@@ -113,6 +131,7 @@ class MixedCore:
     # ---- one step ----------------------------------------------------------------
     def step(self) -> list[SampledToken]:
         errors_before = len(self.errors)
+        self._resume_swapped()
         decodes = self._grow_decodes()
         pieces = self._pack_prefill()
         segments = [self.ex.decode_segment(s) for s in decodes]
@@ -126,7 +145,7 @@ class MixedCore:
             segments.append(seg)
             if seg.sample:
                 samplers.append(self._choices(seq))
-        self.progressed = bool(segments) or len(self.errors) > errors_before
+        self.progressed = bool(segments or self.swap_copies) or len(self.errors) > errors_before
         if not segments:
             self._after_prefill(pieces)  # pieces wholly in the cache: nothing to run
             return []
@@ -134,7 +153,11 @@ class MixedCore:
             s.num_computed += 1
         for seq, piece, _ in pieces:
             seq.num_computed = piece.start + piece.num_tokens
+        start = time.perf_counter()
         sampled = self.ex.run(segments, samplers)
+        prefill_tokens = sum(p.num_tokens for _, p, _ in pieces)
+        if prefill_tokens:  # a step that prefills: its seconds per token, decodes counted as one each
+            self.costs.add_prefill(prefill_tokens + len(decodes), time.perf_counter() - start)
         if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
             for (seq, _, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
                 if scores is not None:
@@ -173,13 +196,64 @@ class MixedCore:
                 self._preempt(victim)
 
     def _preempt(self, seq: Seq) -> None:
-        """Recompute preemption: free the blocks, re-prefill prompt + outputs later."""
+        """Swap `seq` out, or free its blocks to re-prefill prompt + outputs later, by the
+        measured costs (`tetri.sched.swap`)."""
         self.running.remove(seq)
+        blocks = self.ex.blocks
+        fits = blocks.can_swap_out(seq.key)
+        mode = self.sched.preemption_mode
+        if self.costs.choose(len(blocks.blocks_of(seq.key)), seq.num_computed, fits, mode) == "swap":
+            copy = self.ex.start_swap_out(seq)
+            if copy is not None:
+                copy.order_compute()  # later device work waits for the copy: its blocks are freed now
+                self.ex.finish_swap_out(seq)
+                self.swapped[seq.key] = seq
+                self.swaps += 1
+                self.swap_copies.add(seq, copy, to_host=True)
+                return
+        self.recomputes += 1
         self.ex.free(seq)
         seq.num_computed = 0
         seq.recompute = True
         self.prefilling[seq.key] = seq
         self._queue_prefill(seq)
+
+    def _resume_swapped(self) -> None:
+        """Land the swap copies the host saw complete (with nothing else to do, wait for the
+        oldest), then start uploading swapped sequences, most senior first, while their blocks
+        fit beside the blocks the running sequences' next tokens need."""
+        idle = not self.running and not len(self.packer)
+        self.swap_copies.land(wait_oldest=idle)
+        bs, blocks = self.ex.block_size, self.ex.blocks
+        growing = sum(1 for s in self.running if s.num_tokens > len(blocks.blocks_of(s.key)) * bs)
+        self._swap_blocked = None
+        for seq in sorted(self.swapped.values(), key=self._rank):
+            if seq.key in self.swap_copies:
+                continue  # its swap-out (or upload) is still in flight
+            if blocks.swapped_blocks(seq.key) + growing > blocks.num_free:
+                self._swap_blocked = self._rank(seq)  # no junior prefill takes blocks before it
+                break
+            self.swap_copies.add(seq, self.ex.start_swap_in(seq), to_host=False)
+
+    def _swap_landed(self, seq: Seq, to_host: bool, copy) -> None:
+        """The host saw a swap copy complete: a swapped-in seq's host blocks are freed and it
+        re-joins the batch (a swapped-out one may now be uploaded)."""
+        self.costs.add_copy(copy.num_blocks, copy.seconds())
+        if to_host:
+            return
+        self.ex.finish_swap_in(seq)
+        del self.swapped[seq.key]
+        self.running.append(seq)
+
+    def _drop_swapped(self, seq: Seq) -> None:
+        """An aborted seq's swap: wait for its copy in flight, then free its host blocks (its
+        pool blocks, if its upload just landed, are freed by the caller)."""
+        if seq.key not in self.swapped:
+            return
+        self.swap_copies.settle(seq.key)  # an upload landing re-joins `running`: taken out again
+        self.swapped.pop(seq.key, None)
+        self.running = [s for s in self.running if s is not seq]
+        self.ex.blocks.drop_swapped(seq.key)
 
     def _restart_prefill(self, seq: Seq) -> None:
         """Give back the blocks a prefill under way reserved; it starts over later, in order."""
@@ -208,6 +282,8 @@ class MixedCore:
         """On a prefill's first piece: blocks for the whole prefill (and its forks), or False."""
         if self.ex.blocks.blocks_of(seq.key):
             return True
+        if self._swap_blocked is not None and self._rank(seq) > self._swap_blocked:
+            return False  # a more senior swapped sequence waits for blocks: it goes first
         holders = self._reservation_holders(seq)
         per = blocks_for_tokens(self._prefill_len(seq), self.ex.block_size)
         self.ex.attach_cached_prefix(seq, self._prefill_len(seq))  # its cached prefix, shared

@@ -21,6 +21,7 @@ from tetri.protocol import (Abort, ChunkPlan, Handoff, KVCopied, PeerPaths, Peer
                             SetRole, Shutdown, SubmitMixed, TokenBatch, WorkerError)
 from tetri.workers import handoff_side, side_cores
 from tetri.workers.executor import Executor
+from tetri.workers.kv_swap import swap_board_fields
 
 log = logging.getLogger("tetri.worker")
 STEP_EWMA = 0.2
@@ -265,7 +266,8 @@ class WorkerNode:
                       block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
                       prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits,
                       host_prefix_cache_hits=blocks.host_hits, kv_offloaded_blocks=blocks.offloaded_blocks,
-                      kv_uploaded_blocks=blocks.uploaded_blocks, step_s=round(self.step_s, 6), **extra)
+                      kv_uploaded_blocks=blocks.uploaded_blocks, step_s=round(self.step_s, 6), **extra,
+                      **swap_board_fields(core, blocks))  # the KV swap's counters (issue 19 item 5)
         return side_cores.board_fields(self, fields) if self.side else fields
 
 

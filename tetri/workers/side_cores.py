@@ -130,6 +130,9 @@ def board_fields(node, fields: dict) -> dict:
                 fields[key] = fields.get(key, 0) + value
             fields["handoff_blocks_copied"] = fields.get("handoff_blocks_copied", 0) + core.handoff_blocks_copied
             fields["handoff_blocks_cached"] = fields.get("handoff_blocks_cached", 0) + core.handoff_blocks_cached
+            for key, value in (("preemptions_swap", core.swaps), ("preemptions_recompute", core.recomputes),
+                               ("swapped_reqs", len(core.swapped))):  # the KV swap's (the pool's are shared)
+                fields[key] = fields.get(key, 0) + value
     return fields
 
 
