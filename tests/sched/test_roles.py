@@ -205,3 +205,9 @@ def test_prefill_interference_on_all_mixed_splits_toward_prefill_plus_decode():
     full = [row(i, "mixed", queued=50, running=90, step_s=0.09) for i in range(3)]
     fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
     assert all(fresh.decide(full, t * 0.5) is None for t in range(4))
+    # slow by pace with no prompt queued on the mixed workers: the decodes' own, so the line's
+    # move (the prefill worker turns mixed, in place) and no interference split
+    decodes = [row(0, "mixed", running=8, step_s=0.09), row(1, "prefill")]
+    fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+    decisions = [fresh.decide(decodes, t * 0.5) for t in range(4)]
+    assert [(d.worker_id, d.to_role) for d in decisions if d] == [(1, "mixed")]

@@ -35,7 +35,7 @@ that flipped is not moved again for `worker_dwell_s`; after a decision the hold 
 workers keep every request they prefill), never a decision that leaves a decode worker with
 no prefill worker to feed it (it would sit idle while the others work). There, decode starved
 by *pace alone* on the mixed workers (their mean step_s / tpot_s >= `high` while their slots
-and blocks are below `room`) is prefill interference: their prompt chunks slow every decode
+and blocks are below `room`, with prompt tokens queued on them) is prefill interference: their prompt chunks slow every decode
 step, and more mixed workers would add to it. So instead of the line's moves: with a prefill
 worker, mixed -> decode (the shortest prompt queue); without one (all-mixed, where a decode
 worker would go unfed), mixed -> prefill (the fewest requests), which takes the prompts off
@@ -221,13 +221,15 @@ class RolePolicy:
 
     def _interference(self, ready: list[WorkerLoad]) -> bool:
         """Decode starved by pace alone on mixed workers that keep what they prefill (see the
-        module docstring): their mean pace >= `high` while their occupancy < `room`."""
+        module docstring): their mean pace >= `high` while their occupancy < `room`, and
+        prompt tokens queued on them (without any, the slow steps are the decodes' own)."""
         mixed = [w for w in ready if w.role == "mixed"]
         if self.mixed_hands_off or not mixed:
             return False
         pace = sum(min(1.0, decode_pace(w, self.tpot_s)) for w in mixed) / len(mixed)
         occupancy = sum(decode_occupancy(w) for w in mixed) / len(mixed)
-        return pace >= self.high and occupancy < self.room
+        prompts = any(w.queued_prefill_tokens for w in mixed)  # else the slow steps are decodes' own
+        return prompts and pace >= self.high and occupancy < self.room
 
     def _unmix(self, ready: list[WorkerLoad], p: Pressures, now: float, held_s: float) -> FlipDecision | None:
         """Prefill interference: take prompts off the mixed workers instead of adding more
