@@ -178,8 +178,11 @@ def auto_roles(args, n: int) -> list[str]:
     from tetri.sim.plan import plan_start
 
     device = args.device or ("cuda" if args.gpus else "cpu")
-    defaults = ["--hardware", "cpu", "--model-preset", "llama-100m"] if device == "cpu" else []
     flags = shlex.split(args.plan_flags or "")
+    # a calibration describes the served model itself (and the fitted cpu hardware): the preset
+    # must not replace its model (tetri-sim's --model-preset overrides a calibration's model)
+    calibrated = any(f == "--calibration" or f.startswith("--calibration=") for f in flags)
+    defaults = ["--hardware", "cpu", "--model-preset", "llama-100m"] if device == "cpu" and not calibrated else []
     start = plan_start(n, Slo(args.slo_ttft, args.slo_tpot), [*defaults, *flags])
     args.auto_start = dict(source="tetri-plan", pick=start.label, max_rate=start.max_rate,
                            simulations=start.simulations, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)

@@ -77,11 +77,29 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved runs per mode (medians reported)")
     ap.add_argument("--auto-flags", default="", help="extra tetri-serve flags for --mode auto (e.g. role dwell)")
+    ap.add_argument("--calibration", default=None,
+                    help="auto plans on this calibration of the served model (tools/calibrate_served.py) and the "
+                         "compared workload's shape, instead of the cpu preset")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure that calibration first (tools/calibrate_served.py, on the workload with seed + 1)")
     args = ap.parse_args()
     model = args.model
     if model is None:
         model = tempfile.mkdtemp(prefix="tetri-cmp-model-")
         build_model(model, hidden=384, layers=6)
+    plan = []
+    if args.calibrate or args.calibration:
+        calib = args.calibration or os.path.join(tempfile.mkdtemp(prefix="tetri-cmp-calib-"), "calib.json")
+        if args.calibrate:
+            from tools.calibrate_served import calibrate
+
+            fit_load = ["--workload", args.workload, "--rate", str(args.rate), "--num-requests", "40",
+                        "--length-scale", str(args.length_scale), "--max-prompt-tokens", str(args.max_prompt_tokens),
+                        "--max-output-tokens", str(args.max_output_tokens), "--seed", str(args.seed + 1)]
+            calibrate(model, calib, fit_load, args.chunk_size)
+        plan = ["--plan-flags", f"--calibration {calib} --workload {args.workload} --length-scale {args.length_scale} "
+                f"--max-prompt-tokens {args.max_prompt_tokens} --max-output-tokens {args.max_output_tokens} "
+                f"--chunk-sizes {args.chunk_size}"]
     bench = ["--workload", args.workload, "--rate", str(args.rate), "--num-requests", str(args.num_requests),
              "--length-scale", str(args.length_scale), "--max-prompt-tokens", str(args.max_prompt_tokens),
              "--max-output-tokens", str(args.max_output_tokens), "--slo", args.slo, "--seed", str(args.seed),
@@ -91,7 +109,7 @@ def main() -> None:
     modes = {"disagg (1P+1D)": ["--mode", "disagg", "--prefill", "1", "--decode", "1", *chunk],
              "colocated (2 mixed)": ["--mode", "colocated", "--workers", "2", *chunk],
              "auto": ["--mode", "auto", "--workers", "2", "--slo-ttft", slo.get("ttft", "1"),
-                      "--slo-tpot", slo.get("tpot", "0.05"), *chunk, *args.auto_flags.split()]}
+                      "--slo-tpot", slo.get("tpot", "0.05"), *chunk, *plan, *args.auto_flags.split()]}
     runs: dict[str, list[dict]] = {name: [] for name in modes}
     for _ in range(args.repeats):  # interleaved: one run of each mode per round
         for name, flags in modes.items():

@@ -177,3 +177,37 @@ def test_without_mixed_handoffs_no_decode_worker_is_left_unfed():
     policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=0.0, mixed_hands_off=False)
     decisions = [policy.decide(rows, t * 0.5) for t in range(4)]
     assert all(d is None or d.worker_id != 0 for d in decisions)
+
+
+def test_prefill_interference_on_all_mixed_splits_toward_prefill_plus_decode():
+    """tetri-serve (mixed workers keep what they prefill), all-mixed, decode slow by pace alone
+    (step_s near the declared TPOT, slots and blocks nearly empty): the policy splits off a
+    prefill worker, then turns the other mixed worker into a decode worker, never back to mixed
+    for the prefill worker (that would add interference). Occupancy, not pace: no split."""
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+    slow = [row(0, "mixed", queued=100, running=6, step_s=0.09), row(1, "mixed", queued=50, running=4, step_s=0.09),
+            row(2, "mixed", queued=80, running=7, step_s=0.09)]
+    decisions = [policy.decide(slow, t * 0.5) for t in range(4)]
+    moves = [(d.worker_id, d.from_role, d.to_role) for d in decisions if d]
+    assert moves == [(1, "mixed", "prefill")]  # fewest requests: least to drain
+    assert "prefill interference" in next(d for d in decisions if d).reason
+    # then a mixed worker (the shortest prompt queue) becomes the decode worker
+    split = [row(0, "mixed", queued=100, running=8, step_s=0.09), row(1, "prefill", queued=100),
+             row(2, "mixed", queued=20, running=5, step_s=0.09)]
+    decisions = [policy.decide(split, 2.0 + t * 0.5) for t in range(4)]
+    assert [(d.worker_id, d.from_role, d.to_role) for d in decisions if d] == [(2, "mixed", "decode")]
+    # two workers: no split (the last mixed one could never drain: nothing would decode
+    # meanwhile), and no prefill worker turned mixed again (that would add interference)
+    for two in (slow[:2], split[:2]):
+        fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+        assert all(fresh.decide(two, t * 0.5) is None for t in range(4))
+    # the same slow pace with the slots nearly full is decode load, not interference: no drain
+    full = [row(i, "mixed", queued=50, running=90, step_s=0.09) for i in range(3)]
+    fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+    assert all(fresh.decide(full, t * 0.5) is None for t in range(4))
+    # slow by pace with no prompt queued on the mixed workers: the decodes' own, so the line's
+    # move (the prefill worker turns mixed, in place) and no interference split
+    decodes = [row(0, "mixed", running=8, step_s=0.09), row(1, "prefill")]
+    fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+    decisions = [fresh.decide(decodes, t * 0.5) for t in range(4)]
+    assert [(d.worker_id, d.to_role) for d in decisions if d] == [(1, "mixed")]

@@ -33,7 +33,16 @@ drains nothing and needs only `in_place_dwell_s` (default dwell_s / 2) of hold. 
 that flipped is not moved again for `worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready worker able to prefill or to decode
 (`FlipPlan.begin` checks the same). With `mixed_hands_off=False` (tetri-serve: its mixed
 workers keep every request they prefill), never a decision that leaves a decode worker with
-no prefill worker to feed it (it would sit idle while the others work).
+no prefill worker to feed it (it would sit idle while the others work). There, decode starved
+by *pace alone* on the mixed workers (their mean step_s / tpot_s >= `high` while their slots
+and blocks are below `room`, with prompt tokens queued on them) is prefill interference: their prompt chunks slow every decode
+step, and more mixed workers would add to it. So instead of the line's moves: with a prefill
+worker, mixed -> decode (the shortest prompt queue); without one (all-mixed, where a decode
+worker would go unfed), mixed -> prefill (the fewest requests), which takes the prompts off
+the others, so that a later hold can make one of them a decode worker. All-mixed thus reaches
+prefill + decode + mixed in two drains; not with two workers, whose last mixed worker could
+never drain (nothing else would decode meanwhile), so there the start decides (issue 19: on the CPU, disaggregation beat colocated on TPOT
+p99 and JCT, and auto had no move toward it).
 """
 
 from __future__ import annotations
@@ -65,12 +74,21 @@ def prefill_pressure(load: WorkerLoad, busy_tokens: int) -> float:
     return min(1.0, load.queued_prefill_tokens / busy_tokens)
 
 
-def decode_pressure(load: WorkerLoad, tpot_s: float | None = None, default_seqs: int = 256) -> float:
+def decode_occupancy(load: WorkerLoad, default_seqs: int = 256) -> float:
+    """The fuller of slots ((running + waiting) / max_num_seqs) and KV blocks."""
     slots = load.max_num_seqs or default_seqs
     seqs = (load.running_reqs + load.waiting_reqs) / slots
     blocks = (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks > 0 else 0.0
-    pace = load.step_s / tpot_s if tpot_s and load.running_reqs else 0.0
-    return min(1.0, max(seqs, blocks, pace))
+    return max(seqs, blocks)
+
+
+def decode_pace(load: WorkerLoad, tpot_s: float | None) -> float:
+    """step_s / tpot_s while the worker decodes (0 without a declared TPOT or decodes)."""
+    return load.step_s / tpot_s if tpot_s and load.running_reqs else 0.0
+
+
+def decode_pressure(load: WorkerLoad, tpot_s: float | None = None, default_seqs: int = 256) -> float:
+    return min(1.0, max(decode_occupancy(load, default_seqs), decode_pace(load, tpot_s)))
 
 
 @dataclass(frozen=True)
@@ -189,6 +207,8 @@ class RolePolicy:
         held_s = now - self._since[1]
         if held_s < self.in_place_dwell_s:
             return None
+        if side == "decode" and self._interference(ready):
+            return self._unmix(ready, p, now, held_s)
         worker = self._pick(ready, side, now)
         if worker is None or (worker.role == "mixed" and held_s < self.dwell_s):
             return None
@@ -198,6 +218,42 @@ class RolePolicy:
         self._since = None
         self._last_flip_s[worker.worker_id] = now
         return FlipDecision(worker.worker_id, worker.role, to_role, self._reason(side, p, worker, to_role, held_s))
+
+    def _interference(self, ready: list[WorkerLoad]) -> bool:
+        """Decode starved by pace alone on mixed workers that keep what they prefill (see the
+        module docstring): their mean pace >= `high` while their occupancy < `room`, and
+        prompt tokens queued on them (without any, the slow steps are the decodes' own)."""
+        mixed = [w for w in ready if w.role == "mixed"]
+        if self.mixed_hands_off or not mixed:
+            return False
+        pace = sum(min(1.0, decode_pace(w, self.tpot_s)) for w in mixed) / len(mixed)
+        occupancy = sum(decode_occupancy(w) for w in mixed) / len(mixed)
+        prompts = any(w.queued_prefill_tokens for w in mixed)  # else the slow steps are decodes' own
+        return prompts and pace >= self.high and occupancy < self.room
+
+    def _unmix(self, ready: list[WorkerLoad], p: Pressures, now: float, held_s: float) -> FlipDecision | None:
+        """Prefill interference: take prompts off the mixed workers instead of adding more
+        mixed ones. With a prefill worker to feed it: mixed -> decode (shortest prompt queue);
+        without one: mixed -> prefill (fewest requests: least to drain) so that a decode
+        worker can follow. Both drain, so both need `dwell_s`."""
+        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now) and not self._starves(ready, w)]
+        if held_s < self.dwell_s or not cands:
+            return None
+        if any(w.role == "prefill" for w in ready):
+            worker, to_role = min(cands, key=lambda w: (w.queued_prefill_tokens, w.worker_id)), "decode"
+            if not self._leaves_room(ready, worker, to_role, p):
+                return None
+        elif sum(1 for w in ready if w.role == "mixed") >= 3:  # two: the last mixed one could never drain
+            worker = min(cands, key=lambda w: (w.running_reqs + w.waiting_reqs, w.queued_prefill_tokens, w.worker_id))
+            to_role = "prefill"
+        else:
+            return None
+        self._since = None
+        self._last_flip_s[worker.worker_id] = now
+        return FlipDecision(worker.worker_id, "mixed", to_role,
+                            f"prefill interference for {held_s:.1f} s: decode pressure {p.decode:.2f} >= "
+                            f"{self.high:g} from the mixed workers' pace (step_s / tpot {self.tpot_s:g} s) while "
+                            f"their slots and blocks have room; worker {worker.worker_id} mixed -> {to_role}")
 
     def _reason(self, side: str, p: Pressures, worker: WorkerLoad, to_role: str, held_s: float) -> str:
         move = f"worker {worker.worker_id} {worker.role} -> {to_role}"

@@ -19,7 +19,7 @@ from collections import deque
 
 log = logging.getLogger("tetri.roles")
 KEEP_DECISIONS = 20
-_KIND = re.compile(r"^(prefill|decode|both) starved")
+_KIND = re.compile(r"^(prefill|decode|both) starved|^(prefill) interference")
 
 
 def phases(roles: set[str]) -> set[str]:
@@ -28,10 +28,12 @@ def phases(roles: set[str]) -> set[str]:
 
 
 def reason_kind(reason: str) -> str:
-    """A bounded label for a decision's reason: `<side>_starved`, or `flip` (the instance-flip
-    policy, which states no reason)."""
+    """A bounded label for a decision's reason: `<side>_starved`, `prefill_interference`, or
+    `flip` (the instance-flip policy, which states no reason)."""
     match = _KIND.match(reason or "")
-    return f"{match.group(1)}_starved" if match else "flip"
+    if match is None:
+        return "flip"
+    return f"{match.group(1)}_starved" if match.group(1) else "prefill_interference"
 
 
 class RolesReport:

@@ -93,12 +93,16 @@ class Evaluation:
 class Search:
     def __init__(self, base_reqs: list[Request], cost: CostModel, slo: Slo, gpus: int, budget_s: float | None = None,
                  target: float = ATTAINMENT_TARGET, window_s: float = 8.0, min_requests: int = 200,
-                 max_sims: int = DEFAULT_MAX_SIMS, **sim_fields) -> None:
+                 max_sims: int = DEFAULT_MAX_SIMS, mode_costs: dict[str, CostModel] | None = None,
+                 **sim_fields) -> None:
         """`base_reqs`: Poisson arrivals at rate 1 (the most any run uses); `sim_fields`:
         further SimConfig fields every candidate shares (seed, num_blocks, ...). The search
         stops after `max_sims` simulated runs (deterministic). `budget_s` (default None: off)
-        adds a wall-clock stop as well; with it the pick can depend on the machine's load."""
+        adds a wall-clock stop as well; with it the pick can depend on the machine's load.
+        `mode_costs`: a cost model per candidate mode (a calibration's serving latencies
+        measured for that deployment, see `mode_costs_from_args`); `cost` for the others."""
         self.base_reqs = base_reqs
+        self.mode_costs = dict(mode_costs or {})
         self.window_s = window_s
         self.min_requests = min_requests
         self.capped_rates: set[float] = set()
@@ -132,7 +136,8 @@ class Search:
 
     def attainment(self, cand: Candidate, rate: float, ev: Evaluation) -> float:
         reqs = self.requests_at(rate)
-        result = simulate(reqs, self.config(cand), self.cost, early_stop=(self.slo, self.target))
+        cost = self.mode_costs.get(cand.mode, self.cost)
+        result = simulate(reqs, self.config(cand), cost, early_stop=(self.slo, self.target))
         self.sims += 1
         ev.attainment[rate] = sim_report(result, self.slo)["slo_attainment"]
         return ev.attainment[rate]
@@ -242,6 +247,27 @@ def run_search(search: Search, chunk_sizes: list[int], decode_policies: list[str
     return search
 
 
+SERVING_MODES = {"colocated-chunked": ("colocated-chunked", "colocated"), "tetri": ("tetri", "disagg")}
+"""Candidate mode -> the `serving[...]` fits of a calibration (`tetri-sim fit-serving --mode`)
+that measured that deployment live, first found wins."""
+
+
+def mode_costs_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, CostModel]:
+    """With --calibration: per candidate mode, the cost model with the serving latencies the
+    calibration holds for that mode (the live server's own overheads, which differ between
+    deployments: on a shared CPU host two mixed workers' prompt chunks slow each other's
+    steps, a prefill + decode pair much less). Modes without a fit use the bare engine."""
+    if not args.calibration:
+        return {}
+    serving = json.loads(Path(args.calibration).read_text()).get("serving", {})
+    out = {}
+    for mode, keys in SERVING_MODES.items():
+        key = next((k for k in keys if k in serving), None)
+        if key is not None:
+            out[mode] = cost_model_from_args(argparse.Namespace(**{**vars(args), "mode": key}), parser)
+    return out
+
+
 def plan_search(args: argparse.Namespace, parser: argparse.ArgumentParser, slo: Slo, chunk_sizes: list[int],
                 decode_policies: list[str]) -> Search:
     """One search for `slo` from parsed tetri-plan flags (what `main` runs per --slo)."""
@@ -250,8 +276,8 @@ def plan_search(args: argparse.Namespace, parser: argparse.ArgumentParser, slo: 
     base_reqs = build_requests(argparse.Namespace(**{**vars(args), "num_requests": max(min_requests, args.max_requests)}),
                                rate=1.0)
     search = Search(base_reqs, cost, slo, args.gpus, args.budget_s, args.attainment, args.window_s, min_requests,
-                    max_sims=args.max_sims, seed=args.seed, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-                    block_size=args.block_size, max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
+                    max_sims=args.max_sims, mode_costs=mode_costs_from_args(args, parser), seed=args.seed,
+                    num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, block_size=args.block_size, max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
     return run_search(search, sorted(set(chunk_sizes)), decode_policies, args.rates)
 
 
@@ -361,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     min_requests = args.num_requests
     try:
         cost = cost_model_from_args(args, parser)
+        mode_costs = mode_costs_from_args(args, parser)
         args.num_requests = max(args.num_requests, args.max_requests)
         base_reqs = build_requests(args, rate=1.0)
     except (FileNotFoundError, ValueError) as exc:
@@ -369,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     searches = []
     for slo in args.slo:  # one search per declared SLO (e.g. TPOT 50 ms and 25 ms), each its own budget
         search = Search(base_reqs, cost, slo, args.gpus, args.budget_s, args.attainment, args.window_s,
-                        min_requests, max_sims=args.max_sims, seed=args.seed,
+                        min_requests, max_sims=args.max_sims, mode_costs=mode_costs, seed=args.seed,
                         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                         max_batched_tokens=args.max_batched_tokens, max_sim_s=args.max_sim_s)
         run_search(search, sorted(set(args.chunk_sizes)), args.decode_policies, args.rates)
