@@ -36,8 +36,9 @@ AZURE = "azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
 MODES = ("colocated", "colocated-chunked", "disagg", "tetri", "auto")
 BASELINES = ("colocated-chunked", "disagg")
 _REQUESTS: dict[tuple, list] = {}
-PLAN_BUDGET_S = 20.0
-"""tetri-plan's wall-clock budget per (workload, SLO) when it picks auto's start."""
+PLAN_MAX_SIMS = 48
+"""tetri-plan's cap on simulated runs per (workload, SLO) when it picks auto's start: a count,
+not seconds, so the pick (and the table) does not depend on how loaded the machine is."""
 PLAN_FLAGS = ""
 """Further tetri-plan flags (the tests shrink its runs with --max-requests/--window-s)."""
 _PLAN: dict[tuple, tuple[int, int] | None] = {}
@@ -94,13 +95,13 @@ def plan_start(wl: Workload, slo: Slo, common: str = COMMON) -> tuple[int, int] 
     per (workload, cluster, SLO) and cached: plan's own search (tetri.sim.plan.run_search, Poisson
     arrivals of the workload's lengths, highest rate at 90% attainment), narrowed to its stage-1
     candidates at this script's chunk size and auto's decode policy (colocated-chunked and every
-    split) and to PLAN_BUDGET_S seconds."""
+    split) and to PLAN_MAX_SIMS simulated runs."""
     key = (wl.flags, common, slo)
     if key not in _PLAN:
         from tetri.sim.plan import build_parser, plan_search
 
         flags = [*wl.flags.split(), *_cluster_flags(common), "--slo", f"ttft={slo.ttft_s:g},tpot={slo.tpot_s:g}",
-                 "--budget-s", f"{PLAN_BUDGET_S:g}", *PLAN_FLAGS.split()]
+                 "--max-sims", str(PLAN_MAX_SIMS), *PLAN_FLAGS.split()]
         args = build_parser().parse_args(flags)
         chunk = int(common.split()[common.split().index("--chunk-size") + 1])
         best = plan_search(args, build_parser(), slo, [chunk], ["reserve-dynamic"]).best()

@@ -20,7 +20,6 @@ def _tool():
 
 def _tiny_plan(tool):
     tool.PLAN_FLAGS = "--max-requests 150 --num-requests 60 --window-s 2"
-    tool.PLAN_BUDGET_S = 120.0  # generous: the tiny search finishes well inside it, so its pick is deterministic
 
 
 def test_tiny_table_end_to_end(tmp_path):
@@ -85,11 +84,11 @@ def test_auto_starts_from_tetri_plans_choice():
         tiny = tool.Workload("tiny", f"--workload {workload}", (1, 2), ())
         for label, slo in tool.SLOS[1:]:  # the 25 ms SLO (the 50 ms search is the same code, twice the time)
             flags = ["--workload", workload, "--gpus", "3", "--model-preset", "llama3-8b", "--hardware", "h200",
-                     "--seed", "0", "--slo", f"ttft=1,tpot={slo.tpot_s:g}", "--budget-s", "120",
+                     "--seed", "0", "--slo", f"ttft=1,tpot={slo.tpot_s:g}", "--max-sims", str(tool.PLAN_MAX_SIMS),
                      *tool.PLAN_FLAGS.split()]
             search = plan.plan_search(plan.build_parser().parse_args(flags), plan.build_parser(), slo, [512],
                                       ["reserve-dynamic"])
-            assert not search.out_of_time and search.sims > 1
+            assert search.sims > 1
             best = search.best().candidate
             expected = (best.num_prefill, best.num_decode) if best.mode == "tetri" else None
             picks[workload, label] = tool.plan_start(tiny, slo, COMMON)
