@@ -41,6 +41,7 @@ from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.swap import CostMeter
 from tetri.workers.executor import Executor, SampledToken
 from tetri.workers.handoff_side import HandoffIntake
+from tetri.workers import kv_swap
 from tetri.workers.kv_swap import SwapTable
 from tetri.workers.kv_transfer import PeerSource
 from tetri.workers.model_runner import Segment
@@ -217,13 +218,8 @@ class DecodeCore:
         fits = blocks.can_swap_out(seq.key)
         pending = bool(self.recompute)  # a re-prefill to come measures the prefill cost
         if computed and self.costs.choose(n, seq.num_computed, fits, self.preemption_mode, pending) == "swap":
-            copy = self.ex.start_swap_out(seq)
-            if copy is not None:
-                copy.order_compute()  # later device work waits for the copy: its blocks are freed now
-                self.ex.finish_swap_out(seq)
-                self.swapped[seq.key] = seq
+            if kv_swap.swap_out(self.ex, seq, self.swapped, self.swap_copies):
                 self.swaps += 1
-                self.swap_copies.add(seq, copy, to_host=True)
                 return
         self.ex.free(seq)
         seq.num_computed = 0

@@ -135,6 +135,20 @@ class SwapTable:
         return True
 
 
+def swap_out(ex, seq, swapped: dict, copies: SwapTable) -> bool:
+    """Start swapping `seq` out of `ex`'s pool (the decode and mixed cores' preemption): its
+    blocks are free at once, later device work ordered after the copy; `seq` joins `swapped`
+    and its copy `copies`. False when the host tier could not take it (then nothing changed)."""
+    copy = ex.start_swap_out(seq)
+    if copy is None:
+        return False
+    copy.order_compute()  # later device work waits for the copy: its blocks are freed now
+    ex.finish_swap_out(seq)
+    swapped[seq.key] = seq
+    copies.add(seq, copy, to_host=True)
+    return True
+
+
 def swap_board_fields(core, blocks) -> dict:
     """The KV swap's load-board fields of a worker (zeros for a core that never swaps)."""
     swapped = getattr(core, "swapped", {})

@@ -41,6 +41,7 @@ from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes
 from tetri.sched.swap import CostMeter
 from tetri.types import FinishReason, SamplingParams
 from tetri.workers.executor import Executor, SampledToken
+from tetri.workers import kv_swap
 from tetri.workers.kv_swap import SwapTable
 from tetri.workers.model_runner import Segment
 from tetri.workers.prompt_logprobs import score_fields
@@ -203,13 +204,8 @@ class MixedCore:
         fits = blocks.can_swap_out(seq.key)
         mode = self.sched.preemption_mode
         if self.costs.choose(len(blocks.blocks_of(seq.key)), seq.num_computed, fits, mode) == "swap":
-            copy = self.ex.start_swap_out(seq)
-            if copy is not None:
-                copy.order_compute()  # later device work waits for the copy: its blocks are freed now
-                self.ex.finish_swap_out(seq)
-                self.swapped[seq.key] = seq
+            if kv_swap.swap_out(self.ex, seq, self.swapped, self.swap_copies):
                 self.swaps += 1
-                self.swap_copies.add(seq, copy, to_host=True)
                 return
         self.recomputes += 1
         self.ex.free(seq)
