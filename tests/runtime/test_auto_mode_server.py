@@ -23,7 +23,9 @@ CHUNK = ["--chunk-size", "128"]
 
 def burst(rng: random.Random):
     """Phase 1: long prompts, one token each (no decode at all); phase 2: short prompts, long decodes."""
-    long_prompts = [[rng.randrange(3, 500) for _ in range(1000)] for _ in range(16)]
+    # 64 prompts: their prefill outlasts the policy's hold (0.1 s) and tick many times over, where 16
+    # could all be done before a decision on a fast run
+    long_prompts = [[rng.randrange(3, 500) for _ in range(1000)] for _ in range(64)]
     short_prompts = [[rng.randrange(3, 500) for _ in range(12)] for _ in range(8)]
     return [(p, 1) for p in long_prompts], [(p, 256) for p in short_prompts]
 
