@@ -13,7 +13,8 @@ Decode role (the real decode core's step, `tetri.workers.decode`):
      recomputed where `tetri.sim.swap` finds it cheaper; uploaded back when they fit); one
      decode token each, out in the step's `TokenBatch`.
 Mixed role (mode `auto`): one step is the decode role's step plus prompt pieces filling the
-rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`); the prompts the front sent it
+rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`; with `step_budget` "slo" the
+prompt budget that fits the declared TPOT, `tetri.sim.mixed_budget`); the prompts the front sent it
 whole (`SubmitMixed`) decode here.
 """
 
@@ -25,6 +26,7 @@ from tetri.protocol import Handoff, KVCopied
 from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.dispatch import expected_output_tokens, is_heavy
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
+from tetri.sim.mixed_budget import SimStepBudget
 from tetri.sim.prefill_side import PrefillSide
 from tetri.sim.requests import SimRequest
 from tetri.sim.swap import SimSwap
@@ -156,6 +158,7 @@ class PDWorker(SimWorker):
         super().__init__(worker_id, env)
         self.prefill = PrefillSide(self)
         self.decode = DecodeSide(self)
+        self.budget = SimStepBudget(env)  # the mixed role's per-step prompt budget (step_budget)
 
     # ---- the front's messages (the cluster kicks the worker after delivering them) ---------
     def submit_plan(self, msg) -> None:
@@ -187,11 +190,14 @@ class PDWorker(SimWorker):
         copy_s, run = self.decode.prepare(now)
         head, pieces = self.prefill._plan_pieces() if self.prefill.plans else (None, [])
         if head is None:
-            pieces = self.prefill.own_chunk(self.env.chunk_size_tokens - len(run))
+            resumed = sum(r.kv_tokens for r in self.decode.resuming)  # (step_budget "slo": the SLO's budget)
+            pieces = self.prefill.own_chunk(self.budget.prompt_budget(run, copy_s, resumed))
         if not run and not self.decode.resuming and copy_s == 0.0 and not pieces and head is None:
             return None
         shape = add_shapes(self.decode.shape(run), self.prefill.shape(pieces))
-        duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0) + self.take_host_copy_s()
+        step_s = self.env.cost.step_s(shape) if shape != StepShape() else 0.0
+        self.budget.observe(run, shape, step_s)  # (feeds the step budget's fit; no-op when fixed)
+        duration_s = copy_s + step_s + self.take_host_copy_s()
 
         def apply(end_s: float) -> None:
             self.decode._end(run, end_s)
