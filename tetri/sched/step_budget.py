@@ -9,9 +9,15 @@ learns the step time as a linear function of the step's shape,
            + decode_context_tokens * s_per_context_token
 
 from the (shape, measured seconds) pairs its caller feeds it (the real mixed core: its
-measured step wall times; the simulator: the cost model's step times), and answers the
-largest prompt budget whose predicted step time fits `tpot_s * margin` beside the decodes
-this step carries, clamped to [min_tokens, max_tokens].
+measured step wall times; the simulator: the cost model's step times), and answers, beside
+the decodes this step carries:
+
+  - the largest prompt budget whose predicted step fits `tpot_s * margin`, when that is at
+    least `chunk_size` (up to `max_tokens`): the slack a loose SLO leaves goes to prefill;
+  - else `chunk_size`, cut down only as far as the predicted step must to fit `tpot_s`
+    itself (down to `min_tokens`): below the operator's chunk the budget shrinks only for
+    a step that would break the SLO, never for the margin (shrinking trades TTFT, and with
+    it the TTFT SLO, for TPOT the SLO does not ask for).
 
 The fit is ridge-regularized least squares with exponential forgetting, pulled toward a
 prior: with no data it answers `chunk_size` (the prior says a step of `chunk_size` tokens
@@ -19,13 +25,13 @@ takes the target), so the first steps run as a fixed-chunk engine does; the meas
 pairs take over within a few dozen steps. Only steps that carried prompt tokens are fed
 (a decode-only step is memory-bound: its time says little about what a prompt token costs).
 
-The margin (default 0.8): a request's TPOT is the mean over the steps it decoded in, and the
+The margin (default 0.8) on growing: a request's TPOT is the mean over the steps it decoded in, and the
 SLO judges its p99 over requests; a step predicted at 80% of the SLO leaves room for the
 fit's error (the attention of a prompt piece grows with its start, which the shape leaves
 out), for the KV copies and other work a step adds, and for the steps the fit has not yet
 caught up with, so the p99 stays inside.
 
-When even a step without prompt tokens is predicted over the target (the SLO cannot be met
+When even a step without prompt tokens is predicted over the SLO (the SLO cannot be met
 on this worker at this batch), shrinking the prompt budget only stalls prefill without
 saving the SLO: the budget is `chunk_size` then.
 
@@ -63,7 +69,7 @@ class MixedStep:
 class StepBudget:
     def __init__(self, chunk_size: int, tpot_s: float | None = None, margin: float = DEFAULT_MARGIN,
                  min_tokens: int | None = None, max_tokens: int | None = None, forget: float = 0.98,
-                 prior_weight: float = 4.0) -> None:
+                 prior_weight: float = 0.25) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         if tpot_s is not None and tpot_s <= 0:
@@ -144,13 +150,17 @@ class StepBudget:
         `decode_context_tokens`; `extra_s`: seconds the step spends anyway (KV copies)."""
         if not self.adaptive:
             return self.chunk_size
-        rest_s = self.target_s - extra_s - self.predict_s(MixedStep(0, decode_reqs, decode_context_tokens))
-        if rest_s <= 0:
-            return self.chunk_size  # the SLO is out of reach at this batch: do not stall prefill too
+        fixed_s = extra_s + self.predict_s(MixedStep(0, decode_reqs, decode_context_tokens))
         per_token_s = self._coef[1] * _SCALES[1]
-        if per_token_s <= 0:
+        if per_token_s <= 0:  # (a degenerate fit: prompt tokens look free)
             return self.max_tokens
-        return max(self.min_tokens, min(self.max_tokens, int(rest_s / per_token_s)))
+        grow = int((self.target_s - fixed_s) / per_token_s)
+        if grow >= self.chunk_size:
+            return min(self.max_tokens, grow)
+        hold_s = self.tpot_s - fixed_s
+        if hold_s <= 0:
+            return self.chunk_size  # the SLO is out of reach at this batch: do not stall prefill too
+        return max(self.min_tokens, min(self.chunk_size, int(hold_s / per_token_s)))
 
 
 def make_step_budget(mode: str, chunk_size: int, tpot_s: float | None, margin: float = DEFAULT_MARGIN,
