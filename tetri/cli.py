@@ -192,7 +192,7 @@ def auto_roles(args, n: int) -> list[str]:
     return start.roles
 
 
-def _step_budget(args) -> dict:
+def step_budget_fields(args) -> dict:
     """Mixed steps' prompt budget (EngineSchedConfig): --step-budget, default slo for --mode
     auto (its declared --slo-tpot), fixed (--chunk-size, as before) for every other mode."""
     mode = args.step_budget or ("slo" if args.mode == "auto" else "fixed")
@@ -289,7 +289,7 @@ def build_engine(args):
                         kv_offloading_size=args.kv_offloading_size, swap_space=args.swap_space)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
                               heavy_decode_tokens=args.heavy_decode_tokens, preemption_mode=args.preemption_mode,
-                              **_step_budget(args))
+                              **step_budget_fields(args))
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
                         prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
                         dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens,
