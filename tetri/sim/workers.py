@@ -179,8 +179,7 @@ class SimWorker:
 
     def publish(self) -> None:
         """The real shell's row write, at the end of a loop turn (the module doc)."""
-        if self.role == "decode":
-            self.row = self.load()
+        self.row = self.load() if self.role == "decode" else None  # (another role's row is live)
 
     def set_role(self, msg: SetRole) -> None:
         self.env.hooks.set_role(self, msg.role)
