@@ -68,6 +68,9 @@ class WorkerLoad:
     """Sequences swapped out now (vLLM's `num_requests_swapped`; copies in flight included)."""
     swap_held_blocks: int = 0
     """Host blocks swapped-out sequences hold now (0 once every one resumed or ended)."""
+    interleaved_steps: int = 0
+    """Mixed cores: steps that ran prompt tokens beside at least one decode, since the worker
+    started (each such step slowed those decodes: the role policy's interference signal)."""
 
     @property
     def alive(self) -> bool:

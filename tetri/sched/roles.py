@@ -129,6 +129,9 @@ class RolePolicy:
         self._since: tuple[str, float] | None = None
         """(the starved side, since when) while one side has been starved continuously."""
         self._last_flip_s: dict[int, float] = {}
+        self._split_since: tuple[float, frozenset[int], int, bool] | None = None
+        """While the split's room holds: (since when, the mixed workers then, their
+        interleaved_steps sum then, whether prompts were seen interleaved with decodes)."""
 
     def starved_side(self, p: Pressures) -> str | None:
         if p.prefill >= self.high and p.decode >= self.high:
@@ -159,7 +162,8 @@ class RolePolicy:
         # worker takes prompts too), never a drain
         order = {"prefill": ("decode", "mixed"), "decode": ("prefill", "mixed"), "both": ("prefill", "decode")}[side]
         for role in order:
-            cands = [w for w in ready if w.role == role and self._settled(w, now) and not self._starves(ready, w)
+            cands = [w for w in ready if w.role == role and self._settled(w, now)
+                     and not self._starves(ready, w, self._to_role(side, w))
                      and self._feeds_decode(ready, w, self._to_role(side, w))]
             if not cands:
                 continue
@@ -186,22 +190,25 @@ class RolePolicy:
         return "decode" not in after or "prefill" in after
 
     @staticmethod
-    def _starves(ready: list[WorkerLoad], worker: WorkerLoad) -> bool:
-        """Taking `worker` out (draining) would leave no other ready worker able to prefill or decode."""
+    def _starves(ready: list[WorkerLoad], worker: WorkerLoad, to_role: str | None = None) -> bool:
+        """Moving `worker` to `to_role` would leave no ready worker able to prefill or decode. A
+        flip to or from mixed is in place (`FlipPlan(in_place_...)`, as the front runs it with
+        this policy): the worker keeps doing what `to_role` does; None: counted as a drain."""
         others = [w for w in ready if w.worker_id != worker.worker_id]
-        return any(worker.role in able and not any(w.role in able for w in others) for able in (CAN_PREFILL,
-                                                                                                   CAN_DECODE))
+        return any(worker.role in able and to_role not in able and not any(w.role in able for w in others)
+                   for able in (CAN_PREFILL, CAN_DECODE))
 
     def decide(self, loads: list[WorkerLoad], now: float) -> FlipDecision | None:
         if any(w.state == "draining" for w in loads):
-            self._since = None
+            self._since = self._split_since = None
             return None
         ready = [w for w in loads if w.state == "ready" and w.role in ("prefill", "decode", "mixed")]
         p = pressures(ready, self.prefill_busy_tokens, self.tpot_s)
         side = None if p is None else self.starved_side(p)
         if side is None:
             self._since = None
-            return None
+            return None if p is None else self._split(ready, p, now)
+        self._split_since = None
         if self._since is None or self._since[0] != side:
             self._since = (side, now)
         held_s = now - self._since[1]
@@ -235,15 +242,18 @@ class RolePolicy:
         """Prefill interference: take prompts off the mixed workers instead of adding more
         mixed ones. With a prefill worker to feed it: mixed -> decode (shortest prompt queue);
         without one: mixed -> prefill (fewest requests: least to drain) so that a decode
-        worker can follow. Both drain, so both need `dwell_s`."""
-        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now) and not self._starves(ready, w)]
+        worker can follow. Both flip in place (the old mixed core finishes what it holds) and
+        need `dwell_s`."""
+        to_role = "decode" if any(w.role == "prefill" for w in ready) else "prefill"
+        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now)
+                 and not self._starves(ready, w, to_role)]
         if held_s < self.dwell_s or not cands:
             return None
-        if any(w.role == "prefill" for w in ready):
+        if to_role == "decode":
             worker, to_role = min(cands, key=lambda w: (w.queued_prefill_tokens, w.worker_id)), "decode"
             if not self._leaves_room(ready, worker, to_role, p):
                 return None
-        elif sum(1 for w in ready if w.role == "mixed") >= 3:  # two: the last mixed one could never drain
+        elif sum(1 for w in ready if w.role == "mixed") >= 2:  # in place: the last mixed one needs no drain
             worker = min(cands, key=lambda w: (w.running_reqs + w.waiting_reqs, w.queued_prefill_tokens, w.worker_id))
             to_role = "prefill"
         else:
@@ -254,6 +264,64 @@ class RolePolicy:
                             f"prefill interference for {held_s:.1f} s: decode pressure {p.decode:.2f} >= "
                             f"{self.high:g} from the mixed workers' pace (step_s / tpot {self.tpot_s:g} s) while "
                             f"their slots and blocks have room; worker {worker.worker_id} mixed -> {to_role}")
+
+    # ---- the split: all- or partly-mixed toward prefill + decode at light load -------------
+    def _split_move(self, ready: list[WorkerLoad], p: Pressures, now: float) -> tuple | None:
+        """The one-step move out of mixed whose side losing the worker keeps room:
+        (worker, to_role, that side, its pressure after the move), or None. Without a prefill
+        worker (and mixed workers keeping what they prefill) only mixed -> prefill (a decode
+        worker would go unfed); with both kinds, the move leaving the lower pressure."""
+        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now)]
+        if not cands:
+            return None
+        d_rows = [w for w in ready if w.role in CAN_DECODE]
+        p_rows = [w for w in ready if w.role in CAN_PREFILL]
+        occupancy = sum(decode_occupancy(w) for w in d_rows) / len(d_rows)
+        if p.prefill >= self.room or occupancy >= self.room:  # both sides need room now already
+            return None
+        moves = []
+        for to_role, rows, pressure, key in (
+                ("prefill", d_rows, occupancy, lambda w: (w.running_reqs + w.waiting_reqs, w.worker_id)),
+                ("decode", p_rows, p.prefill, lambda w: (w.queued_prefill_tokens, w.worker_id))):
+            if len(rows) < 2:
+                continue
+            after = pressure * len(rows) / (len(rows) - 1)
+            able = [w for w in cands if not self._starves(ready, w, to_role)]
+            worker = min(able, key=key) if able else None
+            if worker is not None and after < self.room and self._feeds_decode(ready, worker, to_role):
+                moves.append((after, to_role, worker))
+        if not moves:
+            return None
+        after, to_role, worker = min(moves, key=lambda m: (m[0], m[1]))
+        return worker, to_role, "decode" if to_role == "prefill" else "prefill", after, occupancy
+
+    def _split(self, ready: list[WorkerLoad], p: Pressures, now: float) -> FlipDecision | None:
+        """Light load on mixed workers that interleave prompts with decodes (see the module
+        docstring): held for `dwell_s`, one mixed worker one step out of mixed, in place."""
+        mixed = frozenset(w.worker_id for w in ready if w.role == "mixed")
+        move = self._split_move(ready, p, now) if len(ready) >= 2 and mixed and p.decode < self.high else None
+        if move is None:
+            self._split_since = None
+            return None
+        steps = sum(w.interleaved_steps for w in ready if w.worker_id in mixed)
+        seen = any(w.queued_prefill_tokens and w.running_reqs for w in ready if w.worker_id in mixed)
+        if self._split_since is None or self._split_since[1] != mixed:
+            self._split_since = (now, mixed, steps, seen)
+            return None
+        since, _, steps_then, seen_then = self._split_since
+        interleaved = seen or seen_then or steps > steps_then
+        self._split_since = (since, mixed, steps_then, interleaved)
+        held_s = now - since
+        if held_s < self.dwell_s or not interleaved:
+            return None
+        worker, to_role, losing, after, occupancy = move
+        self._split_since = None
+        self._last_flip_s[worker.worker_id] = now
+        return FlipDecision(worker.worker_id, "mixed", to_role,
+                            f"split after {held_s:.1f} s of light load with prompts interleaved with decodes on "
+                            f"mixed workers: prefill pressure {p.prefill:.2f} and decode occupancy {occupancy:.2f} "
+                            f"< {self.room:g} (decode pressure {p.decode:.2f} < {self.high:g}), {losing} side "
+                            f"{after:.2f} < {self.room:g} after it; worker {worker.worker_id} mixed -> {to_role}")
 
     def _reason(self, side: str, p: Pressures, worker: WorkerLoad, to_role: str, held_s: float) -> str:
         move = f"worker {worker.worker_id} {worker.role} -> {to_role}"

@@ -75,6 +75,8 @@ class MixedCore:
         self.costs = CostMeter()
         self.swaps = self.recomputes = 0
         self._swap_blocked: tuple | None = None  # rank of the most senior swapped seq waiting for blocks
+        self.interleaved_steps = 0
+        """Steps that ran prompt tokens beside decodes (the board's `interleaved_steps`)."""
 
     # ---- admission -------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
@@ -157,6 +159,7 @@ class MixedCore:
         start = time.perf_counter()
         sampled = self.ex.run(segments, samplers)
         prefill_tokens = sum(p.num_tokens for _, p, _ in pieces)
+        self.interleaved_steps += bool(prefill_tokens and decodes)
         if prefill_tokens:  # a step that prefills: its seconds per token, decodes counted as one each
             self.costs.add_prefill(prefill_tokens + len(decodes), time.perf_counter() - start)
         if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
