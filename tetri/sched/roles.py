@@ -27,22 +27,39 @@ pressure is < `room`; `room` < `high`, so a load oscillating between them change
   both starved, held for `in_place_dwell_s`:  prefill -> mixed, else decode -> mixed (each
       keeps its work and takes the other phase's as well; a drain would take capacity
       away from both).
-A move out of mixed (a drain) is also refused when the side losing the worker would be left
-at a pressure >= `room` over its remaining workers (pressure x n / (n - 1)). A move to mixed
-drains nothing and needs only `in_place_dwell_s` (default dwell_s / 2) of hold. A worker
-that flipped is not moved again for `worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready worker able to prefill or to decode
-(`FlipPlan.begin` checks the same). With `mixed_hands_off=False` (tetri-serve: its mixed
-workers keep every request they prefill), never a decision that leaves a decode worker with
-no prefill worker to feed it (it would sit idle while the others work). There, decode starved
-by *pace alone* on the mixed workers (their mean step_s / tpot_s >= `high` while their slots
-and blocks are below `room`, with prompt tokens queued on them) is prefill interference: their prompt chunks slow every decode
-step, and more mixed workers would add to it. So instead of the line's moves: with a prefill
-worker, mixed -> decode (the shortest prompt queue); without one (all-mixed, where a decode
-worker would go unfed), mixed -> prefill (the fewest requests), which takes the prompts off
-the others, so that a later hold can make one of them a decode worker. All-mixed thus reaches
-prefill + decode + mixed in two drains; not with two workers, whose last mixed worker could
-never drain (nothing else would decode meanwhile), so there the start decides (issue 19: on the CPU, disaggregation beat colocated on TPOT
-p99 and JCT, and auto had no move toward it).
+Flips to and from mixed are in place (the front runs this policy with `FlipPlan(in_place_to_mixed=True,
+in_place_out_of_mixed=True)`; `tetri.workers.side_cores`): the worker keeps what it holds and
+its old core finishes it, while dispatch sends it only its new role's work. A move out of mixed
+is still refused when the side losing the worker would be left at a pressure >= `room` over its
+remaining workers (pressure x n / (n - 1)), and needs `dwell_s` of hold; a move to mixed only
+`in_place_dwell_s` (default dwell_s / 2). A worker that flipped is not moved again for
+`worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready
+worker able to prefill or to decode (`FlipPlan.begin` checks the same; an in-place flip keeps
+what its new role does). With `mixed_hands_off=False` (tetri-serve and the simulator: mixed
+workers keep every request they prefill), never a decision that leaves a decode worker with no
+prefill worker to feed it (it would sit idle while the others work).
+
+The split (light load, issue 19: on the CPU disaggregation beat colocated on TPOT p99 and JCT
+below capacity, and auto, started all-mixed by tetri-plan, never left it). With no side starved:
+when every side has room now (prefill pressure and decode *occupancy*, the fuller of slots and
+blocks, < `room`; decode pressure with its pace < `high`), the side losing the worker would still
+have room after the move (its pressure x n / (n - 1) < `room`), and prompts are actually being
+interleaved with decodes on the mixed workers (a mixed row with queued prompt tokens while it
+runs decodes, or its `interleaved_steps` counter grew during the hold), held for `dwell_s`: one
+mixed worker one step out of mixed: mixed -> prefill (fewest requests) while there is no prefill
+worker, else the move leaving the lower pressure (mixed -> decode: the shortest prompt queue).
+Two mixed workers thus become prefill + mixed, then prefill + decode. Its reverse is the line's
+move toward mixed when a side is starved (pressure >= `high`); the split's condition (every
+pressure after it < `room` < `high`) lies strictly inside that one's complement, so a steady load
+cannot flip back and forth (between `room` and `high` neither fires).
+
+Decode starved by *pace alone* on the mixed workers (their mean step_s / tpot_s >= `high` while
+their slots and blocks are below `room`, with prompt tokens queued on them) is prefill
+interference: their prompt chunks slow every decode step, and more mixed workers would add to
+it. So instead of the line's moves: with a prefill worker, mixed -> decode (the shortest prompt
+queue); without one (all-mixed, where a decode worker would go unfed), mixed -> prefill (the
+fewest requests), which takes the prompts off the others, so that a later hold can make one of
+them a decode worker. All-mixed thus reaches prefill + decode (+ mixed), with two workers too.
 """
 
 from __future__ import annotations
@@ -129,9 +146,12 @@ class RolePolicy:
         self._since: tuple[str, float] | None = None
         """(the starved side, since when) while one side has been starved continuously."""
         self._last_flip_s: dict[int, float] = {}
-        self._split_since: tuple[float, frozenset[int], int, bool] | None = None
-        """While the split's room holds: (since when, the mixed workers then, their
-        interleaved_steps sum then, whether prompts were seen interleaved with decodes)."""
+        self._split_since: tuple[float, frozenset[int]] | None = None
+        """While the split's room holds: (since when, the mixed workers then)."""
+        self._interleaved_s: float | None = None
+        """When prompts were last seen interleaved with decodes on a mixed worker."""
+        self._steps_seen: dict[int, int] = {}
+        """Each worker's `interleaved_steps` at the last decision call."""
 
     def starved_side(self, p: Pressures) -> str | None:
         if p.prefill >= self.high and p.decode >= self.high:
@@ -199,6 +219,7 @@ class RolePolicy:
                    for able in (CAN_PREFILL, CAN_DECODE))
 
     def decide(self, loads: list[WorkerLoad], now: float) -> FlipDecision | None:
+        self._watch_interleaving(loads, now)
         if any(w.state == "draining" for w in loads):
             self._since = self._split_since = None
             return None
@@ -295,24 +316,30 @@ class RolePolicy:
         after, to_role, worker = min(moves, key=lambda m: (m[0], m[1]))
         return worker, to_role, "decode" if to_role == "prefill" else "prefill", after, occupancy
 
+    def _watch_interleaving(self, loads: list[WorkerLoad], now: float) -> None:
+        """Prompts interleaved with decodes: a mixed row with prompt tokens queued while it runs
+        decodes, or a worker's `interleaved_steps` counter grown since the last call."""
+        for w in loads:
+            grew = w.interleaved_steps > self._steps_seen.get(w.worker_id, w.interleaved_steps)
+            self._steps_seen[w.worker_id] = w.interleaved_steps
+            if grew or (w.role == "mixed" and w.queued_prefill_tokens and w.running_reqs):
+                self._interleaved_s = now
+
     def _split(self, ready: list[WorkerLoad], p: Pressures, now: float) -> FlipDecision | None:
         """Light load on mixed workers that interleave prompts with decodes (see the module
-        docstring): held for `dwell_s`, one mixed worker one step out of mixed, in place."""
+        docstring): the room held for `in_place_dwell_s` (the flip drains nothing) with
+        interleaving seen within `worker_dwell_s`, one mixed worker one step out of mixed."""
         mixed = frozenset(w.worker_id for w in ready if w.role == "mixed")
         move = self._split_move(ready, p, now) if len(ready) >= 2 and mixed and p.decode < self.high else None
         if move is None:
             self._split_since = None
             return None
-        steps = sum(w.interleaved_steps for w in ready if w.worker_id in mixed)
-        seen = any(w.queued_prefill_tokens and w.running_reqs for w in ready if w.worker_id in mixed)
         if self._split_since is None or self._split_since[1] != mixed:
-            self._split_since = (now, mixed, steps, seen)
-            return None
-        since, _, steps_then, seen_then = self._split_since
-        interleaved = seen or seen_then or steps > steps_then
-        self._split_since = (since, mixed, steps_then, interleaved)
-        held_s = now - since
-        if held_s < self.dwell_s or not interleaved:
+            self._split_since = (now, mixed)
+        held_s = now - self._split_since[0]
+        recent = self._interleaved_s is not None and now - self._interleaved_s <= max(self.worker_dwell_s,
+                                                                                       self.dwell_s)
+        if held_s < self.in_place_dwell_s or not recent:
             return None
         worker, to_role, losing, after, occupancy = move
         self._split_since = None
