@@ -45,10 +45,14 @@ when every side has room now (prefill pressure and decode *occupancy*, the fulle
 blocks, < `room`; decode pressure with its pace < `high`), the side losing the worker would still
 have room after the move (its pressure x n / (n - 1) < `room`), and prompts are actually being
 interleaved with decodes on the mixed workers (a mixed row with queued prompt tokens while it
-runs decodes, or its `interleaved_steps` counter grew during the hold), held for `dwell_s`: one
-mixed worker one step out of mixed: mixed -> prefill (fewest requests) while there is no prefill
-worker, else the move leaving the lower pressure (mixed -> decode: the shortest prompt queue).
-Two mixed workers thus become prefill + mixed, then prefill + decode. Its reverse is the line's
+runs decodes, or its `interleaved_steps` counter grew within `worker_dwell_s`), held for
+`in_place_dwell_s` (the flip drains nothing): one mixed worker one step out of mixed, toward a
+role no worker has yet: mixed -> prefill (fewest requests) while there is no prefill worker,
+then mixed -> decode (the shortest prompt queue) while there is no decode worker. Two mixed
+workers thus become prefill + mixed, then prefill + decode; more keep the rest mixed (one
+prefill and one decode worker beside them: a further split is a capacity bet light-load
+pressures cannot judge; in the simulator, 8 x H200 at 140 req/s, splitting all of them lost
+up to 23% goodput). Its reverse is the line's
 move toward mixed when a side is starved (pressure >= `high`); the split's condition (every
 pressure after it < `room` < `high`) lies strictly inside that one's complement, so a steady load
 cannot flip back and forth (between `room` and `high` neither fires).
@@ -289,9 +293,13 @@ class RolePolicy:
     # ---- the split: all- or partly-mixed toward prefill + decode at light load -------------
     def _split_move(self, ready: list[WorkerLoad], p: Pressures, now: float) -> tuple | None:
         """The one-step move out of mixed whose side losing the worker keeps room:
-        (worker, to_role, that side, its pressure after the move), or None. Without a prefill
-        worker (and mixed workers keeping what they prefill) only mixed -> prefill (a decode
-        worker would go unfed); with both kinds, the move leaving the lower pressure."""
+        (worker, to_role, that side, its pressure after it, the decode occupancy), or None.
+        Only toward a role no ready worker has yet: the split makes one prefill and one
+        decode worker (with two workers, disaggregation) and leaves any others mixed (past
+        that, light-load pressures cannot tell whether a further split would leave either
+        side enough capacity once the load grows; the line's moves reshape it under load).
+        Without a prefill worker (and mixed workers keeping what they prefill) mixed ->
+        prefill first (a decode worker would go unfed)."""
         cands = [w for w in ready if w.role == "mixed" and self._settled(w, now)]
         if not cands:
             return None
@@ -300,11 +308,11 @@ class RolePolicy:
         occupancy = sum(decode_occupancy(w) for w in d_rows) / len(d_rows)
         if p.prefill >= self.room or occupancy >= self.room:  # both sides need room now already
             return None
-        moves = []
+        moves, roles = [], {w.role for w in ready}
         for to_role, rows, pressure, key in (
                 ("prefill", d_rows, occupancy, lambda w: (w.running_reqs + w.waiting_reqs, w.worker_id)),
                 ("decode", p_rows, p.prefill, lambda w: (w.queued_prefill_tokens, w.worker_id))):
-            if len(rows) < 2:
+            if len(rows) < 2 or to_role in roles:  # it stops at one prefill and one decode worker
                 continue
             after = pressure * len(rows) / (len(rows) - 1)
             able = [w for w in cands if not self._starves(ready, w, to_role)]
