@@ -1,6 +1,7 @@
 """Adaptive roles: the pure RolePolicy (hysteresis, dwell, reasons, no role starved) and the
 FlipPlan pieces it needs (flips to mixed in place, capability-aware minimums)."""
 
+import dataclasses
 import itertools
 import random
 
@@ -293,3 +294,20 @@ def test_the_split_stops_at_one_prefill_and_one_decode_worker():
         if d is not None:
             roles[d.worker_id] = d.to_role
     assert sorted(roles.values()) == ["decode", "mixed", "mixed", "prefill"]
+
+
+def test_no_split_while_prompts_keep_the_prefill_side_busy():
+    """Short queues, empty slots, prompts interleaved, but the mixed workers spend 60% of their
+    time on prompt tokens (`prefill_busy_s` grows 0.6 s per second): the side would lack
+    capacity after a split, so none; at 20% it splits."""
+    for busy, want in ((0.6, []), (0.2, ["prefill"])):
+        policy = RolePolicy(BUSY, dwell_s=1.0, tpot_s=0.1, mixed_hands_off=False)
+        moves = []
+        for k in range(30):
+            loads = [dataclasses.replace(mixed_row(w, "mixed", running=3, steps=k), prefill_busy_s=busy * k * 0.1)
+                     for w in (0, 1)]
+            d = policy.decide(loads, k * 0.1)
+            if d is not None:
+                moves.append(d.to_role)
+                break
+        assert moves == want, busy

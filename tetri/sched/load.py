@@ -71,6 +71,9 @@ class WorkerLoad:
     interleaved_steps: int = 0
     """Mixed cores: steps that ran prompt tokens beside at least one decode, since the worker
     started (each such step slowed those decodes: the role policy's interference signal)."""
+    prefill_busy_s: float = 0.0
+    """Seconds the worker spent in steps that computed prompt tokens, since it started (its
+    prefill busy fraction over a window: the role policy's split reads it)."""
 
     @property
     def alive(self) -> bool:

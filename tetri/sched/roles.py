@@ -45,14 +45,19 @@ when every side has room now (prefill pressure and decode *occupancy*, the fulle
 blocks, < `room`; decode pressure with its pace < `high`), the side losing the worker would still
 have room after the move (its pressure x n / (n - 1) < `room`), and prompts are actually being
 interleaved with decodes on the mixed workers (a mixed row with queued prompt tokens while it
-runs decodes, or its `interleaved_steps` counter grew within `worker_dwell_s`), held for
+runs decodes, or its `interleaved_steps` counter grew within `worker_dwell_s`), and the prefill
+side's busy fraction over the hold (the growth of `prefill_busy_s`, seconds of steps that ran
+prompt tokens, per second; x n / (n - 1) when it loses the worker) stays below `room` (queue
+lengths alone cannot tell a chunked mixed worker that prefills as fast as prompts come from one
+that has no capacity to spare: in the simulator, 8 x H200 at 140 req/s, the split without
+it cost 14% goodput), held for
 `in_place_dwell_s` (the flip drains nothing): one mixed worker one step out of mixed, toward a
 role no worker has yet: mixed -> prefill (fewest requests) while there is no prefill worker,
 then mixed -> decode (the shortest prompt queue) while there is no decode worker. Two mixed
 workers thus become prefill + mixed, then prefill + decode; more keep the rest mixed (one
 prefill and one decode worker beside them: a further split is a capacity bet light-load
 pressures cannot judge; in the simulator, 8 x H200 at 140 req/s, splitting all of them lost
-up to 23% goodput). Its reverse is the line's
+up to 23% goodput before the busy-fraction check). Its reverse is the line's
 move toward mixed when a side is starved (pressure >= `high`); the split's condition (every
 pressure after it < `room` < `high`) lies strictly inside that one's complement, so a steady load
 cannot flip back and forth (between `room` and `high` neither fires).
@@ -150,8 +155,9 @@ class RolePolicy:
         self._since: tuple[str, float] | None = None
         """(the starved side, since when) while one side has been starved continuously."""
         self._last_flip_s: dict[int, float] = {}
-        self._split_since: tuple[float, frozenset[int]] | None = None
-        """While the split's room holds: (since when, the mixed workers then)."""
+        self._split_since: tuple[float, frozenset[int], dict[int, float]] | None = None
+        """While the split's room holds: (since when, the mixed workers then, every ready
+        worker's prefill_busy_s then)."""
         self._interleaved_s: float | None = None
         """When prompts were last seen interleaved with decodes on a mixed worker."""
         self._steps_seen: dict[int, int] = {}
@@ -343,11 +349,19 @@ class RolePolicy:
             self._split_since = None
             return None
         if self._split_since is None or self._split_since[1] != mixed:
-            self._split_since = (now, mixed)
-        held_s = now - self._split_since[0]
+            self._split_since = (now, mixed, {w.worker_id: w.prefill_busy_s for w in ready})
+            return None
+        since, _, busy_then = self._split_since
+        held_s = now - since
         recent = self._interleaved_s is not None and now - self._interleaved_s <= max(self.worker_dwell_s,
                                                                                        self.dwell_s)
         if held_s < self.in_place_dwell_s or not recent:
+            return None
+        p_rows = [w for w in ready if w.role in CAN_PREFILL]
+        busy = sum(min(1.0, max(0.0, w.prefill_busy_s - busy_then.get(w.worker_id, w.prefill_busy_s)) / held_s)
+                   for w in p_rows) / len(p_rows)  # the prefill side's busy fraction over the hold
+        busy_after = busy * len(p_rows) / (len(p_rows) - 1) if move[1] == "decode" else busy
+        if busy_after >= self.room:  # prompts keep the prefill side busy: it would lack capacity
             return None
         worker, to_role, losing, after, occupancy = move
         self._split_since = None
@@ -356,7 +370,8 @@ class RolePolicy:
                             f"split after {held_s:.1f} s of light load with prompts interleaved with decodes on "
                             f"mixed workers: prefill pressure {p.prefill:.2f} and decode occupancy {occupancy:.2f} "
                             f"< {self.room:g} (decode pressure {p.decode:.2f} < {self.high:g}), {losing} side "
-                            f"{after:.2f} < {self.room:g} after it; worker {worker.worker_id} mixed -> {to_role}")
+                            f"{after:.2f} and prefill busy {busy_after:.2f} < {self.room:g} after it; "
+                            f"worker {worker.worker_id} mixed -> {to_role}")
 
     def _reason(self, side: str, p: Pressures, worker: WorkerLoad, to_role: str, held_s: float) -> str:
         move = f"worker {worker.worker_id} {worker.role} -> {to_role}"

@@ -157,6 +157,7 @@ class PDWorker(SimWorker):
         self.prefill = PrefillSide(self)
         self.decode = DecodeSide(self)
         self.interleaved_steps = 0
+        self.prefill_busy_s = 0.0
 
     # ---- the front's messages (the cluster kicks the worker after delivering them) ---------
     def submit_plan(self, msg) -> None:
@@ -180,7 +181,10 @@ class PDWorker(SimWorker):
         if self.role == "mixed" or self._mixed_leftover():
             return self._plan_mixed(now)
         side = self.prefill if self.role == "prefill" else self.decode
-        return side.plan(now)
+        plan = side.plan(now)
+        if plan is not None and self.role == "prefill":  # the board's prefill_busy_s (RolePolicy split)
+            self.prefill_busy_s += plan[0]
+        return plan
 
     def _mixed_leftover(self) -> bool:
         """(In-place flips out of mixed, as `tetri.workers.side_cores`.) The old mixed core's
@@ -204,6 +208,7 @@ class PDWorker(SimWorker):
         self.interleaved_steps += bool(run and pieces)  # the board's interference signal (RolePolicy split)
         shape = add_shapes(self.decode.shape(run), self.prefill.shape(pieces))
         duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0) + self.take_host_copy_s()
+        self.prefill_busy_s += duration_s if pieces else 0.0
 
         def apply(end_s: float) -> None:
             self.decode._end(run, end_s)
@@ -222,11 +227,13 @@ class PDWorker(SimWorker):
             return self.base_load(queued_prefill_tokens=self.prefill.queued_tokens,  # (+ decodes left by a flip
                                   running_reqs=len(self.prefill.queued) + len(d.running) + len(d.resuming),
                                   waiting_reqs=len(self.prefill.holding) + len(d.waiting) + len(d.recompute)
-                                  + len(d.swap.swapped), interleaved_steps=self.interleaved_steps)  # out of mixed)
+                                  + len(d.swap.swapped), interleaved_steps=self.interleaved_steps,  # out of mixed)
+                                  prefill_busy_s=self.prefill_busy_s)
         # (a decode worker's prefill side is empty but for prompts left by a flip out of mixed)
         queued = self.prefill.queued_tokens if self.role != "prefill" else 0
         prompts = len(self.prefill.queued) if self.role != "prefill" else 0
         return self.base_load(queued_prefill_tokens=queued, running_reqs=len(d.running) + len(d.resuming),
                               waiting_reqs=len(d.waiting) + len(d.recompute) + len(d.swap.swapped) + prompts,
                               predicted_decode_tokens=d.predicted_tokens, heavy_decodes=d.heavy,
-                              light_decodes=d.num_reqs - d.heavy, interleaved_steps=self.interleaved_steps)
+                              light_decodes=d.num_reqs - d.heavy, interleaved_steps=self.interleaved_steps,
+                              prefill_busy_s=self.prefill_busy_s)

@@ -77,6 +77,8 @@ class MixedCore:
         self._swap_blocked: tuple | None = None  # rank of the most senior swapped seq waiting for blocks
         self.interleaved_steps = 0
         """Steps that ran prompt tokens beside decodes (the board's `interleaved_steps`)."""
+        self.prefill_busy_s = 0.0
+        """Seconds of steps that ran prompt tokens (the board's `prefill_busy_s`)."""
 
     # ---- admission -------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
@@ -161,6 +163,7 @@ class MixedCore:
         prefill_tokens = sum(p.num_tokens for _, p, _ in pieces)
         self.interleaved_steps += bool(prefill_tokens and decodes)
         if prefill_tokens:  # a step that prefills: its seconds per token, decodes counted as one each
+            self.prefill_busy_s += time.perf_counter() - start
             self.costs.add_prefill(prefill_tokens + len(decodes), time.perf_counter() - start)
         if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
             for (seq, _, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):

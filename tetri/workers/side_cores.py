@@ -153,6 +153,7 @@ def board_fields(node, fields: dict) -> dict:
             fields["running_reqs"] = fields.get("running_reqs", 0) + len(core.running)
             fields["waiting_reqs"] = fields.get("waiting_reqs", 0) + core.num_waiting
             fields["interleaved_steps"] = fields.get("interleaved_steps", 0) + core.interleaved_steps
+            fields["prefill_busy_s"] = fields.get("prefill_busy_s", 0.0) + core.prefill_busy_s
             for key, value in (("preemptions_swap", core.swaps), ("preemptions_recompute", core.recomputes),
                                ("swapped_reqs", len(core.swapped))):
                 fields[key] = fields.get(key, 0) + value
