@@ -46,8 +46,8 @@ blocks, < `room`; decode pressure with its pace < `high`), the side losing the w
 have room after the move (its pressure x n / (n - 1) < `room`), and prompts are actually being
 interleaved with decodes on the mixed workers (a mixed row with queued prompt tokens while it
 runs decodes, or its `interleaved_steps` counter grew within `worker_dwell_s`), and the prefill
-side's busy fraction over the hold (the growth of `prefill_busy_s`, seconds of steps that ran
-prompt tokens, per second; x n / (n - 1) when it loses the worker) stays below `room` (queue
+side's busy fraction over the last `dwell_s` (the growth of `prefill_busy_s`, seconds of steps
+that ran prompt tokens, per second; x n / (n - 1) when it loses the worker) stays below `room` (queue
 lengths alone cannot tell a chunked mixed worker that prefills as fast as prompts come from one
 that has no capacity to spare: in the simulator, 8 x H200 at 140 req/s, the split without
 it cost 14% goodput), held for
@@ -73,6 +73,7 @@ them a decode worker. All-mixed thus reaches prefill + decode (+ mixed), with tw
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from tetri.sched.dispatch import load_share, slot_cap
@@ -155,13 +156,14 @@ class RolePolicy:
         self._since: tuple[str, float] | None = None
         """(the starved side, since when) while one side has been starved continuously."""
         self._last_flip_s: dict[int, float] = {}
-        self._split_since: tuple[float, frozenset[int], dict[int, float]] | None = None
-        """While the split's room holds: (since when, the mixed workers then, every ready
-        worker's prefill_busy_s then)."""
+        self._split_since: tuple[float, frozenset[int]] | None = None
+        """While the split's room holds: (since when, the mixed workers then)."""
         self._interleaved_s: float | None = None
         """When prompts were last seen interleaved with decodes on a mixed worker."""
         self._steps_seen: dict[int, int] = {}
         """Each worker's `interleaved_steps` at the last decision call."""
+        self._busy_marks: deque[tuple[float, dict[int, float]]] = deque()
+        """(when, every worker's prefill_busy_s) at each call, over the last `dwell_s` or so."""
 
     def starved_side(self, p: Pressures) -> str | None:
         if p.prefill >= self.high and p.decode >= self.high:
@@ -338,6 +340,20 @@ class RolePolicy:
             self._steps_seen[w.worker_id] = w.interleaved_steps
             if grew or (w.role == "mixed" and w.queued_prefill_tokens and w.running_reqs):
                 self._interleaved_s = now
+        self._busy_marks.append((now, {w.worker_id: w.prefill_busy_s for w in loads}))
+        while len(self._busy_marks) > 1 and now - self._busy_marks[1][0] >= self.dwell_s:
+            self._busy_marks.popleft()  # keep one mark at least dwell_s old (the window's start)
+
+    def _prefill_busy(self, p_rows: list[WorkerLoad], now: float) -> float | None:
+        """The prefill-capable workers' mean busy fraction on prompt tokens over the last
+        `dwell_s` (the growth of `prefill_busy_s` per second); None before a window of
+        `in_place_dwell_s` was seen."""
+        then_s, busy_then = self._busy_marks[0]
+        window_s = now - then_s
+        if window_s <= 0 or window_s < self.in_place_dwell_s:
+            return None
+        return sum(min(1.0, max(0.0, w.prefill_busy_s - busy_then.get(w.worker_id, w.prefill_busy_s)) / window_s)
+                   for w in p_rows) / len(p_rows)
 
     def _split(self, ready: list[WorkerLoad], p: Pressures, now: float) -> FlipDecision | None:
         """Light load on mixed workers that interleave prompts with decodes (see the module
@@ -349,17 +365,14 @@ class RolePolicy:
             self._split_since = None
             return None
         if self._split_since is None or self._split_since[1] != mixed:
-            self._split_since = (now, mixed, {w.worker_id: w.prefill_busy_s for w in ready})
-            return None
-        since, _, busy_then = self._split_since
-        held_s = now - since
+            self._split_since = (now, mixed)
+        held_s = now - self._split_since[0]
         recent = self._interleaved_s is not None and now - self._interleaved_s <= max(self.worker_dwell_s,
                                                                                        self.dwell_s)
-        if held_s < self.in_place_dwell_s or not recent:
-            return None
         p_rows = [w for w in ready if w.role in CAN_PREFILL]
-        busy = sum(min(1.0, max(0.0, w.prefill_busy_s - busy_then.get(w.worker_id, w.prefill_busy_s)) / held_s)
-                   for w in p_rows) / len(p_rows)  # the prefill side's busy fraction over the hold
+        busy = self._prefill_busy(p_rows, now)
+        if held_s < self.in_place_dwell_s or not recent or busy is None:
+            return None
         busy_after = busy * len(p_rows) / (len(p_rows) - 1) if move[1] == "decode" else busy
         if busy_after >= self.room:  # prompts keep the prefill side busy: it would lack capacity
             return None
