@@ -44,7 +44,8 @@ class Cluster:
         seed = self.nodes[0].ex.hash_seed
         self.front = FrontScheduler(FrontConfig(chunk_size=chunk_size, request_timeout_s=request_timeout_s,
                                                 prefix_caching=prefix_caching, prefix_hash_seed=seed,
-                                                dispatch_policy=dispatch_policy, global_policy=global_policy),
+                                                dispatch_policy=dispatch_policy, global_policy=global_policy,
+                                                heavy_decode_tokens=heavy_decode_tokens),  # as tetri/cli.py
                                     random.Random(0), predictor=predictor, flip=flip)
         self.to_workers: dict[int, deque] = {w: deque() for w in self.nodes}
         self.to_front: deque = deque()

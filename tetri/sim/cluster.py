@@ -92,7 +92,7 @@ class Cluster:
         self.loop.at(self.loop.now + self.cfg.flip_interval_s, self._flip_tick)
 
     def loads(self) -> list[WorkerLoad]:
-        return [w.load() for w in self.workers]
+        return [w.board_row() for w in self.workers]
 
     # ---- requests in ---------------------------------------------------------------
     def arrive(self, req: SimRequest) -> None:

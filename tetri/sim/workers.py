@@ -10,6 +10,15 @@ Workers talk to the front in the real protocol (`tetri.protocol`): `receive` tak
 front's messages (ChunkPlan, SubmitMixed, Handoff, Release, Abort, SetRole); the tokens a
 step emitted leave at its end as one `TokenBatch` (a prefill worker's first tokens ride on
 its `ChunkDone` instead), through the cluster's hooks to `SimFront`.
+
+The load board (`board_row`, what the front reads): a decode worker's row is published where
+the real worker shell writes it (`tetri/workers/proc.py`: drain the socket, step, write the
+row): at the end of each step, with the step's effects and not the messages that came during
+it (they wait, as in the socket, and are handled right after the write), and when messages
+were handled and no step follows. So a handoff shows on its decode worker's row from the end
+of the step that admits it (or of the first idle turn), never from the start of a step, and
+the front picks level 2 from the same rows as on the real server. Other roles' rows are
+their live state.
 """
 
 from __future__ import annotations
@@ -145,11 +154,32 @@ class SimWorker:
         self.out_ids: list[str] = []
         self.out_reasons: list[str | None] = []
         """Tokens emitted in this step (request, finish reason): the step's TokenBatch."""
+        self.row: WorkerLoad | None = None
+        """The decode role's load-board row as last published (`board_row`)."""
+        self.inbox: list = []
+        """The decode role: the front's messages that came during the step under way."""
 
     # ---- the front's messages ----------------------------------------------------
     def receive(self, msg) -> None:
-        """One message from the front (the caller kicks the worker after delivering them all)."""
+        """One message from the front (the caller kicks the worker after delivering them all);
+        a decode worker in a step handles it after the step's row is written (`board_row`)."""
+        if self.busy and self.role == "decode":
+            self.inbox.append(msg)
+            return
         getattr(self, _HANDLERS[type(msg)])(msg)
+
+    # ---- the load board ------------------------------------------------------------
+    def board_row(self) -> WorkerLoad:
+        """The row the front reads: a decode worker's as last published, others' live."""
+        if self.role != "decode":
+            return self.load()
+        if self.row is None or self.row.role != "decode":  # first read, or just flipped (idle)
+            self.publish()
+        return self.row
+
+    def publish(self) -> None:
+        """The real shell's row write, at the end of a loop turn (the module doc)."""
+        self.row = self.load() if self.role == "decode" else None  # (another role's row is live)
 
     def set_role(self, msg: SetRole) -> None:
         self.env.hooks.set_role(self, msg.role)
@@ -171,6 +201,7 @@ class SimWorker:
             return
         plan = self.plan_step(self.env.loop.now)
         if plan is None:
+            self.publish()  # messages handled, no step: the shell writes the row after the turn
             return
         duration_s, apply = plan
         self.step_s += STEP_EWMA * (duration_s - self.step_s)
@@ -182,6 +213,10 @@ class SimWorker:
     def _end_step(self, apply: Callable[[float], None]) -> None:
         self.busy = False
         apply(self.env.loop.now)
+        self.publish()  # the row: this step's effects, before what came during it
+        inbox, self.inbox = self.inbox, []
+        for msg in inbox:
+            self.receive(msg)
         if self.out_ids:
             ids, reasons, self.out_ids, self.out_reasons = self.out_ids, self.out_reasons, [], []
             zeros = [0] * len(ids)
