@@ -54,7 +54,7 @@ class FrontScheduler:
         self.flip_policy = flip
         self.flip_plan: FlipPlan | None = None
         self.adaptive = isinstance(flip, RolePolicy)
-        """--mode auto: flips to mixed happen in place, and mixed workers take handoffs."""
+        """--mode auto: flips to and from mixed happen in place, and mixed workers take handoffs."""
         self.role_decisions: list[tuple[float, FlipDecision]] = []
         """(when, decision) of every flip begun; the engine client reports and clears them."""
         self.prefix_index = PrefixIndex()
@@ -83,7 +83,7 @@ class FrontScheduler:
             if self.flip_plan is None:  # adaptive: mixed workers flip too
                 roles = ("prefill", "decode", "mixed") if self.adaptive else ("prefill", "decode")
                 self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in roles},
-                                          in_place_to_mixed=self.adaptive)
+                                          in_place_to_mixed=self.adaptive, in_place_out_of_mixed=self.adaptive)
             loads = self.flip_plan.view(loads)
         return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
@@ -290,11 +290,12 @@ class FrontScheduler:
         if decision is not None and plan.begin(decision):
             self.role_decisions.append((now, decision))
         for order in plan.poll(loads):
-            if not (plan.in_place_to_mixed and order.to_role == "mixed"):
+            if not plan.in_place(order.from_role, order.to_role):
                 # drained: every request it held is done, so our packer for it is empty
                 self.packers.pop(order.worker_id, None)
                 self.outstanding.pop(order.worker_id, None)
-            # (in place: the packer keeps feeding the worker's old prefill core until empty)
+            # (in place: the packer keeps feeding the worker's old prefill core until empty; out
+            # of mixed, a new prefill role's packer is made at its first prompt)
             self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role
             self.decode_index.forget(order.worker_id)
             acts.send(order.worker_id, SetRole(role=order.to_role))

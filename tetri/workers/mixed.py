@@ -82,6 +82,10 @@ class MixedCore:
         self.costs = CostMeter()
         self.swaps = self.recomputes = 0
         self._swap_blocked: tuple | None = None  # rank of the most senior swapped seq waiting for blocks
+        self.interleaved_steps = 0
+        """Steps that ran prompt tokens beside decodes (the board's `interleaved_steps`)."""
+        self.prefill_busy_s = 0.0
+        """Seconds of steps that ran prompt tokens (the board's `prefill_busy_s`)."""
 
     # ---- admission -------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
@@ -167,7 +171,9 @@ class MixedCore:
         sampled = self.ex.run(segments, samplers)
         step_s = time.perf_counter() - start
         prefill_tokens = sum(p.num_tokens for _, p, _ in pieces)
+        self.interleaved_steps += bool(prefill_tokens and decodes)
         if prefill_tokens:  # a step that prefills: its seconds per token, decodes counted as one each
+            self.prefill_busy_s += step_s
             self.costs.add_prefill(prefill_tokens + len(decodes), step_s)
         computed_tokens = sum(p.start + p.num_tokens - begin for _, p, begin in pieces)
         self.largest_prompt_step = max(self.largest_prompt_step, computed_tokens)
