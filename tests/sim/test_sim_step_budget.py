@@ -25,9 +25,10 @@ def test_auto_sizes_mixed_steps_to_the_declared_tpot(h200_cost, make_requests):
     # 2 all-mixed H200s, long prompts arriving fast: 512-token chunks queue prompts up
     reqs = make_requests(120, 60.0, (500, 2500), (20, 200), seed=5)
     chunked = simulate(reqs, SimConfig(mode="colocated-chunked", num_gpus=2), h200_cost)
-    loose = simulate(reqs, SimConfig(mode="auto", num_gpus=2, step_tpot_s=0.05), h200_cost)
-    tight = simulate(reqs, SimConfig(mode="auto", num_gpus=2, step_tpot_s=0.025), h200_cost)
-    assert loose.stats["flips"] == 0 and tight.stats["flips"] == 0  # the budget, not the roles, differs
+    # roles held (role_dwell_s: no flips): the budget, not the roles, is what differs
+    loose = simulate(reqs, SimConfig(mode="auto", num_gpus=2, step_tpot_s=0.05, role_dwell_s=1e9), h200_cost)
+    tight = simulate(reqs, SimConfig(mode="auto", num_gpus=2, step_tpot_s=0.025, role_dwell_s=1e9), h200_cost)
+    assert loose.stats["flips"] == 0 and tight.stats["flips"] == 0
     (c_ttft, c_tpot), (l_ttft, l_tpot), (t_ttft, t_tpot) = map(_figures, (chunked, loose, tight))
     assert all(r.ok for r in loose.records + tight.records)
     assert l_ttft < 0.7 * c_ttft  # a 50 ms TPOT leaves room for steps of several chunks
@@ -47,7 +48,7 @@ def test_fixed_unless_auto_or_opted_in(h200_cost, make_requests):
     assert [r.ttft_s for r in chunked.records] == [r.ttft_s for r in base.records]
     assert _figures(opted)[0] < _figures(base)[0]
     # auto without a declared TPOT: the fixed chunk, as colocated-chunked
-    auto = simulate(reqs, SimConfig(mode="auto", num_gpus=2), h200_cost)
+    auto = simulate(reqs, SimConfig(mode="auto", num_gpus=2, role_dwell_s=1e9), h200_cost)
     assert [r.ttft_s for r in auto.records] == [r.ttft_s for r in base.records]
 
 
