@@ -311,3 +311,17 @@ def test_no_split_while_prompts_keep_the_prefill_side_busy():
                 moves.append(d.to_role)
                 break
         assert moves == want, busy
+
+
+def test_prefill_plus_decode_returns_to_all_mixed_when_decode_starves():
+    """1 prefill + 1 decode (the split's end on two workers) under decode starvation: the
+    prefill worker may not go mixed first (the decode worker would go unfed), so the decode
+    worker goes mixed first, then the prefill worker: all-mixed, both decoding."""
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=0.0, mixed_hands_off=False)
+    rows = [row(0, "prefill"), row(1, "decode", running=95)]
+    decisions = [d for d in (policy.decide(rows, t * 0.5) for t in range(4)) if d]  # the board unchanged
+    assert {(d.worker_id, d.from_role, d.to_role) for d in decisions} == {(1, "decode", "mixed")}
+    assert decisions[0].reason.startswith("decode starved")
+    rows = [row(0, "prefill"), row(1, "mixed", running=95)]
+    decisions = [d for d in (policy.decide(rows, 2.0 + t * 0.5) for t in range(4)) if d]
+    assert {(d.worker_id, d.from_role, d.to_role) for d in decisions} == {(0, "prefill", "mixed")}

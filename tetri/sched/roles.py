@@ -250,6 +250,8 @@ class RolePolicy:
         if side == "decode" and self._interference(ready):
             return self._unmix(ready, p, now, held_s)
         worker = self._pick(ready, side, now)
+        if worker is None and side == "decode" and not self.mixed_hands_off:
+            return self._remix(ready, p, now, held_s)
         if worker is None or (worker.role == "mixed" and held_s < self.dwell_s):
             return None
         to_role = self._to_role(side, worker)
@@ -258,6 +260,25 @@ class RolePolicy:
         self._since = None
         self._last_flip_s[worker.worker_id] = now
         return FlipDecision(worker.worker_id, worker.role, to_role, self._reason(side, p, worker, to_role, held_s))
+
+    def _remix(self, ready: list[WorkerLoad], p: Pressures, now: float, held_s: float) -> FlipDecision | None:
+        """Decode starved where the line's moves are refused: a prefill worker may not go mixed
+        while it is the only one feeding a decode worker (mixed workers keep what they prefill),
+        so e.g. 1 prefill + 1 decode could never return to all-mixed. The way back is the
+        decode worker -> mixed first (in place: it keeps decoding and the prefill worker keeps
+        feeding it; it takes prompts too), after which the prefill worker may go mixed."""
+        cands = [w for w in ready if w.role == "decode" and self._settled(w, now)
+                 and any(o.role == "prefill" for o in ready)]
+        if not cands:
+            return None
+        worker = min(cands, key=lambda w: (decode_pressure(w), w.worker_id))
+        self._since = None
+        self._last_flip_s[worker.worker_id] = now
+        return FlipDecision(worker.worker_id, "decode", "mixed",
+                            f"decode starved for {held_s:.1f} s: decode pressure {p.decode:.2f} >= {self.high:g} "
+                            f"while prefill pressure {p.prefill:.2f} < {self.room:g}; worker {worker.worker_id} "
+                            f"decode -> mixed (no prefill worker may go mixed while it alone feeds a decode "
+                            f"worker: this one goes first)")
 
     def _interference(self, ready: list[WorkerLoad]) -> bool:
         """Decode starved by pace alone on mixed workers that keep what they prefill (see the
