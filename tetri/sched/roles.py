@@ -37,7 +37,10 @@ remaining workers (pressure x n / (n - 1)), and needs `dwell_s` of hold; a move 
 worker able to prefill or to decode (`FlipPlan.begin` checks the same; an in-place flip keeps
 what its new role does). With `mixed_hands_off=False` (tetri-serve and the simulator: mixed
 workers keep every request they prefill), never a decision that leaves a decode worker with no
-prefill worker to feed it (it would sit idle while the others work).
+prefill worker to feed it (it would sit idle while the others work). Where that refuses every
+move of a decode-starved load (1 prefill + 1 decode: the prefill worker may not go mixed while
+it alone feeds the decode worker), the decode worker goes mixed first (in place; the prefill
+worker keeps feeding it), and a later hold moves the prefill worker: back to all-mixed.
 
 The split (light load, issue 19: on the CPU disaggregation beat colocated on TPOT p99 and JCT
 below capacity, and auto, started all-mixed by tetri-plan, never left it). With no side starved:
