@@ -285,15 +285,20 @@ def test_split_and_merge_cannot_oscillate():
     assert {("mixed", "prefill"), ("mixed", "decode"), ("prefill", "mixed")} <= seen  # both moves were exercised
 
 
-def test_the_split_stops_at_one_prefill_and_one_decode_worker():
-    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
-    roles = dict.fromkeys(range(4), "mixed")
-    for k in range(100):
-        loads = [mixed_row(w, r, queued=0, running=0 if r == "prefill" else 4, steps=k) for w, r in roles.items()]
-        d = policy.decide(loads, k * 0.1)
-        if d is not None:
-            roles[d.worker_id] = d.to_role
-    assert sorted(roles.values()) == ["decode", "mixed", "mixed", "prefill"]
+def test_the_split_only_when_it_leaves_no_mixed_worker():
+    """Two mixed workers split into prefill + decode; four (or 1 prefill + 2 mixed + 1 decode)
+    do not: a partial split leaves the others interleaving prompts with decodes."""
+    for start, want in ((["mixed"] * 2, ["decode", "prefill"]), (["mixed"] * 4, ["mixed"] * 4),
+                        (["prefill", "mixed", "mixed", "decode"], ["decode", "mixed", "mixed", "prefill"]),
+                        (["prefill", "mixed", "mixed"], ["mixed", "mixed", "prefill"])):
+        policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+        roles = dict(enumerate(start))
+        for k in range(100):
+            loads = [mixed_row(w, r, queued=0, running=0 if r == "prefill" else 4, steps=k) for w, r in roles.items()]
+            d = policy.decide(loads, k * 0.1)
+            if d is not None:
+                roles[d.worker_id] = d.to_role
+        assert sorted(roles.values()) == want, start
 
 
 def test_no_split_while_prompts_keep_the_prefill_side_busy():
