@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slo-tpot", type=float, default=0.05,
                    help="declared TPOT SLO in seconds (--mode auto: its plan, and the pace the role policy holds "
                         "decode steps to)")
+    g.add_argument("--step-budget", default=None, choices=("fixed", "slo"),
+                   help="mixed steps' prompt tokens: slo fits them to --slo-tpot by the measured step times "
+                        "(tetri.sched.step_budget), fixed is --chunk-size (default: slo for --mode auto, else fixed)")
     g.add_argument("--plan-flags", default=None, metavar="FLAGS",
                    help="--mode auto: further tetri-plan flags for the start, e.g. \"--trace FILE --calibration F\" "
                         "(default: the mixed workload; on CPU the uncalibrated cpu preset)")
@@ -187,6 +190,13 @@ def auto_roles(args, n: int) -> list[str]:
     args.auto_start = dict(source="tetri-plan", pick=start.label, max_rate=start.max_rate,
                            simulations=start.simulations, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
     return start.roles
+
+
+def step_budget_fields(args) -> dict:
+    """Mixed steps' prompt budget (EngineSchedConfig): --step-budget, default slo for --mode
+    auto (its declared --slo-tpot), fixed (--chunk-size, as before) for every other mode."""
+    mode = args.step_budget or ("slo" if args.mode == "auto" else "fixed")
+    return {"step_budget": mode, "step_tpot_s": args.slo_tpot if mode == "slo" else None}
 
 
 def role_policy(args):
@@ -278,7 +288,8 @@ def build_engine(args):
                         enable_prefix_caching=args.enable_prefix_caching,
                         kv_offloading_size=args.kv_offloading_size, swap_space=args.swap_space)
     sched = EngineSchedConfig(chunk_size=args.chunk_size, max_num_seqs=args.max_num_seqs, decode_policy=args.decode_policy,
-                              heavy_decode_tokens=args.heavy_decode_tokens, preemption_mode=args.preemption_mode)
+                              heavy_decode_tokens=args.heavy_decode_tokens, preemption_mode=args.preemption_mode,
+                              **step_budget_fields(args))
     front = FrontConfig(chunk_size=args.chunk_size, prefill_policy=args.prefill_policy,
                         prefill_sched_batch=args.prefill_sched_batch, global_policy=args.global_policy,
                         dispatch_policy=args.dispatch_policy, heavy_decode_tokens=args.heavy_decode_tokens,

@@ -83,9 +83,24 @@ class EngineSchedConfig:
     preemption_mode: str = "auto"
     """A decode worker's preempted request: "swap" its KV to the host (needs swap_space),
     "recompute" it, or "auto": whichever measured cost is lower (`tetri.sched.swap`)."""
+    step_budget: str = "fixed"
+    """A mixed step's prompt tokens: "fixed" (chunk_size) or "slo" (the largest budget whose
+    step, fitted to the measured step times, fits step_tpot_s; `tetri.sched.step_budget`)."""
+    step_tpot_s: float | None = None
+    """The declared TPOT SLO the "slo" step budget holds mixed steps to (None: fixed)."""
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, "chunk_size must be >= 1")
+        _require(self.step_budget in ("fixed", "slo"), "step_budget must be fixed or slo")
+        _require(self.step_tpot_s is None or self.step_tpot_s > 0, "step_tpot_s must be > 0")
+
+    @property
+    def max_step_prompt_tokens(self) -> int:
+        """Most prompt tokens one mixed step may carry: what the CUDA memory profile sizes the
+        activations for (the "slo" step budget's cap, `tetri.sched.step_budget.MAX_CHUNKS`)."""
+        from tetri.sched.step_budget import MAX_CHUNKS
+
+        return self.chunk_size * (MAX_CHUNKS if self.step_budget == "slo" and self.step_tpot_s else 1)
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.heavy_decode_tokens >= 0, "heavy_decode_tokens must be >= 0")
         _require(self.preemption_mode in ("auto", "swap", "recompute"), "preemption_mode must be auto, swap or recompute")

@@ -32,9 +32,11 @@ class LLM:
                  num_blocks: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 256, seed: int = 0, check_invariants: bool = False,
                  attention: str = "auto", enforce_eager: bool = False, enable_prefix_caching: bool = True,
-                 kv_offloading_size: float = 0.0) -> None:
+                 kv_offloading_size: float = 0.0, step_budget: str = "fixed",
+                 step_tpot_s: float | None = None) -> None:
         model_dir = resolve_model_dir(model, dtype, device)
-        sched = EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs)
+        sched = EngineSchedConfig(chunk_size=chunk_size, max_num_seqs=max_num_seqs, step_budget=step_budget,
+                                  step_tpot_s=step_tpot_s)  # "slo": steps sized to step_tpot_s (step_budget)
         self.executor = Executor(
             ModelConfig(model=model_dir, dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
                         attention=attention, enforce_eager=enforce_eager),

@@ -43,7 +43,7 @@ class ServerProc:
                     return self
             except OSError:
                 pass
-            time.sleep(0.3)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"tetri-serve not healthy in {self.ready_timeout_s}s:\n{self.log_tail()}")
 

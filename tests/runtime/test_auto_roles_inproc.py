@@ -34,7 +34,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 MAX_TOKENS = 8
-BATCHES = {"r": prompts(6), "s": prompts(2, seed=1), "t": prompts(5, seed=2)}
+BATCHES = {"r": prompts(6), "s": prompts(2, seed=1), "t": prompts(5, seed=2), "u": prompts(4, seed=3),
+           "v": prompts(3, seed=4), "w": prompts(3, seed=5)}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_in_place_flips_to_mixed_and_a_drain_back_lose_nothing(default_model_dir
     assert not cl.nodes[0].side.get("prefill") and not cl.nodes[2].side.get("prefill")
     assert cl.tokens == {k: v for k, v in want.items() if k[0] == "r"}  # greedy tokens as without flips
     assert ("Handoff", "mixed") in {(kind, role) for _, role, kind in cl.sent}  # a mixed worker took handoffs
-    # a drain out of mixed: worker 0 back to prefill once it holds nothing
+    # a flip out of mixed (in place in auto mode): worker 0 back to prefill
     policy.queue.append(FlipDecision(0, "mixed", "prefill", "decode starved (test)"))
     for i, p in enumerate(BATCHES["s"]):
         cl.submit(f"s{i}", p, max_tokens=MAX_TOKENS)
@@ -122,3 +123,58 @@ def test_mixed_worker_takes_handoffs_and_an_abort_mid_flip(default_model_dir, lo
     assert "t2" not in cl.finished
     assert {k: v for k, v in cl.tokens.items() if k != "t2"} == {k: v for k, v in want.items() if k[0] == "t" and k != "t2"}
     assert "decode" in cl.nodes[wid].side  # a mixed worker keeps its handoff core (empty now)
+
+
+def holds_prompts_and_decodes(node) -> bool:
+    core = node.core
+    return bool(core.running) and len(core.packer) > 0
+
+
+def test_in_place_flips_out_of_mixed_keep_the_work_they_hold(default_model_dir, loaded, want):
+    """Two mixed workers split into prefill + decode in place (issue 19's two-worker path):
+    mixed -> prefill while the worker decodes and has prompts queued (its old mixed core
+    finishes them, its new prefill core takes new prompts and hands them off), then the other
+    mixed -> decode while it holds both too (it takes no prompt from then on, finishes its own,
+    and takes the handoffs); an abort of a request the old core holds, mid-flip."""
+    policy = Scripted()
+    cl = Cluster(default_model_dir, roles=("mixed", "mixed"), loaded=loaded, flip=policy)
+    for i, p in enumerate(BATCHES["u"]):
+        cl.submit(f"u{i}", p, max_tokens=MAX_TOKENS)
+    for _ in range(20):  # until worker 0 decodes with a prompt still queued behind (16-token chunks)
+        if holds_prompts_and_decodes(cl.nodes[0]):
+            break
+        cl.round()
+    assert holds_prompts_and_decodes(cl.nodes[0])
+    held = {r for r in cl.nodes[0].core.requests}
+    policy.queue.append(FlipDecision(0, "mixed", "prefill", "split (test)"))
+    cl.flip_tick()
+    assert cl.front.flip_plan.can_dispatch(0)  # in place: no drain, dispatch goes on in the new role
+    cl.round()
+    node0 = cl.nodes[0]
+    assert node0.role == "prefill" and "mixed" in node0.side and node0.side["mixed"].has_work()
+    victim = sorted(held)[-1]
+    cl.abort(victim)  # an abort of what the old mixed core holds, mid-flip
+    for i, p in enumerate(BATCHES["v"]):  # prompts: to the prefill worker (handed off) or the mixed one
+        cl.submit(f"v{i}", p, max_tokens=MAX_TOKENS)
+    for _ in range(20):
+        if holds_prompts_and_decodes(cl.nodes[1]):
+            break
+        cl.round()
+    assert holds_prompts_and_decodes(cl.nodes[1])
+    policy.queue.append(FlipDecision(1, "mixed", "decode", "split (test)"))
+    cl.flip_tick()
+    cl.round()
+    node1 = cl.nodes[1]
+    assert node1.role == "decode" and node1.side["mixed"].has_work()  # its prompts and decodes run on
+    before = len(cl.sent)
+    for i, p in enumerate(BATCHES["w"]):  # now every prompt goes to worker 0, every handoff to 1
+        cl.submit(f"w{i}", p, max_tokens=MAX_TOKENS)
+    finish(cl)
+    sent = {(wid, kind) for wid, _, kind in cl.sent[before:]}
+    assert (1, "SubmitMixed") not in sent and (1, "ChunkPlan") not in sent and (1, "Handoff") in sent
+    assert (0, "SubmitMixed") not in sent and (0, "ChunkPlan") in sent
+    assert not node0.side.get("mixed") and not node1.side  # the old cores went once empty
+    assert victim not in cl.finished
+    assert cl.tokens == {k: v for k, v in want.items() if k[0] in "uvw" and k != victim}  # as without flips
+    assert [(d.worker_id, d.to_role) for _, d in cl.front.role_decisions] == [(0, "prefill"), (1, "decode")]
+    assert {w: n.role for w, n in cl.nodes.items()} == {0: "prefill", 1: "decode"}

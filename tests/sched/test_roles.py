@@ -1,6 +1,8 @@
 """Adaptive roles: the pure RolePolicy (hysteresis, dwell, reasons, no role starved) and the
 FlipPlan pieces it needs (flips to mixed in place, capability-aware minimums)."""
 
+import dataclasses
+import itertools
 import random
 
 import pytest
@@ -196,11 +198,13 @@ def test_prefill_interference_on_all_mixed_splits_toward_prefill_plus_decode():
              row(2, "mixed", queued=20, running=5, step_s=0.09)]
     decisions = [policy.decide(split, 2.0 + t * 0.5) for t in range(4)]
     assert [(d.worker_id, d.from_role, d.to_role) for d in decisions if d] == [(2, "mixed", "decode")]
-    # two workers: no split (the last mixed one could never drain: nothing would decode
-    # meanwhile), and no prefill worker turned mixed again (that would add interference)
-    for two in (slow[:2], split[:2]):
+    # two workers split the same way (flips out of mixed are in place: the last mixed worker
+    # needs no drain), and no prefill worker is turned mixed again (that would add interference)
+    for two, want in ((slow[:2], (1, "mixed", "prefill")), (split[:2], (0, "mixed", "decode"))):
         fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
-        assert all(fresh.decide(two, t * 0.5) is None for t in range(4))
+        decisions = [fresh.decide(two, t * 0.5) for t in range(4)]
+        assert [(d.worker_id, d.from_role, d.to_role) for d in decisions if d] == [want]
+        assert "prefill interference" in next(d for d in decisions if d).reason
     # the same slow pace with the slots nearly full is decode load, not interference: no drain
     full = [row(i, "mixed", queued=50, running=90, step_s=0.09) for i in range(3)]
     fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
@@ -211,3 +215,113 @@ def test_prefill_interference_on_all_mixed_splits_toward_prefill_plus_decode():
     fresh = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
     decisions = [fresh.decide(decodes, t * 0.5) for t in range(4)]
     assert [(d.worker_id, d.to_role) for d in decisions if d] == [(1, "mixed")]
+
+
+def mixed_row(wid, role, queued=0, running=0, step_s=0.03, steps=0):
+    return WorkerLoad(wid, role, queued_prefill_tokens=queued, running_reqs=running, free_blocks=90,
+                      total_blocks=100, max_num_seqs=100, step_s=step_s, interleaved_steps=steps)
+
+
+def test_light_load_splits_all_mixed_into_prefill_plus_decode_one_step_at_a_time():
+    """Two mixed workers (tetri-serve: they keep what they prefill) at light load, interleaving
+    prompts with decodes: held for in_place_dwell_s, mixed -> prefill (fewest requests), then the other
+    mixed -> decode; with no interleaving seen, or with a side that would lose its room, no split."""
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+    decisions = []
+    roles = {0: "mixed", 1: "mixed"}
+    for step in range(40):  # 4 s at 0.1 s ticks; the mixed steps that interleave count up
+        loads = [mixed_row(0, roles[0], queued=0, running=6 if roles[0] == "mixed" else 0, steps=step),
+                 mixed_row(1, roles[1], queued=0, running=3, steps=step)]
+        d = policy.decide(loads, step * 0.1)
+        if d is not None:
+            decisions.append(d)
+            roles[d.worker_id] = d.to_role
+    assert [(d.worker_id, d.from_role, d.to_role) for d in decisions] == [(1, "mixed", "prefill"), (0, "mixed", "decode")]
+    assert decisions[0].reason.startswith("split after 0.5 s of light load")  # in place: half the hold
+    assert "worker 1 mixed -> prefill" in decisions[0].reason
+    # no prompt ever interleaved (queued 0, the counter still): nothing to gain, no split
+    quiet = [mixed_row(0, "mixed", running=6), mixed_row(1, "mixed", running=3)]
+    policy = RolePolicy(BUSY, dwell_s=1.0, tpot_s=0.1, mixed_hands_off=False)
+    assert all(policy.decide(quiet, k * 0.1) is None for k in range(40))
+    # ...but a snapshot with prompts queued behind decodes is evidence too
+    busy = [mixed_row(0, "mixed", queued=100, running=6), mixed_row(1, "mixed", running=3)]
+    policy = RolePolicy(BUSY, dwell_s=1.0, tpot_s=0.1, mixed_hands_off=False)
+    assert [d.to_role for d in (policy.decide(busy, k * 0.1) for k in range(8)) if d] == ["prefill"]
+    # decode occupancy 0.3 over two: 0.6 on the one left >= room; prefill pressure 0.3 on the
+    # second step likewise: no split
+    full = [mixed_row(0, "mixed", queued=100, running=30, steps=1), mixed_row(1, "mixed", queued=100, running=30)]
+    policy = RolePolicy(BUSY, dwell_s=1.0, tpot_s=0.1, mixed_hands_off=False)
+    assert all(policy.decide(full, k * 0.1) is None for k in range(40))
+    half = [mixed_row(0, "prefill", queued=300), mixed_row(1, "mixed", queued=300, running=5, steps=9)]
+    policy = RolePolicy(BUSY, dwell_s=1.0, tpot_s=0.1, mixed_hands_off=False)
+    assert all(policy.decide(half, k * 0.1) is None for k in range(40))
+
+
+def test_split_and_merge_cannot_oscillate():
+    """Closed loop: the load (prompt tokens and decodes per worker) follows the roles; at every
+    steady level the policy settles (at most the two split steps, or one merge), never back
+    and forth: the split needs every side's pressure after it < room, the merge one >= high."""
+    levels = [(0, 6), (200, 10), (500, 20), (700, 40), (1200, 60), (2000, 100), (400, 160), (1700, 30)]
+    seen = set()
+    for (queued_total, running_total), start in itertools.product(levels, [("mixed", "mixed"), ("prefill", "decode")]):
+        policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=2.0, tpot_s=0.1, mixed_hands_off=False)
+        roles = dict(enumerate(start))
+        moves = []
+        for k in range(600):  # 60 s
+            p_rows = [w for w, r in roles.items() if r != "decode"]
+            d_rows = [w for w, r in roles.items() if r != "prefill"]
+            loads = [mixed_row(w, r, queued=queued_total // len(p_rows) if w in p_rows else 0,
+                               running=running_total // len(d_rows) if w in d_rows else 0, steps=k)
+                     for w, r in roles.items()]
+            d = policy.decide(loads, k * 0.1)
+            if d is not None:
+                moves.append((d.from_role, d.to_role))
+                roles[d.worker_id] = d.to_role
+        assert len(moves) <= 2, (queued_total, running_total, moves)
+        splits = [m for m in moves if m[0] == "mixed"]
+        merges = [m for m in moves if m[1] == "mixed"]
+        assert not (splits and merges), (queued_total, running_total, moves)
+        seen.update(moves)
+    assert {("mixed", "prefill"), ("mixed", "decode"), ("prefill", "mixed")} <= seen  # both moves were exercised
+
+
+def test_the_split_stops_at_one_prefill_and_one_decode_worker():
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=10.0, tpot_s=0.1, mixed_hands_off=False)
+    roles = dict.fromkeys(range(4), "mixed")
+    for k in range(100):
+        loads = [mixed_row(w, r, queued=0, running=0 if r == "prefill" else 4, steps=k) for w, r in roles.items()]
+        d = policy.decide(loads, k * 0.1)
+        if d is not None:
+            roles[d.worker_id] = d.to_role
+    assert sorted(roles.values()) == ["decode", "mixed", "mixed", "prefill"]
+
+
+def test_no_split_while_prompts_keep_the_prefill_side_busy():
+    """Short queues, empty slots, prompts interleaved, but the mixed workers spend 60% of their
+    time on prompt tokens (`prefill_busy_s` grows 0.6 s per second): the side would lack
+    capacity after a split, so none; at 20% it splits."""
+    for busy, want in ((0.6, []), (0.2, ["prefill"])):
+        policy = RolePolicy(BUSY, dwell_s=1.0, tpot_s=0.1, mixed_hands_off=False)
+        moves = []
+        for k in range(30):
+            loads = [dataclasses.replace(mixed_row(w, "mixed", running=3, steps=k), prefill_busy_s=busy * k * 0.1)
+                     for w in (0, 1)]
+            d = policy.decide(loads, k * 0.1)
+            if d is not None:
+                moves.append(d.to_role)
+                break
+        assert moves == want, busy
+
+
+def test_prefill_plus_decode_returns_to_all_mixed_when_decode_starves():
+    """1 prefill + 1 decode (the split's end on two workers) under decode starvation: the
+    prefill worker may not go mixed first (the decode worker would go unfed), so the decode
+    worker goes mixed first, then the prefill worker: all-mixed, both decoding."""
+    policy = RolePolicy(BUSY, dwell_s=1.0, worker_dwell_s=0.0, mixed_hands_off=False)
+    rows = [row(0, "prefill"), row(1, "decode", running=95)]
+    decisions = [d for d in (policy.decide(rows, t * 0.5) for t in range(4)) if d]  # the board unchanged
+    assert {(d.worker_id, d.from_role, d.to_role) for d in decisions} == {(1, "decode", "mixed")}
+    assert decisions[0].reason.startswith("decode starved")
+    rows = [row(0, "prefill"), row(1, "mixed", running=95)]
+    decisions = [d for d in (policy.decide(rows, 2.0 + t * 0.5) for t in range(4)) if d]
+    assert {(d.worker_id, d.from_role, d.to_role) for d in decisions} == {(0, "prefill", "mixed")}

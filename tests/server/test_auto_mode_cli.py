@@ -71,4 +71,5 @@ def test_the_report_logs_counts_and_shows_each_decision(caplog):
     assert view["last_decision"]["reason_kind"] == "flip" and view["start"] == {"source": "tetri-plan"}
     assert reason_kind("both starved for 0.5 s: ...") == "both_starved" and reason_kind("") == "flip"
     assert reason_kind("prefill interference for 1.0 s: ...") == "prefill_interference"
+    assert reason_kind("split after 0.5 s of light load ...") == "split"
     assert phases({"mixed"}) == {"prefill", "decode"} and phases({"prefill"}) == {"prefill"}

@@ -16,7 +16,7 @@ Row layout (little-endian, 8-byte fields, 256-byte stride):
     host_prefix_cache_hits, kv_offloaded_blocks, kv_uploaded_blocks, handoff_blocks_copied,
     handoff_blocks_cached, step_s (a float: the worker's recent step time, an EWMA; 0: none yet),
     kv_swapped_out_blocks, kv_swapped_in_blocks, preemptions_swap, preemptions_recompute,
-    swapped_reqs, swap_held_blocks
+    swapped_reqs, swap_held_blocks, interleaved_steps, prefill_busy_s (a float)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from multiprocessing import shared_memory
 from tetri.sched.load import ROLE_CODES, ROLE_NAMES, STATE_CODES, STATE_NAMES, WorkerLoad
 
 _VERSION = struct.Struct("<Q")
-_BODY = struct.Struct("<d" + "q" * 21 + "d" + "q" * 6)
+_BODY = struct.Struct("<d" + "q" * 21 + "d" + "q" * 7 + "d")
 ROW_BYTES = 256
 TORN_WAIT_S = 0.05
 FIELDS = ("heartbeat_s", "role", "state", "pid", "queued_prefill_tokens", "running_reqs", "waiting_reqs",
@@ -37,7 +37,8 @@ FIELDS = ("heartbeat_s", "role", "state", "pid", "queued_prefill_tokens", "runni
           "block_size", "restarts", "max_num_seqs", "prefix_cache_queries", "prefix_cache_hits",
           "host_prefix_cache_hits", "kv_offloaded_blocks", "kv_uploaded_blocks", "handoff_blocks_copied",
           "handoff_blocks_cached", "step_s", "kv_swapped_out_blocks", "kv_swapped_in_blocks", "preemptions_swap",
-          "preemptions_recompute", "swapped_reqs", "swap_held_blocks")
+          "preemptions_recompute", "swapped_reqs", "swap_held_blocks", "interleaved_steps",
+          "prefill_busy_s")
 
 
 SWAP_FIELDS = ("kv_swapped_out_blocks", "kv_swapped_in_blocks", "preemptions_swap", "preemptions_recompute",
@@ -79,7 +80,7 @@ class LoadBoard:
               kv_uploaded_blocks: int = 0, handoff_blocks_copied: int = 0, handoff_blocks_cached: int = 0,
               step_s: float = 0.0, kv_swapped_out_blocks: int = 0, kv_swapped_in_blocks: int = 0,
               preemptions_swap: int = 0, preemptions_recompute: int = 0, swapped_reqs: int = 0,
-              swap_held_blocks: int = 0) -> None:
+              swap_held_blocks: int = 0, interleaved_steps: int = 0, prefill_busy_s: float = 0.0) -> None:
         off = worker_id * ROW_BYTES
         (version,) = _VERSION.unpack_from(self._buf, off)
         if version % 2:  # a writer died mid-write: step back onto an even value
@@ -91,7 +92,7 @@ class LoadBoard:
                         prefix_cache_queries, prefix_cache_hits, host_prefix_cache_hits, kv_offloaded_blocks,
                         kv_uploaded_blocks, handoff_blocks_copied, handoff_blocks_cached, float(step_s),
                         kv_swapped_out_blocks, kv_swapped_in_blocks, preemptions_swap, preemptions_recompute,
-                        swapped_reqs, swap_held_blocks)
+                        swapped_reqs, swap_held_blocks, interleaved_steps, float(prefill_busy_s))
         _VERSION.pack_into(self._buf, off, version + 2)
 
     def set_state(self, worker_id: int, state: str) -> None:
@@ -136,7 +137,8 @@ class LoadBoard:
             host_prefix_cache_hits=row["host_prefix_cache_hits"], kv_offloaded_blocks=row["kv_offloaded_blocks"],
             kv_uploaded_blocks=row["kv_uploaded_blocks"],
             handoff_blocks_copied=row["handoff_blocks_copied"], handoff_blocks_cached=row["handoff_blocks_cached"],
-            step_s=row["step_s"], **{k: row[k] for k in SWAP_FIELDS},
+            step_s=row["step_s"], **{k: row[k] for k in SWAP_FIELDS}, interleaved_steps=row["interleaved_steps"],
+            prefill_busy_s=row["prefill_busy_s"],
         )
 
     def read_all(self) -> list[WorkerLoad]:

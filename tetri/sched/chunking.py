@@ -131,8 +131,9 @@ class ChunkPacker:
         self._scheduled.extend(group)
 
     def next_chunk(self, budget_tokens: int | None = None) -> list[ChunkPiece]:
-        """Pack the next chunk: up to `budget_tokens` (default chunk_size) tokens, in order."""
-        budget = self.chunk_size if budget_tokens is None else min(budget_tokens, self.chunk_size)
+        """Pack the next chunk: up to `budget_tokens` (default chunk_size) tokens, in order. A
+        mixed step's SLO-aware budget (`tetri.sched.step_budget`) may exceed chunk_size."""
+        budget = self.chunk_size if budget_tokens is None else budget_tokens
         pieces: list[ChunkPiece] = []
         while budget > 0:
             if not self._scheduled:

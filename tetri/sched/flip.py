@@ -31,6 +31,9 @@ Protocol, and why no request is dropped or duplicated:
      `on_done(req_id, worker_id)` when the worker is finished with it (prefill worker: when
      the decode side acked the KV copy and the prefill blocks are free; decode worker: when
      the request finished or was aborted). Nothing is moved or re-sent.
+     (An in-place flip, below, takes the worker out only between `begin` and `poll`, which
+     the front calls in one tick: from `poll` on, `view()` shows it in its new role and
+     dispatch to it goes on, ordered after the SetRole.)
   3. `poll(loads)` moves a draining worker to `flipped` only when it has no outstanding
      request AND (when its load row is given) its queued prefill tokens, running and waiting
      requests all read 0; it returns the `FlipDecision`s the front must now send (the worker
@@ -40,8 +43,13 @@ Protocol, and why no request is dropped or duplicated:
 A request is thus owned by exactly one worker from `on_dispatch` to `on_done`, and a role
 change happens only on a worker that owns none, except, with `in_place_to_mixed`, a flip
 to `mixed`: it flips at the first poll, keeping what it owns (a mixed worker can run both
-phases of whatever it holds). The simulator uses that; tetri-serve's worker node refuses a
-flip while it holds work, so the server drains every flip.
+phases of whatever it holds); and, with `in_place_out_of_mixed`, a flip from `mixed` to
+`prefill` or `decode`: it flips at the first poll too, and the worker runs its old mixed
+core beside the new role's until that holds nothing (`tetri.workers.side_cores`: the old
+core finishes its prompts and decodes, the new one takes only its role's new work). The
+front stops routing the other phase's new work to it from the moment of `begin`. Adaptive
+roles (`--mode auto`, server and simulator) set both; a flip between prefill and decode
+always drains.
 """
 
 from __future__ import annotations
@@ -147,11 +155,14 @@ class FlipPlan:
     """The drain -> flip -> resume state machine; protocol in the module docstring."""
 
     def __init__(self, roles: dict[int, str] | None = None, min_workers_per_role: int = 1,
-                 in_place_to_mixed: bool = False) -> None:
+                 in_place_to_mixed: bool = False, in_place_out_of_mixed: bool = False) -> None:
         """`in_place_to_mixed`: a flip TO `mixed` needs no drain (a mixed worker runs both
-        phases, so it can finish whatever it holds); otherwise every flip drains."""
+        phases, so it can finish whatever it holds); `in_place_out_of_mixed`: nor a flip FROM
+        `mixed` (its old mixed core finishes what it holds beside the new role's core);
+        otherwise every flip drains."""
         self.min_workers_per_role = min_workers_per_role
         self.in_place_to_mixed = in_place_to_mixed
+        self.in_place_out_of_mixed = in_place_out_of_mixed
         self._workers: dict[int, WorkerFlipState] = {}
         for worker_id, role in (roles or {}).items():
             self.add_worker(worker_id, role)
@@ -176,23 +187,35 @@ class FlipPlan:
     def outstanding(self, worker_id: int) -> frozenset[str]:
         return frozenset(self._workers[worker_id].outstanding)
 
+    def _serving_role(self, state: WorkerFlipState) -> str | None:
+        """The role dispatch sends a worker work for: its role while active; its new role once
+        an in-place flip was ordered (the SetRole goes out before anything sent after it, so
+        the worker takes that work in its new role); None while it drains or awaits its ack."""
+        if state.state == ACTIVE:
+            return state.role
+        if state.state == FLIPPED and state.to_role and self.in_place(state.role, state.to_role):
+            return state.to_role
+        return None
+
     def can_dispatch(self, worker_id: int) -> bool:
         state = self._workers.get(worker_id)
-        return state is not None and state.state == ACTIVE
+        return state is not None and self._serving_role(state) is not None
 
     def active_workers(self, role: str) -> list[int]:
         return sorted(w for w, s in self._workers.items() if s.state == ACTIVE and s.role == role)
 
     def active_able(self, roles: tuple[str, ...]) -> list[int]:
-        """Active workers whose role is one of `roles` (e.g. CAN_PREFILL)."""
-        return sorted(w for w, s in self._workers.items() if s.state == ACTIVE and s.role in roles)
+        """Workers dispatch may send work to whose role is one of `roles` (e.g. CAN_PREFILL)."""
+        return sorted(w for w, s in self._workers.items() if self._serving_role(s) in roles)
 
-    def would_starve(self, worker_id: int, from_role: str) -> bool:
+    def would_starve(self, worker_id: int, from_role: str, to_role: str | None = None) -> bool:
         """True when taking `worker_id` out of dispatch leaves fewer than the minimum of
-        active workers able to prefill, or able to decode, among those its role counts for."""
+        active workers able to prefill, or able to decode, among those its role counts for
+        (an in-place flip to `to_role` takes away only what `to_role` cannot do)."""
+        keeps = to_role if to_role is not None and self.in_place(from_role, to_role) else None
         for able in (CAN_PREFILL, CAN_DECODE):
-            if from_role in able and len([w for w in self.active_able(able) if w != worker_id]) \
-                    < self.min_workers_per_role:
+            if from_role in able and keeps not in able and len([w for w in self.active_able(able)
+                                                               if w != worker_id]) < self.min_workers_per_role:
                 return True
         return False
 
@@ -205,11 +228,13 @@ class FlipPlan:
             if state is None:
                 out.append(load)
                 continue
-            row_state = load.state if state.state == ACTIVE or not load.alive else "draining"
-            if row_state == load.state and state.role == load.role:
+            serving = self._serving_role(state)
+            row_state = load.state if serving is not None or not load.alive else "draining"
+            role = serving or state.role
+            if row_state == load.state and role == load.role:
                 out.append(load)  # as published (the common case: no copy)
             else:
-                out.append(dataclasses.replace(load, role=state.role, state=row_state))
+                out.append(dataclasses.replace(load, role=role, state=row_state))
         return out
 
     def on_dispatch(self, req_id: str, worker_id: int) -> None:
@@ -228,6 +253,11 @@ class FlipPlan:
         state.outstanding.discard(req_id)
         return True
 
+    def in_place(self, from_role: str, to_role: str) -> bool:
+        """Whether a flip from `from_role` to `to_role` keeps the worker's work (no drain)."""
+        return (self.in_place_to_mixed and to_role == "mixed") or \
+            (self.in_place_out_of_mixed and from_role == "mixed" and to_role in ("prefill", "decode"))
+
     def begin(self, decision: FlipDecision) -> bool:
         """Start draining; False (nothing changes) if illegal or it would starve a role."""
         state = self._workers.get(decision.worker_id)
@@ -235,7 +265,7 @@ class FlipPlan:
             return False
         if decision.to_role == decision.from_role or decision.to_role not in FLIP_ROLES:
             return False
-        if self.would_starve(decision.worker_id, decision.from_role):
+        if self.would_starve(decision.worker_id, decision.from_role, decision.to_role):
             return False
         state.state, state.to_role = DRAINING, decision.to_role
         return True
@@ -255,7 +285,7 @@ class FlipPlan:
         for worker_id, state in sorted(self._workers.items()):
             if state.state != DRAINING:
                 continue
-            in_place = self.in_place_to_mixed and state.to_role == "mixed"
+            in_place = self.in_place(state.role, state.to_role)
             if state.outstanding and not in_place:
                 continue
             row = rows.get(worker_id)

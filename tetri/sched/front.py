@@ -54,7 +54,7 @@ class FrontScheduler:
         self.flip_policy = flip
         self.flip_plan: FlipPlan | None = None
         self.adaptive = isinstance(flip, RolePolicy)
-        """--mode auto: flips to mixed happen in place, and mixed workers take handoffs."""
+        """--mode auto: flips to and from mixed happen in place, and mixed workers take handoffs."""
         self.role_decisions: list[tuple[float, FlipDecision]] = []
         """(when, decision) of every flip begun; the engine client reports and clears them."""
         self.prefix_index = PrefixIndex()
@@ -91,34 +91,40 @@ class FrontScheduler:
         copy: waiting). The row lags: the worker shell writes it after its step, so the plans
         that came during a step (or that a step took at once) are missing from it, and level 1
         read from it alone sent a burst's prompts to the worker just given plans (docs/
-        architecture.md, "Level 1 and the board"). Another role's row adds our packer's tokens
-        (a worker flipped in place to mixed still runs the plans sent before)."""
+        architecture.md, "Level 1 and the board"). Another role's row, and a prefill row while
+        the worker still decodes (flipped in place out of mixed), adds our packer's tokens (a
+        worker flipped in place to mixed still runs the plans sent before)."""
         if self.flip_policy is not None:
             if self.flip_plan is None:  # adaptive: mixed workers flip too
                 roles = ("prefill", "decode", "mixed") if self.adaptive else ("prefill", "decode")
                 self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in roles},
-                                          in_place_to_mixed=self.adaptive)
+                                          in_place_to_mixed=self.adaptive, in_place_out_of_mixed=self.adaptive)
             loads = self.flip_plan.view(loads)
         held = self._prefill_held() if any(w.role == "prefill" for w in loads) else {}
-        return [self._own_prefill_row(w, held.get(w.worker_id, (0, 0))) if w.role == "prefill" else
+        return [self._own_prefill_row(w, held.get(w.worker_id, (0, 0, 0)))
+                if w.role == "prefill" and not held.get(w.worker_id, (0, 0, 0))[2] else
                 replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
 
-    def _own_prefill_row(self, w: WorkerLoad, held: tuple[int, int]) -> WorkerLoad:
+    def _own_prefill_row(self, w: WorkerLoad, held: tuple[int, int, int]) -> WorkerLoad:
         queued = self.sent_tokens.get(w.worker_id, 0)
         if w.worker_id in self.packers:
             queued += self.packers[w.worker_id].queued_tokens
         return replace(w, queued_prefill_tokens=queued, running_reqs=held[0], waiting_reqs=held[1])
 
-    def _prefill_held(self) -> dict[int, tuple[int, int]]:
-        """Per prefill worker: (requests placed there not yet prefilled, prefilled ones whose
-        blocks it holds for the handoff)."""
+    def _prefill_held(self) -> dict[int, tuple[int, int, int]]:
+        """Per worker: (requests placed there for prefill not yet prefilled, prefilled ones
+        whose blocks it holds for the handoff, requests it decodes). A prefill worker that still
+        decodes (flipped in place out of mixed: its old core's prompts and decodes run on)
+        holds work the front did not count in plans: its row, plus our packer, stands for it."""
         held: dict[int, list[int]] = {}
         for req in self.reqs.values():
+            if req.decode_worker is not None and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING):
+                held.setdefault(req.decode_worker, [0, 0, 0])[2] += 1
             if req.prefill_worker is not None and req.state in HELD_BY_PREFILL:
-                counts = held.setdefault(req.prefill_worker, [0, 0])
+                counts = held.setdefault(req.prefill_worker, [0, 0, 0])
                 counts[req.state is ReqState.AWAIT_DECODE] += 1
-        return {wid: (c[0], c[1]) for wid, c in held.items()}
+        return {wid: (c[0], c[1], c[2]) for wid, c in held.items()}
 
     # ---- the lifecycle's state, read-only views -------------------------------------
     @property
@@ -336,10 +342,11 @@ class FrontScheduler:
         if decision is not None and plan.begin(decision):
             self.role_decisions.append((now, decision))
         for order in plan.poll(loads):
-            if not (plan.in_place_to_mixed and order.to_role == "mixed"):
+            if not plan.in_place(order.from_role, order.to_role):
                 # drained: every request it held is done, so our packer for it is empty
                 self.forget_plans(order.worker_id)
-            # (in place: the packer keeps feeding the worker's old prefill core until empty)
+            # (in place: the packer keeps feeding the worker's old prefill core until empty; out
+            # of mixed, a new prefill role's packer is made at its first prompt)
             self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role
             self.decode_index.forget(order.worker_id)
             acts.send(order.worker_id, SetRole(role=order.to_role))

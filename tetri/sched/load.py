@@ -68,6 +68,12 @@ class WorkerLoad:
     """Sequences swapped out now (vLLM's `num_requests_swapped`; copies in flight included)."""
     swap_held_blocks: int = 0
     """Host blocks swapped-out sequences hold now (0 once every one resumed or ended)."""
+    interleaved_steps: int = 0
+    """Mixed cores: steps that ran prompt tokens beside at least one decode, since the worker
+    started (each such step slowed those decodes: the role policy's interference signal)."""
+    prefill_busy_s: float = 0.0
+    """Seconds the worker spent in steps that computed prompt tokens, since it started (its
+    prefill busy fraction over a window: the role policy's split reads it)."""
 
     @property
     def alive(self) -> bool:

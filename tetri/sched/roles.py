@@ -27,26 +27,56 @@ pressure is < `room`; `room` < `high`, so a load oscillating between them change
   both starved, held for `in_place_dwell_s`:  prefill -> mixed, else decode -> mixed (each
       keeps its work and takes the other phase's as well; a drain would take capacity
       away from both).
-A move out of mixed (a drain) is also refused when the side losing the worker would be left
-at a pressure >= `room` over its remaining workers (pressure x n / (n - 1)). A move to mixed
-drains nothing and needs only `in_place_dwell_s` (default dwell_s / 2) of hold. A worker
-that flipped is not moved again for `worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready worker able to prefill or to decode
-(`FlipPlan.begin` checks the same). With `mixed_hands_off=False` (tetri-serve: its mixed
-workers keep every request they prefill), never a decision that leaves a decode worker with
-no prefill worker to feed it (it would sit idle while the others work). There, decode starved
-by *pace alone* on the mixed workers (their mean step_s / tpot_s >= `high` while their slots
-and blocks are below `room`, with prompt tokens queued on them) is prefill interference: their prompt chunks slow every decode
-step, and more mixed workers would add to it. So instead of the line's moves: with a prefill
-worker, mixed -> decode (the shortest prompt queue); without one (all-mixed, where a decode
-worker would go unfed), mixed -> prefill (the fewest requests), which takes the prompts off
-the others, so that a later hold can make one of them a decode worker. All-mixed thus reaches
-prefill + decode + mixed in two drains; not with two workers, whose last mixed worker could
-never drain (nothing else would decode meanwhile), so there the start decides (issue 19: on the CPU, disaggregation beat colocated on TPOT
-p99 and JCT, and auto had no move toward it).
+Flips to and from mixed are in place (the front runs this policy with `FlipPlan(in_place_to_mixed=True,
+in_place_out_of_mixed=True)`; `tetri.workers.side_cores`): the worker keeps what it holds and
+its old core finishes it, while dispatch sends it only its new role's work. A move out of mixed
+is still refused when the side losing the worker would be left at a pressure >= `room` over its
+remaining workers (pressure x n / (n - 1)), and needs `dwell_s` of hold; a move to mixed only
+`in_place_dwell_s` (default dwell_s / 2). A worker that flipped is not moved again for
+`worker_dwell_s`; after a decision the hold restarts. Never a decision that would leave no ready
+worker able to prefill or to decode (`FlipPlan.begin` checks the same; an in-place flip keeps
+what its new role does). With `mixed_hands_off=False` (tetri-serve and the simulator: mixed
+workers keep every request they prefill), never a decision that leaves a decode worker with no
+prefill worker to feed it (it would sit idle while the others work). Where that refuses every
+move of a decode-starved load (1 prefill + 1 decode: the prefill worker may not go mixed while
+it alone feeds the decode worker), the decode worker goes mixed first (in place; the prefill
+worker keeps feeding it), and a later hold moves the prefill worker: back to all-mixed.
+
+The split (light load, issue 19: on the CPU disaggregation beat colocated on TPOT p99 and JCT
+below capacity, and auto, started all-mixed by tetri-plan, never left it). With no side starved:
+when every side has room now (prefill pressure and decode *occupancy*, the fuller of slots and
+blocks, < `room`; decode pressure with its pace < `high`), the side losing the worker would still
+have room after the move (its pressure x n / (n - 1) < `room`), and prompts are actually being
+interleaved with decodes on the mixed workers (a mixed row with queued prompt tokens while it
+runs decodes, or its `interleaved_steps` counter grew within `worker_dwell_s`), and the prefill
+side's busy fraction over the last `dwell_s` (the growth of `prefill_busy_s`, seconds of steps
+that ran prompt tokens, per second; x n / (n - 1) when it loses the worker) stays below `room` (queue
+lengths alone cannot tell a chunked mixed worker that prefills as fast as prompts come from one
+that has no capacity to spare: in the simulator, 8 x H200 at 140 req/s, the split without
+it cost 14% goodput), held for
+`in_place_dwell_s` (the flip drains nothing): one mixed worker one step out of mixed, toward a
+role no worker has yet: mixed -> prefill (fewest requests) while there is no prefill worker,
+then mixed -> decode (the shortest prompt queue) while there is no decode worker. Two mixed
+workers thus become prefill + mixed, then prefill + decode; more keep the rest mixed (one
+prefill and one decode worker beside them: a further split is a capacity bet light-load
+pressures cannot judge; in the simulator, 8 x H200 at 140 req/s, splitting all of them lost
+up to 23% goodput before the busy-fraction check). Its reverse is the line's
+move toward mixed when a side is starved (pressure >= `high`); the split's condition (every
+pressure after it < `room` < `high`) lies strictly inside that one's complement, so a steady load
+cannot flip back and forth (between `room` and `high` neither fires).
+
+Decode starved by *pace alone* on the mixed workers (their mean step_s / tpot_s >= `high` while
+their slots and blocks are below `room`, with prompt tokens queued on them) is prefill
+interference: their prompt chunks slow every decode step, and more mixed workers would add to
+it. So instead of the line's moves: with a prefill worker, mixed -> decode (the shortest prompt
+queue); without one (all-mixed, where a decode worker would go unfed), mixed -> prefill (the
+fewest requests), which takes the prompts off the others, so that a later hold can make one of
+them a decode worker. All-mixed thus reaches prefill + decode (+ mixed), with two workers too.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from tetri.sched.dispatch import load_share, slot_cap
@@ -129,6 +159,14 @@ class RolePolicy:
         self._since: tuple[str, float] | None = None
         """(the starved side, since when) while one side has been starved continuously."""
         self._last_flip_s: dict[int, float] = {}
+        self._split_since: tuple[float, frozenset[int]] | None = None
+        """While the split's room holds: (since when, the mixed workers then)."""
+        self._interleaved_s: float | None = None
+        """When prompts were last seen interleaved with decodes on a mixed worker."""
+        self._steps_seen: dict[int, int] = {}
+        """Each worker's `interleaved_steps` at the last decision call."""
+        self._busy_marks: deque[tuple[float, dict[int, float]]] = deque()
+        """(when, every worker's prefill_busy_s) at each call, over the last `dwell_s` or so."""
 
     def starved_side(self, p: Pressures) -> str | None:
         if p.prefill >= self.high and p.decode >= self.high:
@@ -159,7 +197,8 @@ class RolePolicy:
         # worker takes prompts too), never a drain
         order = {"prefill": ("decode", "mixed"), "decode": ("prefill", "mixed"), "both": ("prefill", "decode")}[side]
         for role in order:
-            cands = [w for w in ready if w.role == role and self._settled(w, now) and not self._starves(ready, w)
+            cands = [w for w in ready if w.role == role and self._settled(w, now)
+                     and not self._starves(ready, w, self._to_role(side, w))
                      and self._feeds_decode(ready, w, self._to_role(side, w))]
             if not cands:
                 continue
@@ -186,22 +225,26 @@ class RolePolicy:
         return "decode" not in after or "prefill" in after
 
     @staticmethod
-    def _starves(ready: list[WorkerLoad], worker: WorkerLoad) -> bool:
-        """Taking `worker` out (draining) would leave no other ready worker able to prefill or decode."""
+    def _starves(ready: list[WorkerLoad], worker: WorkerLoad, to_role: str | None = None) -> bool:
+        """Moving `worker` to `to_role` would leave no ready worker able to prefill or decode. A
+        flip to or from mixed is in place (`FlipPlan(in_place_...)`, as the front runs it with
+        this policy): the worker keeps doing what `to_role` does; None: counted as a drain."""
         others = [w for w in ready if w.worker_id != worker.worker_id]
-        return any(worker.role in able and not any(w.role in able for w in others) for able in (CAN_PREFILL,
-                                                                                                   CAN_DECODE))
+        return any(worker.role in able and to_role not in able and not any(w.role in able for w in others)
+                   for able in (CAN_PREFILL, CAN_DECODE))
 
     def decide(self, loads: list[WorkerLoad], now: float) -> FlipDecision | None:
+        self._watch_interleaving(loads, now)
         if any(w.state == "draining" for w in loads):
-            self._since = None
+            self._since = self._split_since = None
             return None
         ready = [w for w in loads if w.state == "ready" and w.role in ("prefill", "decode", "mixed")]
         p = pressures(ready, self.prefill_busy_tokens, self.tpot_s)
         side = None if p is None else self.starved_side(p)
         if side is None:
             self._since = None
-            return None
+            return None if p is None else self._split(ready, p, now)
+        self._split_since = None
         if self._since is None or self._since[0] != side:
             self._since = (side, now)
         held_s = now - self._since[1]
@@ -210,6 +253,8 @@ class RolePolicy:
         if side == "decode" and self._interference(ready):
             return self._unmix(ready, p, now, held_s)
         worker = self._pick(ready, side, now)
+        if worker is None and side == "decode" and not self.mixed_hands_off:
+            return self._remix(ready, p, now, held_s)
         if worker is None or (worker.role == "mixed" and held_s < self.dwell_s):
             return None
         to_role = self._to_role(side, worker)
@@ -218,6 +263,25 @@ class RolePolicy:
         self._since = None
         self._last_flip_s[worker.worker_id] = now
         return FlipDecision(worker.worker_id, worker.role, to_role, self._reason(side, p, worker, to_role, held_s))
+
+    def _remix(self, ready: list[WorkerLoad], p: Pressures, now: float, held_s: float) -> FlipDecision | None:
+        """Decode starved where the line's moves are refused: a prefill worker may not go mixed
+        while it is the only one feeding a decode worker (mixed workers keep what they prefill),
+        so e.g. 1 prefill + 1 decode could never return to all-mixed. The way back is the
+        decode worker -> mixed first (in place: it keeps decoding and the prefill worker keeps
+        feeding it; it takes prompts too), after which the prefill worker may go mixed."""
+        cands = [w for w in ready if w.role == "decode" and self._settled(w, now)
+                 and any(o.role == "prefill" for o in ready)]
+        if not cands:
+            return None
+        worker = min(cands, key=lambda w: (decode_pressure(w), w.worker_id))
+        self._since = None
+        self._last_flip_s[worker.worker_id] = now
+        return FlipDecision(worker.worker_id, "decode", "mixed",
+                            f"decode starved for {held_s:.1f} s: decode pressure {p.decode:.2f} >= {self.high:g} "
+                            f"while prefill pressure {p.prefill:.2f} < {self.room:g}; worker {worker.worker_id} "
+                            f"decode -> mixed (no prefill worker may go mixed while it alone feeds a decode "
+                            f"worker: this one goes first)")
 
     def _interference(self, ready: list[WorkerLoad]) -> bool:
         """Decode starved by pace alone on mixed workers that keep what they prefill (see the
@@ -235,15 +299,18 @@ class RolePolicy:
         """Prefill interference: take prompts off the mixed workers instead of adding more
         mixed ones. With a prefill worker to feed it: mixed -> decode (shortest prompt queue);
         without one: mixed -> prefill (fewest requests: least to drain) so that a decode
-        worker can follow. Both drain, so both need `dwell_s`."""
-        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now) and not self._starves(ready, w)]
+        worker can follow. Both flip in place (the old mixed core finishes what it holds) and
+        need `dwell_s`."""
+        to_role = "decode" if any(w.role == "prefill" for w in ready) else "prefill"
+        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now)
+                 and not self._starves(ready, w, to_role)]
         if held_s < self.dwell_s or not cands:
             return None
-        if any(w.role == "prefill" for w in ready):
+        if to_role == "decode":
             worker, to_role = min(cands, key=lambda w: (w.queued_prefill_tokens, w.worker_id)), "decode"
             if not self._leaves_room(ready, worker, to_role, p):
                 return None
-        elif sum(1 for w in ready if w.role == "mixed") >= 3:  # two: the last mixed one could never drain
+        elif sum(1 for w in ready if w.role == "mixed") >= 2:  # in place: the last mixed one needs no drain
             worker = min(cands, key=lambda w: (w.running_reqs + w.waiting_reqs, w.queued_prefill_tokens, w.worker_id))
             to_role = "prefill"
         else:
@@ -254,6 +321,94 @@ class RolePolicy:
                             f"prefill interference for {held_s:.1f} s: decode pressure {p.decode:.2f} >= "
                             f"{self.high:g} from the mixed workers' pace (step_s / tpot {self.tpot_s:g} s) while "
                             f"their slots and blocks have room; worker {worker.worker_id} mixed -> {to_role}")
+
+    # ---- the split: all- or partly-mixed toward prefill + decode at light load -------------
+    def _split_move(self, ready: list[WorkerLoad], p: Pressures, now: float) -> tuple | None:
+        """The one-step move out of mixed whose side losing the worker keeps room:
+        (worker, to_role, that side, its pressure after it, the decode occupancy), or None.
+        Only toward a role no ready worker has yet: the split makes one prefill and one
+        decode worker (with two workers, disaggregation) and leaves any others mixed (past
+        that, light-load pressures cannot tell whether a further split would leave either
+        side enough capacity once the load grows; the line's moves reshape it under load).
+        Without a prefill worker (and mixed workers keeping what they prefill) mixed ->
+        prefill first (a decode worker would go unfed)."""
+        cands = [w for w in ready if w.role == "mixed" and self._settled(w, now)]
+        if not cands:
+            return None
+        d_rows = [w for w in ready if w.role in CAN_DECODE]
+        p_rows = [w for w in ready if w.role in CAN_PREFILL]
+        occupancy = sum(decode_occupancy(w) for w in d_rows) / len(d_rows)
+        if p.prefill >= self.room or occupancy >= self.room:  # both sides need room now already
+            return None
+        moves, roles = [], {w.role for w in ready}
+        for to_role, rows, pressure, key in (
+                ("prefill", d_rows, occupancy, lambda w: (w.running_reqs + w.waiting_reqs, w.worker_id)),
+                ("decode", p_rows, p.prefill, lambda w: (w.queued_prefill_tokens, w.worker_id))):
+            if len(rows) < 2 or to_role in roles:  # it stops at one prefill and one decode worker
+                continue
+            after = pressure * len(rows) / (len(rows) - 1)
+            able = [w for w in cands if not self._starves(ready, w, to_role)]
+            worker = min(able, key=key) if able else None
+            if worker is not None and after < self.room and self._feeds_decode(ready, worker, to_role):
+                moves.append((after, to_role, worker))
+        if not moves:
+            return None
+        after, to_role, worker = min(moves, key=lambda m: (m[0], m[1]))
+        return worker, to_role, "decode" if to_role == "prefill" else "prefill", after, occupancy
+
+    def _watch_interleaving(self, loads: list[WorkerLoad], now: float) -> None:
+        """Prompts interleaved with decodes: a mixed row with prompt tokens queued while it runs
+        decodes, or a worker's `interleaved_steps` counter grown since the last call."""
+        for w in loads:
+            grew = w.interleaved_steps > self._steps_seen.get(w.worker_id, w.interleaved_steps)
+            self._steps_seen[w.worker_id] = w.interleaved_steps
+            if grew or (w.role == "mixed" and w.queued_prefill_tokens and w.running_reqs):
+                self._interleaved_s = now
+        self._busy_marks.append((now, {w.worker_id: w.prefill_busy_s for w in loads}))
+        while len(self._busy_marks) > 1 and now - self._busy_marks[1][0] >= self.dwell_s:
+            self._busy_marks.popleft()  # keep one mark at least dwell_s old (the window's start)
+
+    def _prefill_busy(self, p_rows: list[WorkerLoad], now: float) -> float | None:
+        """The prefill-capable workers' mean busy fraction on prompt tokens over the last
+        `dwell_s` (the growth of `prefill_busy_s` per second); None before a window of
+        `in_place_dwell_s` was seen."""
+        then_s, busy_then = self._busy_marks[0]
+        window_s = now - then_s
+        if window_s <= 0 or window_s < self.in_place_dwell_s:
+            return None
+        return sum(min(1.0, max(0.0, w.prefill_busy_s - busy_then.get(w.worker_id, w.prefill_busy_s)) / window_s)
+                   for w in p_rows) / len(p_rows)
+
+    def _split(self, ready: list[WorkerLoad], p: Pressures, now: float) -> FlipDecision | None:
+        """Light load on mixed workers that interleave prompts with decodes (see the module
+        docstring): the room held for `in_place_dwell_s` (the flip drains nothing) with
+        interleaving seen within `worker_dwell_s`, one mixed worker one step out of mixed."""
+        mixed = frozenset(w.worker_id for w in ready if w.role == "mixed")
+        move = self._split_move(ready, p, now) if len(ready) >= 2 and mixed and p.decode < self.high else None
+        if move is None:
+            self._split_since = None
+            return None
+        if self._split_since is None or self._split_since[1] != mixed:
+            self._split_since = (now, mixed)
+        held_s = now - self._split_since[0]
+        recent = self._interleaved_s is not None and now - self._interleaved_s <= max(self.worker_dwell_s,
+                                                                                       self.dwell_s)
+        p_rows = [w for w in ready if w.role in CAN_PREFILL]
+        busy = self._prefill_busy(p_rows, now)
+        if held_s < self.in_place_dwell_s or not recent or busy is None:
+            return None
+        busy_after = busy * len(p_rows) / (len(p_rows) - 1) if move[1] == "decode" else busy
+        if busy_after >= self.room:  # prompts keep the prefill side busy: it would lack capacity
+            return None
+        worker, to_role, losing, after, occupancy = move
+        self._split_since = None
+        self._last_flip_s[worker.worker_id] = now
+        return FlipDecision(worker.worker_id, "mixed", to_role,
+                            f"split after {held_s:.1f} s of light load with prompts interleaved with decodes on "
+                            f"mixed workers: prefill pressure {p.prefill:.2f} and decode occupancy {occupancy:.2f} "
+                            f"< {self.room:g} (decode pressure {p.decode:.2f} < {self.high:g}), {losing} side "
+                            f"{after:.2f} and prefill busy {busy_after:.2f} < {self.room:g} after it; "
+                            f"worker {worker.worker_id} mixed -> {to_role}")
 
     def _reason(self, side: str, p: Pressures, worker: WorkerLoad, to_role: str, held_s: float) -> str:
         move = f"worker {worker.worker_id} {worker.role} -> {to_role}"

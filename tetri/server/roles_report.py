@@ -19,7 +19,7 @@ from collections import deque
 
 log = logging.getLogger("tetri.roles")
 KEEP_DECISIONS = 20
-_KIND = re.compile(r"^(prefill|decode|both) starved|^(prefill) interference")
+_KIND = re.compile(r"^(prefill|decode|both) starved|^(prefill) interference|^(split) after")
 
 
 def phases(roles: set[str]) -> set[str]:
@@ -28,11 +28,14 @@ def phases(roles: set[str]) -> set[str]:
 
 
 def reason_kind(reason: str) -> str:
-    """A bounded label for a decision's reason: `<side>_starved`, `prefill_interference`, or
-    `flip` (the instance-flip policy, which states no reason)."""
+    """A bounded label for a decision's reason: `<side>_starved`, `prefill_interference`,
+    `split` (the light-load move toward prefill + decode), or `flip` (the instance-flip
+    policy, which states no reason)."""
     match = _KIND.match(reason or "")
     if match is None:
         return "flip"
+    if match.group(3):
+        return "split"
     return f"{match.group(1)}_starved" if match.group(1) else "prefill_interference"
 
 

@@ -26,6 +26,7 @@ from tetri.bench.report import max_rate_at, plot_latency_cdfs, plot_sweep, print
 from tetri.sched.chunking import PREFILL_POLICIES
 from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
+from tetri.sched.step_budget import STEP_BUDGET_MODES
 from tetri.sim.config import MODES, SimConfig
 from tetri.sim.costmodel import HARDWARE_PRESETS, MODEL_PRESETS, CostModel, lookup, with_overrides
 from tetri.sim.simulator import sim_report, simulate
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GiB of host memory per decode worker for preempted requests' KV, swapped out and back "
                         "in over PCIe instead of recomputed (as tetri-serve's flag; default 0: off)")
     p.add_argument("--preemption-mode", default="auto", choices=("auto", "swap", "recompute"))
+    p.add_argument("--step-budget", choices=STEP_BUDGET_MODES,
+                   help="mixed steps' prompt-token budget: slo fits it to --slo's TPOT (tetri.sched.step_budget), "
+                        "fixed is --chunk-size (default: slo for --mode auto, fixed otherwise)")
     return p
 
 
@@ -140,6 +144,13 @@ def _declared_tpot(args: argparse.Namespace) -> float | None:
     return slo.tpot_s
 
 
+def _step_budget(args: argparse.Namespace) -> dict:
+    """--step-budget and the TPOT it fits mixed steps to (--slo's; none: a fixed budget)."""
+    slo = getattr(args, "slo", None)
+    tpot_s = None if slo is None or slo.tpot_s == float("inf") else slo.tpot_s
+    return {"step_budget": getattr(args, "step_budget", None), "step_tpot_s": tpot_s}
+
+
 def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
     fields = dict(
         mode=args.mode, num_gpus=args.gpus, num_prefill=args.prefill, num_decode=args.decode,
@@ -151,7 +162,7 @@ def sim_config(args: argparse.Namespace, **changes) -> SimConfig:
         check_invariants=args.check_invariants, prefix_caching=args.prefix_caching,
         role_tpot_s=_declared_tpot(args), kv_offloading_size=getattr(args, "kv_offloading_size", 0.0),
         swap_space=getattr(args, "swap_space", 0.0), preemption_mode=getattr(args, "preemption_mode", "auto"),
-        **_confusion(getattr(args, "predictor_confusion", None)))
+        **_confusion(getattr(args, "predictor_confusion", None)), **_step_budget(args))
     fields.update(changes)
     return SimConfig(**fields)
 

@@ -42,7 +42,8 @@ def build_env(cfg: SimConfig, cost: CostModel, loop: EventLoop, hooks) -> Worker
                      heavy_decode_tokens=cfg.heavy_decode_tokens, check_invariants=cfg.check_invariants,
                      prefix_caching=cfg.prefix_caching,
                      host_blocks=cost.host_blocks(cfg.kv_offloading_size, cfg.block_size) if cfg.prefix_caching else 0,
-                     swap_blocks=cost.host_blocks(cfg.swap_space, cfg.block_size), preemption_mode=cfg.preemption_mode)
+                     swap_blocks=cost.host_blocks(cfg.swap_space, cfg.block_size), preemption_mode=cfg.preemption_mode,
+                     step_budget=cfg.step_budget or "fixed", step_tpot_s=cfg.step_tpot_s)
 
 
 def build_workers(cfg: SimConfig, env: WorkerEnv) -> list[SimWorker]:

@@ -9,7 +9,8 @@ newest running requests drop their KV and go back to the FRONT of the waiting qu
 
 `ChunkedWorker` (mode `colocated-chunked`) is Sarathi-Serve / vLLM with chunked prefill:
 each step runs every scheduled decode plus prompt pieces from the real `ChunkPacker`
-filling the rest of a `chunk_size` token budget (decodes count one token each). A prompt's
+filling the rest of a `chunk_size` token budget (decodes count one token each; with
+`step_budget` "slo", the prompt budget that fits the TPOT SLO, `tetri.sim.mixed_budget`). A prompt's
 blocks are reserved when its first piece is packed; preempted requests re-enter the packer
 (at the back) to recompute. When running decodes cannot grow, half-prefilled prompts give
 their blocks back first (newest first; they restart later): otherwise a running request
@@ -27,6 +28,7 @@ from tetri.sched.chunking import ChunkPacker, ChunkPiece
 from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
+from tetri.sim.mixed_budget import SimStepBudget
 from tetri.sim.requests import SimRequest
 from tetri.sim.workers import Plan, SimWorker, WorkerEnv, decode_context_tokens
 
@@ -116,6 +118,7 @@ class ChunkedWorker(SimWorker):
         self.started: dict[str, None] = {}
         """Prompts being prefilled that hold their blocks (an ordered set, oldest first)."""
         self.running: dict[str, SimRequest] = {}
+        self.budget = SimStepBudget(env)
 
     def add(self, req: SimRequest) -> None:
         self.prefilling[req.req_id] = req
@@ -165,7 +168,7 @@ class ChunkedWorker(SimWorker):
     def plan_step(self, now: float) -> Plan | None:
         self._make_room()
         run = self.decode_round(self.running, self.policy, now, self.add_preempted)
-        pieces = self._pack(self.env.chunk_size_tokens - len(run))
+        pieces = self._pack(self.budget.prompt_budget(run))
         if not run and not pieces:
             return None
         shape = decode_shape(len(run), decode_context_tokens(run)) if run else StepShape()
@@ -173,7 +176,9 @@ class ChunkedWorker(SimWorker):
             sample = p.is_last and not self.prefilling[p.req_id].recompute
             shape = add_shapes(shape, piece_shape(p.num_tokens, p.start, sample))
         self.stats.prefill_tokens += shape.prefill_tokens
-        return self.env.cost.step_s(shape), lambda end_s: self._end(run, pieces, end_s)
+        duration_s = self.env.cost.step_s(shape)
+        self.budget.observe(run, shape, duration_s)
+        return duration_s, lambda end_s: self._end(run, pieces, end_s)
 
     def add_preempted(self, req: SimRequest) -> None:
         self.prefilling[req.req_id] = req

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tetri.sched.chunking import PREFILL_POLICIES
 from tetri.sched.decode_registry import DECODE_POLICIES
 from tetri.sched.dispatch import DECODE_DISPATCH, PREFILL_DISPATCH
+from tetri.sched.step_budget import STEP_BUDGET_MODES
 
 MODES = ("colocated", "colocated-chunked", "disagg", "tetri", "auto")
 DISAGG_MODES = ("disagg", "tetri")
@@ -83,6 +84,11 @@ class SimConfig:
     """GiB of host memory per decode worker for preempted requests' KV (tetri-serve's flag); 0: off."""
     preemption_mode: str = "auto"
     """A decode worker's preempted request: swap, recompute, or auto (the cheaper; `tetri.sim.swap`)."""
+    step_budget: str | None = None
+    """Mixed steps' prompt-token budget (`tetri.sched.step_budget`): "slo" (fitted to step_tpot_s)
+    or "fixed" (chunk_size_tokens); default slo for auto, fixed for every other mode."""
+    step_tpot_s: float | None = None
+    """The declared TPOT SLO the "slo" step budget fits mixed steps to (None: fixed budget)."""
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
@@ -108,6 +114,8 @@ class SimConfig:
         _require(self.kv_offloading_size >= 0, "kv_offloading_size must be >= 0")
         _require(self.swap_space >= 0, "swap_space must be >= 0")
         _require(self.preemption_mode in ("auto", "swap", "recompute"), "preemption_mode must be auto, swap or recompute")
+        _require(self.step_budget in (None, *STEP_BUDGET_MODES), f"step_budget must be one of {STEP_BUDGET_MODES}")
+        _require(self.step_tpot_s is None or self.step_tpot_s > 0, "step_tpot_s must be > 0")
         if self.mode in DISAGG_MODES:
             _require(self.num_gpus >= 2, f"mode {self.mode} needs at least 2 GPUs (one prefill, one decode)")
             p, d = self.split()
@@ -145,6 +153,8 @@ class SimConfig:
                    "predictor": self.predictor or predictor}
         if self.mode in SPLIT_MODES:
             changes["num_prefill"], changes["num_decode"] = self.split()
+        if self.step_budget is None:  # the SLO-aware step budget is auto's default only
+            changes["step_budget"] = "slo" if self.mode == "auto" else "fixed"
         if self.mode == "auto" and self.prefill_chunk_tokens is None:
             changes["prefill_chunk_tokens"] = 4 * self.chunk_size_tokens
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,8 @@ Decode role (the real decode core's step, `tetri.workers.decode`):
      recomputed where `tetri.sim.swap` finds it cheaper; uploaded back when they fit); one
      decode token each, out in the step's `TokenBatch`.
 Mixed role (mode `auto`): one step is the decode role's step plus prompt pieces filling the
-rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`); the prompts the front sent it
+rest of `chunk_size` tokens (Sarathi, as `colocated-chunked`; with `step_budget` "slo" the
+prompt budget that fits the declared TPOT, `tetri.sim.mixed_budget`); the prompts the front sent it
 whole (`SubmitMixed`) decode here.
 """
 
@@ -25,6 +26,7 @@ from tetri.protocol import Handoff, KVCopied
 from tetri.sched.decode_registry import make_decode_policy
 from tetri.sched.dispatch import expected_output_tokens, is_heavy
 from tetri.sim.costmodel import StepShape, add_shapes, decode_shape, piece_shape
+from tetri.sim.mixed_budget import SimStepBudget
 from tetri.sim.prefill_side import PrefillSide
 from tetri.sim.requests import SimRequest
 from tetri.sim.swap import SimSwap
@@ -156,6 +158,9 @@ class PDWorker(SimWorker):
         super().__init__(worker_id, env)
         self.prefill = PrefillSide(self)
         self.decode = DecodeSide(self)
+        self.budget = SimStepBudget(env)  # the mixed role's per-step prompt budget (step_budget)
+        self.interleaved_steps = 0
+        self.prefill_busy_s = 0.0
 
     # ---- the front's messages (the cluster kicks the worker after delivering them) ---------
     def submit_plan(self, msg) -> None:
@@ -176,10 +181,23 @@ class PDWorker(SimWorker):
 
     # ---- steps -----------------------------------------------------------------------
     def plan_step(self, now: float) -> Plan | None:
-        if self.role == "mixed":
+        if self.role == "mixed" or self._mixed_leftover():
             return self._plan_mixed(now)
         side = self.prefill if self.role == "prefill" else self.decode
-        return side.plan(now)
+        plan = side.plan(now)
+        if plan is not None and self.role == "prefill":  # the board's prefill_busy_s (RolePolicy split)
+            self.prefill_busy_s += plan[0]
+        return plan
+
+    def _mixed_leftover(self) -> bool:
+        """(In-place flips out of mixed, as `tetri.workers.side_cores`.) The old mixed core's
+        work still here: a decode worker's own prompts (or plans from before a flip to mixed),
+        a prefill worker's decodes; until it is done the worker steps as mixed (one fused step
+        where the server steps the two cores one after the other); no new work of the phase it
+        gave up arrives (the front routes by the new role)."""
+        if self.role == "decode":
+            return bool(self.prefill.own or self.prefill.plans)
+        return self.role == "prefill" and bool(self.decode.num_reqs or self.decode.resuming or self.prefill.own)
 
     def _plan_mixed(self, now: float) -> Plan | None:
         """Chunked prefill (Sarathi): the decode step plus prompt pieces up to the chunk budget
@@ -187,11 +205,16 @@ class PDWorker(SimWorker):
         copy_s, run = self.decode.prepare(now)
         head, pieces = self.prefill._plan_pieces() if self.prefill.plans else (None, [])
         if head is None:
-            pieces = self.prefill.own_chunk(self.env.chunk_size_tokens - len(run))
+            resumed = sum(r.kv_tokens for r in self.decode.resuming)  # (step_budget "slo": the SLO's budget)
+            pieces = self.prefill.own_chunk(self.budget.prompt_budget(run, copy_s, resumed))
         if not run and not self.decode.resuming and copy_s == 0.0 and not pieces and head is None:
             return None
+        self.interleaved_steps += bool(run and pieces)  # the board's interference signal (RolePolicy split)
         shape = add_shapes(self.decode.shape(run), self.prefill.shape(pieces))
-        duration_s = copy_s + (self.env.cost.step_s(shape) if shape != StepShape() else 0.0) + self.take_host_copy_s()
+        step_s = self.env.cost.step_s(shape) if shape != StepShape() else 0.0
+        self.budget.observe(run, shape, step_s)  # (feeds the step budget's fit; no-op when fixed)
+        duration_s = copy_s + step_s + self.take_host_copy_s()
+        self.prefill_busy_s += duration_s if pieces else 0.0
 
         def apply(end_s: float) -> None:
             self.decode._end(run, end_s)
@@ -205,13 +228,18 @@ class PDWorker(SimWorker):
         return [*self.prefill.resident(), *self.decode.resident()]
 
     def load(self):
-        if self.role == "prefill":  # as the real prefill node's board: prefilling, and prefilled (held)
-            return self.base_load(queued_prefill_tokens=self.prefill.queued_tokens,
-                                  running_reqs=len(self.prefill.queued), waiting_reqs=len(self.prefill.holding))
         d = self.decode
-        queued = self.prefill.queued_tokens if self.role == "mixed" else 0
-        prompts = len(self.prefill.queued) if self.role == "mixed" else 0
+        if self.role == "prefill":  # as the real prefill node's board: prefilling, and prefilled (held)
+            return self.base_load(queued_prefill_tokens=self.prefill.queued_tokens,  # (+ decodes left by a flip
+                                  running_reqs=len(self.prefill.queued) + len(d.running) + len(d.resuming),
+                                  waiting_reqs=len(self.prefill.holding) + len(d.waiting) + len(d.recompute)
+                                  + len(d.swap.swapped), interleaved_steps=self.interleaved_steps,  # out of mixed)
+                                  prefill_busy_s=self.prefill_busy_s)
+        # (a decode worker's prefill side is empty but for prompts left by a flip out of mixed)
+        queued = self.prefill.queued_tokens if self.role != "prefill" else 0
+        prompts = len(self.prefill.queued) if self.role != "prefill" else 0
         return self.base_load(queued_prefill_tokens=queued, running_reqs=len(d.running) + len(d.resuming),
                               waiting_reqs=len(d.waiting) + len(d.recompute) + len(d.swap.swapped) + prompts,
                               predicted_decode_tokens=d.predicted_tokens, heavy_decodes=d.heavy,
-                              light_decodes=d.num_reqs - d.heavy)
+                              light_decodes=d.num_reqs - d.heavy, interleaved_steps=self.interleaved_steps,
+                              prefill_busy_s=self.prefill_busy_s)

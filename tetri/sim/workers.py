@@ -120,6 +120,9 @@ class WorkerEnv:
     swap_blocks: int = 0
     """Host blocks per decode worker for swapped-out KV (`--swap-space`; `tetri.sim.swap`)."""
     preemption_mode: str = "auto"
+    step_budget: str = "fixed"
+    """Mixed steps' prompt budget: "slo" fits it to step_tpot_s (`tetri.sched.step_budget`)."""
+    step_tpot_s: float | None = None
     reqs: dict[str, SimRequest] = field(default_factory=dict)
     """Every request by id: a message names a request, the simulated state lives here."""
 

@@ -136,8 +136,8 @@ class Executor:
         cuda = device.startswith("cuda")
         usage, graph_bytes, sampler_bytes = None, 0, 0
         if cuda and cache_cfg.num_blocks is None:
-            usage = measure_cuda_usage(self.loaded, layout1, device, sched.chunk_size, sched.max_num_seqs,
-                                       model_cfg.attention)
+            usage = measure_cuda_usage(self.loaded, layout1, device, sched.max_step_prompt_tokens,
+                                       sched.max_num_seqs, model_cfg.attention)  # the largest mixed step
             static = sched.max_num_seqs * (8 * -(-self.max_model_len // cache_cfg.block_size) + 32
                                            + spec.hidden_size * dtype.itemsize)  # DecodeGraphs' buffers
             graph_bytes = static + (0 if model_cfg.enforce_eager else usage.decode_activation_bytes)

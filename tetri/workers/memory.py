@@ -8,7 +8,8 @@ what it measured itself, never from what other processes on the device hold.
 `measure_cuda_usage` takes the numbers from `torch.cuda.max_memory_allocated` (after
 `reset_peak_memory_stats`) around warm-up forwards over a small temporary pool: a decode
 step at `max_num_seqs` rows (whose activations the captured graphs' pool holds a second
-time) and the largest mixed step, one chunk of `chunk_size` tokens beside those decodes.
+time) and the largest mixed step, one chunk of `chunk_size` tokens beside those decodes (with
+the SLO step budget, its cap: `EngineSchedConfig.max_step_prompt_tokens`).
 The warm-up also compiles the Triton kernels. What stays outside torch's allocator (the CUDA
 context, cuBLAS workspaces) is what `1 - gpu_memory_utilization` leaves free.
 `plan_pool` is the pure arithmetic, tested with injected numbers.

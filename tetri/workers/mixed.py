@@ -5,7 +5,9 @@ Each step (one forward pass):
   1. every running sequence gets one decode token (growing its blocks; when the pool is
      short, the most junior block holder gives its blocks back: a running sequence is
      preempted (re-prefilled later), a prompt whose prefill is under way restarts later);
-  2. the chunk packer adds one chunk of up to `chunk_size` queued prompt tokens, possibly
+  2. the chunk packer adds one chunk of up to `chunk_size` queued prompt tokens (with
+     `step_budget` "slo": the largest budget whose step, fitted to this core's measured step
+     times, fits the declared TPOT beside this step's decodes; `tetri.sched.step_budget`), possibly
      pieces of several prompts; a prompt's first piece reserves the blocks of its whole
      prefill (and of the forks its other choices will get), so a prefill under way never
      waits for blocks, and prompts are taken strictly in queue order;
@@ -38,6 +40,7 @@ from tetri.config import EngineSchedConfig
 from tetri.sched.chunking import ChunkPacker
 from tetri.sched.kv_blocks import blocks_for_tokens
 from tetri.sched.prefix_hash import cacheable_blocks, extend_block_hashes
+from tetri.sched.step_budget import MixedStep, make_step_budget
 from tetri.sched.swap import CostMeter
 from tetri.types import FinishReason, SamplingParams
 from tetri.workers.executor import Executor, SampledToken
@@ -63,6 +66,10 @@ class MixedCore:
         self.ex = executor
         self.sched = sched
         self.packer = ChunkPacker(sched.chunk_size)
+        self.step_budget = make_step_budget(sched.step_budget, sched.chunk_size, sched.step_tpot_s,
+                                            max_tokens=sched.max_step_prompt_tokens)
+        self.largest_prompt_step = 0
+        """Most prompt tokens one step computed (the SLO budget may exceed chunk_size)."""
         self.requests: dict[str, Request] = {}
         self.prefilling: dict[str, Seq] = {}  # packer key -> seq being (re)prefilled
         self.running: list[Seq] = []
@@ -75,6 +82,10 @@ class MixedCore:
         self.costs = CostMeter()
         self.swaps = self.recomputes = 0
         self._swap_blocked: tuple | None = None  # rank of the most senior swapped seq waiting for blocks
+        self.interleaved_steps = 0
+        """Steps that ran prompt tokens beside decodes (the board's `interleaved_steps`)."""
+        self.prefill_busy_s = 0.0
+        """Seconds of steps that ran prompt tokens (the board's `prefill_busy_s`)."""
 
     # ---- admission -------------------------------------------------------------
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float = 0.0,
@@ -134,7 +145,9 @@ class MixedCore:
         errors_before = len(self.errors)
         self._resume_swapped()
         decodes = self._grow_decodes()
-        pieces = self._pack_prefill()
+        context_tokens = sum(s.num_tokens for s in decodes)
+        pieces = self._pack_prefill(self.step_budget.budget(len(decodes), context_tokens)
+                                    if self.step_budget.adaptive else None)
         segments = [self.ex.decode_segment(s) for s in decodes]
         samplers: list[list[Seq]] = [[s] for s in decodes]
         for seq, piece, begin in pieces:
@@ -156,9 +169,15 @@ class MixedCore:
             seq.num_computed = piece.start + piece.num_tokens
         start = time.perf_counter()
         sampled = self.ex.run(segments, samplers)
+        step_s = time.perf_counter() - start
         prefill_tokens = sum(p.num_tokens for _, p, _ in pieces)
+        self.interleaved_steps += bool(prefill_tokens and decodes)
         if prefill_tokens:  # a step that prefills: its seconds per token, decodes counted as one each
-            self.costs.add_prefill(prefill_tokens + len(decodes), time.perf_counter() - start)
+            self.prefill_busy_s += step_s
+            self.costs.add_prefill(prefill_tokens + len(decodes), step_s)
+        computed_tokens = sum(p.start + p.num_tokens - begin for _, p, begin in pieces)
+        self.largest_prompt_step = max(self.largest_prompt_step, computed_tokens)
+        self.step_budget.observe(MixedStep(computed_tokens, len(decodes), context_tokens), step_s)
         if self.ex.runner.last_scores is not None:  # prompt logprobs: prefill segments follow the decodes
             for (seq, _, _), scores in zip(pieces, self.ex.runner.last_scores[len(decodes):]):
                 if scores is not None:
@@ -294,9 +313,9 @@ class MixedCore:
             self.ex.blocks.allocate(holder.key, per - (attached if holder is seq else 0))
         return True
 
-    def _pack_prefill(self) -> list[tuple[Seq, object]]:
+    def _pack_prefill(self, budget_tokens: int | None = None) -> list[tuple[Seq, object]]:
         out = []
-        pieces = self.packer.next_chunk()
+        pieces = self.packer.next_chunk(budget_tokens)
         for i, piece in enumerate(pieces):
             seq = self.prefilling[piece.req_id]
             if not self._reserve(seq):  # runs once blocks free up; nothing behind it overtakes

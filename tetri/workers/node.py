@@ -71,6 +71,8 @@ class WorkerNode:
         """Adaptive roles: cores besides the role's one, by role (`workers/side_cores.py`)."""
         self.step_s = 0.0
         """EWMA of the duration of steps that did something (the board's `step_s`)."""
+        self.prefill_busy_s = 0.0
+        """Seconds of prefill-role steps, and of retired mixed cores' prompt steps (board)."""
 
     def _make_core(self, role: str):
         if role == "prefill":
@@ -185,23 +187,27 @@ class WorkerNode:
 
     def _set_role(self, role: str) -> None:
         """Instance flip: same process, weights and pool; only the role core changes. The
-        front drains the worker first, so the old core holds nothing; except a flip from
-        prefill or decode to mixed, which happens in place: the old core runs on as a side
-        core until it holds nothing (`side_cores`), the new one takes the new requests."""
+        front drains the worker first, so the old core holds nothing; except a flip to or
+        from mixed (`side_cores.IN_PLACE`), which happens in place: the old core runs on as a
+        side core until it holds nothing, the new one takes the new requests (a side core of
+        the new role, left by an earlier in-place flip, becomes the role core again)."""
         if role == self.role:
             return
         busy = self.core.has_work() or self.ex.blocks.num_used or side_cores.has_work(self)
-        if busy and not (role == "mixed" and self.role in ("prefill", "decode") and not self.side):
+        if busy and (self.role, role) not in side_cores.IN_PLACE:
             log.warning("worker %d asked to flip while busy; ignored", self.worker_id)
             return
         old_role, old_core = self.role, self.core
         self.role = role
+        if old_role == "mixed":  # the board's prefill_busy_s stays cumulative across the flip
+            self.prefill_busy_s, old_core.prefill_busy_s = self.prefill_busy_s + old_core.prefill_busy_s, 0.0
         if busy:
             side_cores.adopt(self, old_role, old_core)  # in place: its cache stays (the front forgets it)
+            self.core = self.side.pop(role, None) or self._make_core(role)
         else:
             side_cores.close(self)  # an idle side core (a mixed worker's handoff core) goes too
             self.ex.blocks.clear_cache()  # the front forgets what this worker cached
-        self.core = self._make_core(role)
+            self.core = self._make_core(role)
         log.info("worker %d: role %s -> %s%s", self.worker_id, old_role, role, " (in place)" if busy else "")
 
     # ---- steps -------------------------------------------------------------------------
@@ -219,6 +225,8 @@ class WorkerNode:
         self.stalled = stalled
         if not stalled:  # the board's step_s: what a decode here waits per token, lately
             took_s = time.perf_counter() - start_s
+            if self.role == "prefill":  # the board's prefill_busy_s (a mixed core counts its own)
+                self.prefill_busy_s += took_s
             self.step_s = took_s if not self.step_s else STEP_EWMA * took_s + (1 - STEP_EWMA) * self.step_s
         return out
 
@@ -261,7 +269,8 @@ class WorkerNode:
                          waiting_reqs=len(core.done))
         else:
             extra = dict(queued_prefill_tokens=core.packer.queued_tokens, running_reqs=len(core.running),
-                         waiting_reqs=core.num_waiting)
+                         waiting_reqs=core.num_waiting, interleaved_steps=core.interleaved_steps)
+        extra["prefill_busy_s"] = self.prefill_busy_s + getattr(core, "prefill_busy_s", 0.0)
         fields = dict(role=self.role, free_blocks=blocks.num_free, total_blocks=blocks.num_blocks,
                       block_size=blocks.block_size, max_num_seqs=self.sched.max_num_seqs,
                       prefix_cache_queries=blocks.queries, prefix_cache_hits=blocks.hits,

@@ -8,19 +8,32 @@ it runs another core on the same executor (weights, pool, block manager) at the 
     the prefilled prompts until their `Release`; decode: its decodes and the handoffs sent
     before the flip) while the new mixed core takes new requests. The old core is dropped
     once it holds nothing, so no request is moved, re-sent or lost by the flip;
+  * an in-place flip out of `mixed` (`FlipPlan(in_place_out_of_mixed=True)`): to `decode`,
+    the old mixed core finishes the prompts it holds and decodes them and its running
+    requests, while the decode core (the mixed worker's handoff core, if it had one) takes
+    the new handoffs; to `prefill`, the old mixed core finishes what it holds (its prompts
+    included: a mixed worker keeps what it prefills) and takes nothing new, while a prefill
+    core takes the new prompts and hands them off, and the handoff core decodes the handoffs
+    it took before the flip. The front sends the worker no new work of the phase it gave up
+    from the moment the flip began, so the old core only shrinks; it is dropped once empty;
   * a `mixed` worker taking handoffs (level 2 may pick it): a decode core, created at the
     first `Handoff`, copies the prompt's KV in and decodes it, as a decode worker would.
 
 Messages go to the core that runs that phase: `ChunkPlan`/`Release` to a prefill core,
 `Handoff` to a decode core, `Abort` to every core (each ignores what it does not hold;
 a decode core answers `Dropped` as a decode worker does). Each node step runs one step of
-the role core and one of each side core. A worker leaves `mixed` only by a drain (the
-front waits until it holds nothing, side cores included), so `_set_role` then starts clean.
+the role core and one of each side core. `side` never holds a core of the node's own
+role: a flip back to a role whose core still runs as a side core makes it the role core
+again. A flip between prefill and decode drains (the front waits until the worker holds
+nothing, side cores included), so `_set_role` then starts clean.
 """
 
 from __future__ import annotations
 
-from tetri.protocol import Abort, ChunkPlan, Dropped, Handoff, PeerPools, Release
+from tetri.protocol import Abort, ChunkPlan, Dropped, Handoff, PeerPools, Release, WorkerError
+
+IN_PLACE = frozenset({("prefill", "mixed"), ("decode", "mixed"), ("mixed", "prefill"), ("mixed", "decode")})
+"""(old role, new role) of the flips a worker makes while it holds work (`WorkerNode._set_role`)."""
 
 
 def route(node, msg, now: float) -> list | None:
@@ -47,6 +60,8 @@ def abort(node, msg: Abort) -> list:
     for role, core in node.side.items():
         if role == "prefill":
             core.abort(msg.req_id)
+        elif role == "mixed":  # a flip out of mixed: the old core's requests (no Dropped: none was handed)
+            core.abort(msg.req_id) if msg.choice is None else core.abort_choice(msg.req_id, msg.choice)
         elif core.abort(msg.req_id, msg.choice) and msg.choice is None:
             out.append(Dropped(worker_id=node.worker_id, req_id=msg.req_id))
     return out
@@ -98,6 +113,14 @@ def step(node, now: float, token_batch) -> tuple[list, bool]:
                 kv_stage.stage_finished(node.ex, core, done)
                 out.append(done)
                 progressed = True
+        elif role == "mixed":  # after a flip out of mixed: its prompts and decodes, nothing new
+            sampled = core.step() if core.has_work() else []
+            out.extend(WorkerError(worker_id=node.worker_id, message=why, req_id=req_id)
+                       for req_id, why in core.errors)
+            core.errors.clear()
+            if sampled:
+                out.append(token_batch(node.worker_id, sampled))
+            progressed = progressed or core.progressed
         elif core.has_work():
             sampled, acks = core.step(now)
             out.extend(acks)
@@ -113,7 +136,7 @@ def step(node, now: float, token_batch) -> tuple[list, bool]:
 
 
 def adopt(node, old_role: str, old_core) -> None:
-    """In-place flip to mixed: keep the old core as a side core while it holds work."""
+    """In-place flip (`IN_PLACE`): keep the old core as a side core while it holds work."""
     if holds_work(old_role, old_core):
         node.side[old_role] = old_core
 
@@ -125,6 +148,15 @@ def board_fields(node, fields: dict) -> dict:
             fields["queued_prefill_tokens"] = fields.get("queued_prefill_tokens", 0) + core.queued_tokens
             fields["running_reqs"] = fields.get("running_reqs", 0) + core.num_prefilling
             fields["waiting_reqs"] = fields.get("waiting_reqs", 0) + len(core.done)
+        elif role == "mixed":  # as a mixed worker's row (node.board_fields)
+            fields["queued_prefill_tokens"] = fields.get("queued_prefill_tokens", 0) + core.packer.queued_tokens
+            fields["running_reqs"] = fields.get("running_reqs", 0) + len(core.running)
+            fields["waiting_reqs"] = fields.get("waiting_reqs", 0) + core.num_waiting
+            fields["interleaved_steps"] = fields.get("interleaved_steps", 0) + core.interleaved_steps
+            fields["prefill_busy_s"] = fields.get("prefill_busy_s", 0.0) + core.prefill_busy_s
+            for key, value in (("preemptions_swap", core.swaps), ("preemptions_recompute", core.recomputes),
+                               ("swapped_reqs", len(core.swapped))):
+                fields[key] = fields.get(key, 0) + value
         else:
             for key, value in core.load().items():
                 fields[key] = fields.get(key, 0) + value
@@ -136,4 +168,4 @@ def board_fields(node, fields: dict) -> dict:
     return fields
 
 
-__all__ = ["route", "abort", "peers", "step", "adopt", "board_fields", "has_work", "close"]
+__all__ = ["IN_PLACE", "route", "abort", "peers", "step", "adopt", "board_fields", "has_work", "close"]
