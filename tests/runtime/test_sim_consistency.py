@@ -7,18 +7,16 @@ over the oracle's predicted lengths) and the same admission order on each decode
 
 Both sides are event-ordered, with no timing dependence: every request arrives at t = 0, in
 order; the in-process side delivers each message as soon as it is sent (the simulator's
-delivery), and hands each step's output to the front before the next worker steps. A decode
+delivery), and hands each step's output to the front before the next worker steps. Every
 worker's board row is the one the real worker shell (`tetri/workers/proc.py`) writes: after
-each step, before the messages that came during it (`tetri/sim/workers.py`, "The load board").
-A prefill worker's row on the real side is adapted to the simulator's prefill side (its
-queue live, the rest from the step's end), which the shell does not do yet (docs/architecture.md)."""
+each step, before the messages that came during it (`tetri/sim/workers.py`, "The load board");
+level 1 reads the front's own account of each prefill worker's queue (`FrontScheduler._view`)."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 import random
-from dataclasses import replace
 from pathlib import Path
 
 from tests.runtime.inproc import Cluster
@@ -42,7 +40,7 @@ TICK_S = 0.01
 def _real(model_dir: str, loaded, roles=ROLES, workload=WORKLOAD, dispatch="least-loaded",
           bucket_tokens: int | None = None, heavy_tokens: int = 128) -> tuple[dict, dict, dict]:
     """The real cluster on the simulator's event loop: a step starts when a worker has work
-    and is idle, and its output reaches the front one tick later (inproc's 0.01 s). A decode
+    and is idle, and its output reaches the front one tick later (inproc's 0.01 s). Every
     worker's board row is written where the real shell (`tetri/workers/proc.py`) writes it:
     after each step (messages that came during the step wait, as in its socket, and are
     handled after the write) and after messages handled with no step following."""
@@ -62,18 +60,12 @@ def _real(model_dir: str, loaded, roles=ROLES, workload=WORKLOAD, dispatch="leas
         apply(acts)
     c.apply = recording_apply
 
-    live_loads, shown = c.loads, {}
-    decode = {wid for wid, role in enumerate(roles) if role == "decode"}
-    rows = {w.worker_id: w for w in live_loads() if w.worker_id in decode}
+    live_loads = c.loads
+    rows = {w.worker_id: w for w in live_loads()}
 
     def publish(wid):
-        if wid in decode:
-            rows[wid] = next(w for w in live_loads() if w.worker_id == wid)
-    # decode rows as the shell writes them; a prefill worker's (the simulator's prefill side):
-    # a step's chunk leaves the queue as it starts, everything else the step does shows at its end
-    c.loads = lambda: [rows[w.worker_id] if w.worker_id in decode else
-                       replace(shown[w.worker_id], queued_prefill_tokens=w.queued_prefill_tokens)
-                       if w.worker_id in shown else w for w in live_loads()]
+        rows[wid] = next(w for w in live_loads() if w.worker_id == wid)
+    c.loads = lambda: [rows[w.worker_id] for w in live_loads()]  # every row as the shell writes it
 
     def kick(wid):
         if wid in busy:
@@ -81,19 +73,16 @@ def _real(model_dir: str, loaded, roles=ROLES, workload=WORKLOAD, dispatch="leas
         if not c.nodes[wid].has_work():
             publish(wid)
             return
-        before = next(w for w in live_loads() if w.worker_id == wid)
         outs = c.nodes[wid].step(loop.now)
         if not outs:
             publish(wid)
             return
         busy.add(wid)
-        if wid not in decode:
-            shown[wid] = before
         loop.at(loop.now + TICK_S, end, wid, outs)
 
     def deliver_and_kick():
         for wid in c.nodes:
-            if not (wid in decode and wid in busy):  # a stepping decode worker's messages wait
+            if wid not in busy:  # a stepping worker's messages wait (its socket)
                 c.deliver(wid)
         kicks = list(dict.fromkeys(touched))
         touched.clear()
@@ -103,7 +92,6 @@ def _real(model_dir: str, loaded, roles=ROLES, workload=WORKLOAD, dispatch="leas
     def end(wid, outs):
         busy.discard(wid)
         publish(wid)  # the step's effects, before the messages that came during it
-        shown.pop(wid, None)
         c.now = loop.now
         c.deliver(wid)
         for msg in outs:

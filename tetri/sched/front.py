@@ -33,7 +33,7 @@ from tetri.sched.decode_affinity import PrefixAffinityDecode
 from tetri.sched.dispatch import NoWorker, make_decode_dispatch, make_prefill_dispatch
 from tetri.sched.flip import CAN_DECODE, FlipDecision, FlipPlan, FlipPolicy
 from tetri.sched.front_types import Actions, FrontConfig, FrontReq, ReqState
-from tetri.sched.handoff import Lifecycle
+from tetri.sched.handoff import HELD_BY_PREFILL, Lifecycle
 from tetri.sched.load import ReqInfo, WorkerLoad
 from tetri.sched.prefix_hash import block_hashes, cacheable_blocks
 from tetri.sched.prefix_index import PrefixIndex
@@ -67,6 +67,11 @@ class FrontScheduler:
         """Every request's handoff state; changed only by its transitions."""
         self.packers: dict[int, ChunkPacker] = {}
         self.outstanding: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        """Per prefill worker: the tokens of the ChunkPlans sent to it whose ChunkDone has not
+        come (the `_view`'s queue, with the packer's; the board row lags behind them)."""
+        self._sent_plans: dict[int, tuple[int, int]] = {}
+        """chunk_id -> (worker, its tokens) of every plan sent and not yet done."""
         self._chunk_ids = 0
 
     def _packer(self, wid: int) -> ChunkPacker:
@@ -74,19 +79,52 @@ class FrontScheduler:
             self.packers[wid] = ChunkPacker(self.cfg.chunk_size, self.cfg.prefill_policy, self.cfg.prefill_sched_batch,
                                             self.cfg.whole_prompts)
             self.outstanding[wid] = 0
+            self.sent_tokens[wid] = 0
         return self.packers[wid]
 
     def _view(self, loads: list[WorkerLoad]) -> list[WorkerLoad]:
-        """Board rows plus the tokens still waiting in our own packers; draining workers
-        shown as such while a flip is under way."""
+        """Board rows with what the front knows better than they do; draining workers shown as
+        such while a flip is under way. A prefill worker's queue is exactly what the front gave
+        it, so its row's queue is the front's own account: the tokens in our packer, in the
+        plans sent and not done (`sent_tokens`), and the requests placed there that hold or will
+        hold its blocks (not yet prefilled: running; prefilled, awaiting the decode side's
+        copy: waiting). The row lags: the worker shell writes it after its step, so the plans
+        that came during a step (or that a step took at once) are missing from it, and level 1
+        read from it alone sent a burst's prompts to the worker just given plans (docs/
+        architecture.md, "Level 1 and the board"). Another role's row, and a prefill row while
+        the worker still decodes (flipped in place out of mixed), adds our packer's tokens (a
+        worker flipped in place to mixed still runs the plans sent before)."""
         if self.flip_policy is not None:
             if self.flip_plan is None:  # adaptive: mixed workers flip too
                 roles = ("prefill", "decode", "mixed") if self.adaptive else ("prefill", "decode")
                 self.flip_plan = FlipPlan({w.worker_id: w.role for w in loads if w.role in roles},
                                           in_place_to_mixed=self.adaptive, in_place_out_of_mixed=self.adaptive)
             loads = self.flip_plan.view(loads)
-        return [replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
+        held = self._prefill_held() if any(w.role == "prefill" for w in loads) else {}
+        return [self._own_prefill_row(w, held.get(w.worker_id, (0, 0, 0)))
+                if w.role == "prefill" and not held.get(w.worker_id, (0, 0, 0))[2] else
+                replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
                 if w.worker_id in self.packers else w for w in loads]
+
+    def _own_prefill_row(self, w: WorkerLoad, held: tuple[int, int, int]) -> WorkerLoad:
+        queued = self.sent_tokens.get(w.worker_id, 0)
+        if w.worker_id in self.packers:
+            queued += self.packers[w.worker_id].queued_tokens
+        return replace(w, queued_prefill_tokens=queued, running_reqs=held[0], waiting_reqs=held[1])
+
+    def _prefill_held(self) -> dict[int, tuple[int, int, int]]:
+        """Per worker: (requests placed there for prefill not yet prefilled, prefilled ones
+        whose blocks it holds for the handoff, requests it decodes). A prefill worker that still
+        decodes (flipped in place out of mixed: its old core's prompts and decodes run on)
+        holds work the front did not count in plans: its row, plus our packer, stands for it."""
+        held: dict[int, list[int]] = {}
+        for req in self.reqs.values():
+            if req.decode_worker is not None and req.state in (ReqState.AWAIT_DECODE, ReqState.DECODING):
+                held.setdefault(req.decode_worker, [0, 0, 0])[2] += 1
+            if req.prefill_worker is not None and req.state in HELD_BY_PREFILL:
+                counts = held.setdefault(req.prefill_worker, [0, 0, 0])
+                counts[req.state is ReqState.AWAIT_DECODE] += 1
+        return {wid: (c[0], c[1], c[2]) for wid, c in held.items()}
 
     # ---- the lifecycle's state, read-only views -------------------------------------
     @property
@@ -170,6 +208,9 @@ class FrontScheduler:
                                         is_last=piece.is_last, new=new))
             self._chunk_ids += 1
             self.outstanding[wid] += 1
+            tokens = sum(p.num_tokens for p in pieces)
+            self.sent_tokens[wid] += tokens
+            self._sent_plans[self._chunk_ids] = (wid, tokens)
             acts.send(wid, ChunkPlan(chunk_id=self._chunk_ids, pieces=pieces))
         return acts
 
@@ -188,11 +229,22 @@ class FrontScheduler:
         wid = msg.worker_id
         acts = self.life.first_tokens(msg)
         self.prefix_index.evicted(wid, msg.evicted_hashes)
-        if msg.partial:
+        if msg.partial:  # (its tokens count until the rest of the plan ran: the worker is short of blocks)
             return acts
+        sent = self._sent_plans.pop(msg.chunk_id, None)
+        if sent is not None and sent[0] in self.sent_tokens:
+            self.sent_tokens[sent[0]] = max(0, self.sent_tokens[sent[0]] - sent[1])
         if wid in self.outstanding:
             self.outstanding[wid] = max(0, self.outstanding[wid] - 1)
         return self._pump(wid, acts)
+
+    def forget_plans(self, wid: int) -> None:
+        """`wid` died or flipped after draining: its packer and the plans sent to it are gone."""
+        self.packers.pop(wid, None)
+        self.outstanding.pop(wid, None)
+        self.sent_tokens.pop(wid, None)
+        for chunk_id in [c for c, (w, _) in self._sent_plans.items() if w == wid]:
+            del self._sent_plans[chunk_id]
 
     def predict_inputs(self, req_id: str, res: PrefillResult) -> tuple[ReqInfo, dict] | None:
         """What the predictor reads for a prefilled request (callers that run the predictor
@@ -292,8 +344,7 @@ class FrontScheduler:
         for order in plan.poll(loads):
             if not plan.in_place(order.from_role, order.to_role):
                 # drained: every request it held is done, so our packer for it is empty
-                self.packers.pop(order.worker_id, None)
-                self.outstanding.pop(order.worker_id, None)
+                self.forget_plans(order.worker_id)
             # (in place: the packer keeps feeding the worker's old prefill core until empty; out
             # of mixed, a new prefill role's packer is made at its first prompt)
             self.prefix_index.forget(order.worker_id)  # the worker drops its cache with its role

@@ -15,8 +15,7 @@ from tetri.sched.load import WorkerLoad
 
 
 def on_worker_dead(sched, wid: int, loads: list[WorkerLoad] | None = None, migrate: bool = False) -> Actions:
-    sched.packers.pop(wid, None)
-    sched.outstanding.pop(wid, None)
+    sched.forget_plans(wid)
     sched.prefix_index.forget(wid)
     sched.decode_index.forget(wid)
     if sched.flip_plan is not None and wid in sched.flip_plan._workers:

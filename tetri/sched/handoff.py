@@ -37,7 +37,7 @@ from tetri.protocol import Abort, ChunkDone, Handoff, KVCopied, NewReq, PrefillR
 from tetri.sched import front_prefix
 from tetri.sched.front_types import Actions, FrontReq, ReqState
 
-_HELD_BY_PREFILL = (ReqState.QUEUED, ReqState.PREFILLING, ReqState.AWAIT_DECODE)
+HELD_BY_PREFILL = (ReqState.QUEUED, ReqState.PREFILLING, ReqState.AWAIT_DECODE)
 _HELD_BY_DECODE = (ReqState.AWAIT_DECODE, ReqState.DECODING)
 
 
@@ -237,7 +237,7 @@ class Lifecycle:
         acts = Actions()
         for req in list(self.reqs.values()):
             lost = (req.decode_worker == wid and req.state in _HELD_BY_DECODE) or \
-                   (req.prefill_worker == wid and req.state in _HELD_BY_PREFILL)
+                   (req.prefill_worker == wid and req.state in HELD_BY_PREFILL)
             if not lost:
                 continue
             self._let_go(req, wid, acts)

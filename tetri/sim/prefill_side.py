@@ -160,8 +160,9 @@ class PrefillSide:
     def end_plan(self, head: tuple[int, bool], pieces: list[Piece], end_s: float) -> None:
         chunk_id, partial = head
         results = self.end(pieces, end_s)
-        self.w.env.hooks.chunk_done(ChunkDone(worker_id=self.w.worker_id, chunk_id=chunk_id, finished=results,
-                                              partial=partial, evicted_hashes=self.w.blocks.take_evicted()))
+        self.w.out_chunk_done = ChunkDone(worker_id=self.w.worker_id, chunk_id=chunk_id, finished=results,
+                                          partial=partial, evicted_hashes=self.w.blocks.take_evicted())
+        # (sent at the step's end, after the messages that came during it: `SimWorker._end_step`)
 
     def end(self, pieces: list[Piece], end_s: float) -> list[PrefillResult]:
         """Commit the computed blocks; the prompts whose last piece ran emit their first

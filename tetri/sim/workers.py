@@ -11,14 +11,15 @@ front's messages (ChunkPlan, SubmitMixed, Handoff, Release, Abort, SetRole); the
 step emitted leave at its end as one `TokenBatch` (a prefill worker's first tokens ride on
 its `ChunkDone` instead), through the cluster's hooks to `SimFront`.
 
-The load board (`board_row`, what the front reads): a decode worker's row is published where
-the real worker shell writes it (`tetri/workers/proc.py`: drain the socket, step, write the
-row): at the end of each step, with the step's effects and not the messages that came during
-it (they wait, as in the socket, and are handled right after the write), and when messages
-were handled and no step follows. So a handoff shows on its decode worker's row from the end
-of the step that admits it (or of the first idle turn), never from the start of a step, and
-the front picks level 2 from the same rows as on the real server. Other roles' rows are
-their live state.
+The load board (`board_row`, what the front reads): a prefill or decode worker's row is
+published where the real worker shell writes it (`tetri/workers/proc.py`: drain the socket,
+step, write the row): at the end of each step, with the step's effects and not the messages
+that came during it (they wait, as in the socket, and are handled right after the write),
+and when messages were handled and no step follows. So a handoff shows on its decode
+worker's row from the end of the step that admits it (or of the first idle turn), never from
+the start of a step, and the front picks level 2 from the same rows as on the real server.
+Level 1 reads the front's own account of a prefill worker's queue, not its lagging row
+(`FrontScheduler._view`). A mixed worker's row is its live state (`SHELL_ROWS`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ Plan = tuple[float, Callable[[float], None]]
 """A planned step: (duration_s, apply(end_s))."""
 
 
+SHELL_ROWS = ("prefill", "decode")
+"""Roles whose board row is published the shell's way (the module doc); a mixed row is live."""
+
 _HANDLERS = {ChunkPlan: "submit_plan", SubmitMixed: "submit_mixed", Handoff: "handoff", Release: "release",
              Abort: "abort", SetRole: "set_role"}
 
@@ -157,32 +161,34 @@ class SimWorker:
         self.out_ids: list[str] = []
         self.out_reasons: list[str | None] = []
         """Tokens emitted in this step (request, finish reason): the step's TokenBatch."""
+        self.out_chunk_done = None
+        """The step's ChunkDone (prefill pieces ran), sent at its end after the inbox."""
         self.row: WorkerLoad | None = None
-        """The decode role's load-board row as last published (`board_row`)."""
+        """The load-board row as last published (`board_row`; `SHELL_ROWS` roles)."""
         self.inbox: list = []
-        """The decode role: the front's messages that came during the step under way."""
+        """`SHELL_ROWS` roles: the front's messages that came during the step under way."""
 
     # ---- the front's messages ----------------------------------------------------
     def receive(self, msg) -> None:
         """One message from the front (the caller kicks the worker after delivering them all);
-        a decode worker in a step handles it after the step's row is written (`board_row`)."""
-        if self.busy and self.role == "decode":
+        a prefill or decode worker in a step handles it after the step's row is written (`board_row`)."""
+        if self.busy and self.role in SHELL_ROWS:
             self.inbox.append(msg)
             return
         getattr(self, _HANDLERS[type(msg)])(msg)
 
     # ---- the load board ------------------------------------------------------------
     def board_row(self) -> WorkerLoad:
-        """The row the front reads: a decode worker's as last published, others' live."""
-        if self.role != "decode":
+        """The row the front reads: a prefill or decode worker's as last published, a mixed one's live."""
+        if self.role not in SHELL_ROWS:
             return self.load()
-        if self.row is None or self.row.role != "decode":  # first read, or just flipped (idle)
+        if self.row is None or self.row.role != self.role:  # first read, or just flipped (idle)
             self.publish()
         return self.row
 
     def publish(self) -> None:
         """The real shell's row write, at the end of a loop turn (the module doc)."""
-        self.row = self.load() if self.role == "decode" else None  # (another role's row is live)
+        self.row = self.load() if self.role in SHELL_ROWS else None  # (a mixed row is live)
 
     def set_role(self, msg: SetRole) -> None:
         self.env.hooks.set_role(self, msg.role)
@@ -220,6 +226,9 @@ class SimWorker:
         inbox, self.inbox = self.inbox, []
         for msg in inbox:
             self.receive(msg)
+        if self.out_chunk_done is not None:  # after the inbox: the front's answers queue behind it
+            msg, self.out_chunk_done = self.out_chunk_done, None
+            self.env.hooks.chunk_done(msg)
         if self.out_ids:
             ids, reasons, self.out_ids, self.out_reasons = self.out_ids, self.out_reasons, [], []
             zeros = [0] * len(ids)
