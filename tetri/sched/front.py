@@ -101,10 +101,15 @@ class FrontScheduler:
                                           in_place_to_mixed=self.adaptive, in_place_out_of_mixed=self.adaptive)
             loads = self.flip_plan.view(loads)
         held = self._prefill_held() if any(w.role == "prefill" for w in loads) else {}
-        return [self._own_prefill_row(w, held.get(w.worker_id, (0, 0, 0)))
-                if w.role == "prefill" and not held.get(w.worker_id, (0, 0, 0))[2] else
-                replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
-                if w.worker_id in self.packers else w for w in loads]
+        view = []
+        for w in loads:
+            counts = held.get(w.worker_id, (0, 0, 0))
+            if w.role == "prefill" and not counts[2]:  # it decodes nothing: the front's account is its queue
+                w = self._own_prefill_row(w, counts)
+            elif w.worker_id in self.packers:
+                w = replace(w, queued_prefill_tokens=w.queued_prefill_tokens + self.packers[w.worker_id].queued_tokens)
+            view.append(w)
+        return view
 
     def _own_prefill_row(self, w: WorkerLoad, held: tuple[int, int, int]) -> WorkerLoad:
         queued = self.sent_tokens.get(w.worker_id, 0)
