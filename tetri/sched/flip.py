@@ -63,6 +63,10 @@ ACTIVE, DRAINING, FLIPPED = "active", "draining", "flipped"
 FLIP_ROLES = ("prefill", "decode", "mixed")
 CAN_PREFILL = ("prefill", "mixed")
 CAN_DECODE = ("decode", "mixed")
+IN_PLACE_TO_MIXED = frozenset({("prefill", "mixed"), ("decode", "mixed")})
+IN_PLACE_OUT_OF_MIXED = frozenset({("mixed", "prefill"), ("mixed", "decode")})
+"""(from role, to role) of the flips that keep the worker's work (`FlipPlan.in_place`; the
+worker side runs them through `tetri.workers.side_cores`)."""
 
 
 @dataclass(frozen=True)
@@ -255,8 +259,9 @@ class FlipPlan:
 
     def in_place(self, from_role: str, to_role: str) -> bool:
         """Whether a flip from `from_role` to `to_role` keeps the worker's work (no drain)."""
-        return (self.in_place_to_mixed and to_role == "mixed") or \
-            (self.in_place_out_of_mixed and from_role == "mixed" and to_role in ("prefill", "decode"))
+        flip = (from_role, to_role)
+        return (self.in_place_to_mixed and flip in IN_PLACE_TO_MIXED) or \
+            (self.in_place_out_of_mixed and flip in IN_PLACE_OUT_OF_MIXED)
 
     def begin(self, decision: FlipDecision) -> bool:
         """Start draining; False (nothing changes) if illegal or it would starve a role."""

@@ -31,8 +31,9 @@ nothing, side cores included), so `_set_role` then starts clean.
 from __future__ import annotations
 
 from tetri.protocol import Abort, ChunkPlan, Dropped, Handoff, PeerPools, Release, WorkerError
+from tetri.sched.flip import IN_PLACE_OUT_OF_MIXED, IN_PLACE_TO_MIXED
 
-IN_PLACE = frozenset({("prefill", "mixed"), ("decode", "mixed"), ("mixed", "prefill"), ("mixed", "decode")})
+IN_PLACE = IN_PLACE_TO_MIXED | IN_PLACE_OUT_OF_MIXED
 """(old role, new role) of the flips a worker makes while it holds work (`WorkerNode._set_role`)."""
 
 
